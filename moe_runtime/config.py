@@ -1,0 +1,290 @@
+"""Configuration: pure data in one tree, loadable from one YAML file (DESIGN.md section 4).
+
+`ModelConfig` is parsed from a Hugging Face `config.json`; `RuntimeConfig` is what a YAML preset holds,
+one section per component. Every model is frozen and rejects unknown keys; every error is a `ConfigError`
+that names the YAML path (or config.json key), the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from moe_runtime.errors import ConfigError
+
+SUPPORTED_ARCHITECTURES = ("MixtralForCausalLM",)
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+class Section(BaseModel):
+    """Base of every config section: frozen, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The checkpoint's architecture (HF config.json)
+# ---------------------------------------------------------------------------------------------------------
+class ModelConfig(Section):
+    """The architecture of a Mixtral checkpoint, parsed from its HF `config.json`."""
+
+    architecture: Literal["MixtralForCausalLM"] = "MixtralForCausalLM"
+    vocab_size: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    num_hidden_layers: int = Field(gt=0)
+    num_attention_heads: int = Field(gt=0)
+    num_key_value_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    num_local_experts: int = Field(gt=0)
+    num_experts_per_tok: int = Field(gt=0)
+    rope_theta: float = Field(gt=0)
+    rms_norm_eps: float = Field(gt=0)
+    max_position_embeddings: int = Field(gt=0)
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = Field(default=None, gt=0)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    torch_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.num_experts_per_tok > self.num_local_experts:
+            raise ValueError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be <= "
+                f"num_local_experts ({self.num_local_experts})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        return self
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Parse a HF Mixtral `config.json` dict. Raises `ConfigError` naming the key and the allowed values."""
+        archs = hf.get("architectures") or [hf.get("model_type") == "mixtral" and "MixtralForCausalLM"]
+        if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"{source}: architectures={hf.get('architectures')!r} (model_type={hf.get('model_type')!r}) "
+                f"is not supported; allowed: {list(SUPPORTED_ARCHITECTURES)}"
+            )
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ConfigError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported; allowed: ['silu']")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(f"{source}: rope_type={rope_type!r} is not supported; allowed: ['default']")
+        dtype = hf.get("torch_dtype", hf.get("dtype", "bfloat16"))
+        eos = hf.get("eos_token_id")
+        heads = hf.get("num_attention_heads")
+        head_dim = hf.get("head_dim")
+        if head_dim is None and isinstance(heads, int) and heads > 0 and isinstance(hf.get("hidden_size"), int):
+            head_dim = hf["hidden_size"] // heads
+        fields = {
+            "vocab_size": hf.get("vocab_size"),
+            "hidden_size": hf.get("hidden_size"),
+            "intermediate_size": hf.get("intermediate_size"),
+            "num_hidden_layers": hf.get("num_hidden_layers"),
+            "num_attention_heads": heads,
+            "num_key_value_heads": hf.get("num_key_value_heads") or heads,
+            "head_dim": head_dim,
+            "num_local_experts": hf.get("num_local_experts"),
+            "num_experts_per_tok": hf.get("num_experts_per_tok"),
+            "rope_theta": rope.get("rope_theta", hf.get("rope_theta", 1e6)),
+            "rms_norm_eps": hf.get("rms_norm_eps", 1e-5),
+            "max_position_embeddings": hf.get("max_position_embeddings", 4096 * 32),
+            "tie_word_embeddings": hf.get("tie_word_embeddings", False),
+            "sliding_window": hf.get("sliding_window"),
+            "bos_token_id": hf.get("bos_token_id"),
+            "eos_token_ids": () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,),
+            "pad_token_id": hf.get("pad_token_id"),
+            "torch_dtype": dtype,
+        }
+        missing = [k for k, v in fields.items() if v is None and k not in _OPTIONAL_HF_KEYS]
+        if missing:
+            raise ConfigError(f"{source}: required key(s) missing: {', '.join(missing)}")
+        return _validate(cls, fields, source)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> ModelConfig:
+        path = Path(model_dir) / "config.json"
+        try:
+            hf = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: not found; a model directory holds config.json") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf(hf, str(path))
+
+
+_OPTIONAL_HF_KEYS = {"sliding_window", "bos_token_id", "pad_token_id"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The YAML sections
+# ---------------------------------------------------------------------------------------------------------
+class ModelLoadConfig(Section):
+    """`model:` where the checkpoint lives and how to run it."""
+
+    path: str | None = None  # HF checkpoint directory; None serves the embedded `tiny` model
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: the checkpoint's torch_dtype
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    moe_backend: Literal["auto", "torch", "triton", "megablocks", "reference"] = "auto"
+
+
+class EngineConfig(Section):
+    """`engine:` batching limits of the scheduler."""
+
+    max_num_seqs: int = Field(default=64, gt=0)  # running requests per step
+    max_num_batched_tokens: int = Field(default=2048, gt=0)  # tokens per step (chunked prefill budget)
+    max_model_len: int | None = Field(default=None, gt=0)  # None: the checkpoint's max_position_embeddings
+    num_threads: int | None = Field(default=None, gt=0)  # torch intra-op threads on CPU; None: torch default
+
+
+class CacheConfig(Section):
+    """`cache:` the paged KV cache. Give `num_blocks` or `memory_bytes` (default: 1 GiB)."""
+
+    block_size: int = Field(default=16, gt=0)  # tokens per KV block
+    num_blocks: int | None = Field(default=None, gt=0)
+    memory_bytes: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_size(self) -> CacheConfig:
+        if self.num_blocks is not None and self.memory_bytes is not None:
+            raise ValueError("give cache.num_blocks or cache.memory_bytes, not both")
+        return self
+
+
+class OffloadConfig(Section):
+    """`offload:` the tiered expert store (filled in by the offloading issue)."""
+
+    enabled: bool = False
+
+
+class RayConfig(Section):
+    """`ray:` how the Ray executor reaches its cluster."""
+
+    address: str | None = None  # None: start a local cluster
+    placement_timeout_s: float = Field(default=60.0, gt=0)
+    collective_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class PlacementConfig(Section):
+    """`placement:` where experts live across workers (filled in by the cluster issue)."""
+
+    workers: int = Field(default=1, gt=0)
+
+
+class ServerConfig(Section):
+    """`server:` the gRPC endpoint."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=50051, ge=0, le=65535)
+    max_queued_requests: int = Field(default=256, gt=0)
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    drain_grace_s: float = Field(default=10.0, ge=0)
+
+
+class TelemetryConfig(Section):
+    """`telemetry:` Prometheus export and the expert-load window."""
+
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9400, ge=0, le=65535)
+    per_expert_metrics: bool = False
+    window_steps: int = Field(default=256, gt=0)
+
+
+class RuntimeConfig(Section):
+    """Everything one YAML file holds."""
+
+    model: ModelLoadConfig = ModelLoadConfig()
+    engine: EngineConfig = EngineConfig()
+    cache: CacheConfig = CacheConfig()
+    offload: OffloadConfig = OffloadConfig()
+    executor: Literal["local", "ray"] = "local"
+    ray: RayConfig = RayConfig()
+    placement: PlacementConfig = PlacementConfig()
+    server: ServerConfig = ServerConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RuntimeConfig:
+    """Load a YAML preset (or the defaults) and apply `section.key=value` overrides.
+
+    >>> load_config(overrides=["engine.max_num_seqs=8"]).engine.max_num_seqs
+    8
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path}: not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: top level must be a mapping of sections, got {type(data).__name__}")
+    for item in overrides:
+        apply_override(data, item)
+    return _validate(RuntimeConfig, data, str(path) if path else "config")
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (`8`, `true`, `null`, `[1,2]`)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. engine.max_num_seqs=8")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    *parents, leaf = key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _validate(cls: type[Section], data: dict[str, Any], source: str) -> Any:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source, cls)) from None
+
+
+def _format_validation_error(e: ValidationError, source: str, cls: type[Section]) -> str:
+    lines = []
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            parent = err["loc"][:-1]
+            allowed = _allowed_keys(cls, parent)
+            lines.append(f"{where}: unknown key; allowed: {allowed}")
+        else:
+            lines.append(f"{where}={err.get('input')!r}: {err['msg']}")
+    return f"{source}: " + "; ".join(lines)
+
+
+def _allowed_keys(cls: type[Section], loc: tuple) -> list[str]:
+    model: Any = cls
+    for part in loc:
+        field = model.model_fields.get(part) if model else None
+        model = field.annotation if field is not None else None
+    return sorted(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []

@@ -1,0 +1,156 @@
+"""Mixtral: embed -> [RMSNorm, GQA attention, RMSNorm, sparse MoE] x L -> RMSNorm -> lm_head.
+
+Mixtral of Experts (Jiang et al., 2024, arXiv:2401.04088). The arithmetic follows transformers'
+`MixtralForCausalLM` operation for operation (RMSNorm in fp32, RoPE cos/sin cast to the activation dtype,
+fp32 router softmax, per-expert accumulation in the activation dtype), so that logits match it bit for bit
+in fp32 and greedy tokens match it in every dtype.
+
+The model runs on a flat batch: T tokens from any number of sequences, each with its position; attention
+finds sequence boundaries and KV pages in `AttentionMetadata`. Parameters are plain tensors filled by
+`model.loader` (experts stacked per layer as w13 [E, 2I, D] and w2 [E, D, I]).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_runtime.config import ModelConfig
+from moe_runtime.kernels import RoutingResult, fused_moe, route
+from moe_runtime.model.attention import AttentionMetadata, KVCache, attention
+
+# T tokens, E experts, A activated experts (top-k), D hidden, I intermediate, V vocab,
+# H query heads, KVH key/value heads, Dh head dim
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE with the rotate-half layout of the HF checkpoints (not the interleaved one of the paper)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))  # [Dh/2]
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq[None, :]  # [T, Dh/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, Dh]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, Dh]; cos, sin: [T, Dh]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.sliding_window = cfg.sliding_window
+        D, Dh = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(D, self.n_heads * Dh, bias=False)
+        self.k_proj = nn.Linear(D, self.n_kv_heads * Dh, bias=False)
+        self.v_proj = nn.Linear(D, self.n_kv_heads * Dh, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * Dh, D, bias=False)
+
+    def forward(self, x, cos, sin, meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.n_heads, self.head_dim)  # [T, H, Dh]
+        k = self.k_proj(x).view(T, self.n_kv_heads, self.head_dim)  # [T, KVH, Dh]
+        v = self.v_proj(x).view(T, self.n_kv_heads, self.head_dim)  # [T, KVH, Dh]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = attention(q, k, v, meta, kv_cache, self.sliding_window)  # [T, H, Dh]
+        return self.o_proj(o.reshape(T, self.n_heads * self.head_dim))  # [T, D]
+
+
+class SparseMoeBlock(nn.Module):
+    """Router picks the top-A of E experts per token; the fused kernel runs the experts' SwiGLU MLPs."""
+
+    def __init__(self, cfg: ModelConfig, moe_backend: str):
+        super().__init__()
+        E, D, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        self.top_k = cfg.num_experts_per_tok
+        self.backend = moe_backend
+        self.gate = nn.Linear(D, E, bias=False)
+        self.w13 = nn.Parameter(torch.empty(E, 2 * I, D), requires_grad=False)  # gate rows, then up rows
+        self.w2 = nn.Parameter(torch.empty(E, D, I), requires_grad=False)
+
+    def route(self, x: torch.Tensor) -> RoutingResult:
+        return route(self.gate(x), self.top_k)  # weights [T, A] fp32, ids [T, A] int32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routing = self.route(x)
+        return fused_moe(x, self.w13, self.w2, routing, backend=self.backend)  # [T, D]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe_backend: str):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.block_sparse_moe = SparseMoeBlock(cfg, moe_backend)
+
+    def forward(self, h, cos, sin, meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache)
+        return h + self.block_sparse_moe(self.post_attention_layernorm(h))
+
+
+class MixtralForCausalLM(nn.Module):
+    """The whole model. `forward` gives final hidden states; `compute_logits` applies the head to chosen rows."""
+
+    def __init__(self, cfg: ModelConfig, moe_backend: str = "auto"):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, moe_backend) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.requires_grad_(False)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[KVCache] | None = None,
+    ) -> torch.Tensor:
+        """input_ids, positions: [T] int64. kv_caches: one (k, v) pool per layer, or None. Returns [T, D]."""
+        h = self.embed_tokens(input_ids)  # [T, D]
+        cos, sin = self.rotary(positions, h.dtype)  # [T, Dh] each
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, meta, None if kv_caches is None else kv_caches[i])
+        return self.norm(h)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, D] (usually each sequence's last row) -> logits [N, V] float32."""
+        return self.lm_head(hidden).float()
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
