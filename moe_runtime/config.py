@@ -8,11 +8,12 @@ that names the YAML path (or config.json key), the value and what is allowed.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moe_runtime.errors import ConfigError
 
@@ -178,10 +179,40 @@ class RayConfig(Section):
     collective_timeout_s: float = Field(default=30.0, gt=0)
 
 
+LayerKey = int | Literal["*"]  # a layer index, or "*" for every layer without its own entry
+
+
 class PlacementConfig(Section):
-    """`placement:` where experts live across workers (filled in by the cluster issue)."""
+    """`placement:` where each (layer, expert) lives across workers (cluster/placement.py builds the plan).
+
+    Layers without an `explicit` entry follow `strategy` (one copy per expert); `replicas` adds copies on
+    top. Expert and rank ranges need the model, so `moe_runtime.cluster.placement.build_placement` checks
+    them and names the YAML path. Example (4 workers, expert 0 doubled everywhere, layer 3 spelled out):
+
+        placement:
+          workers: 4
+          strategy: round_robin
+          replicas: {"*": {0: [2]}}
+          explicit: {3: {0: [0, 1], 1: [2, 3], 2: [4, 5], 3: [6, 7, 0]}}
+    """
 
     workers: int = Field(default=1, gt=0)
+    strategy: Literal["round_robin", "contiguous"] = "round_robin"  # expert e -> e % N, or blocks of E/N
+    explicit: dict[LayerKey, dict[int, list[int]]] = {}  # layer -> rank -> experts held (a full layout)
+    replicas: dict[LayerKey, dict[int, list[int]]] = {}  # layer -> expert -> extra ranks holding a copy
+    memory_per_rank: int | None = Field(default=None, gt=0)  # bytes of weights a rank may hold; "24GiB" ok
+
+    @field_validator("memory_per_rank", mode="before")
+    @classmethod
+    def _parse_bytes(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", value)
+        if not m:
+            raise ValueError("expected bytes as an integer or with a unit, e.g. 24GiB, 512MiB, 80GB")
+        unit = m.group(2) or "B"
+        scale = 1 if unit == "B" else (1024 if "i" in unit else 1000) ** ("KMGT".index(unit[0]) + 1)
+        return int(float(m.group(1)) * scale)
 
 
 class ServerConfig(Section):
