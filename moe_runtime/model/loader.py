@@ -170,6 +170,7 @@ def load_model(
             model = MixtralForCausalLM(cfg, moe_backend)
         model = model.to(torch_dtype).to_empty(device=dev)
         model.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta).to(dev)  # buffers are not in checkpoints
+        model.router_counts.zero_()
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         with torch.no_grad():

@@ -84,7 +84,7 @@ class SparseMoeBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, moe_backend: str):
         super().__init__()
         E, D, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
-        self.top_k = cfg.num_experts_per_tok
+        self.num_experts, self.top_k = E, cfg.num_experts_per_tok
         self.backend = moe_backend
         self.gate = nn.Linear(D, E, bias=False)
         self.w13 = nn.Parameter(torch.empty(E, 2 * I, D), requires_grad=False)  # gate rows, then up rows
@@ -93,8 +93,10 @@ class SparseMoeBlock(nn.Module):
     def route(self, x: torch.Tensor) -> RoutingResult:
         return route(self.gate(x), self.top_k)  # weights [T, A] fp32, ids [T, A] int32
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, router_counts: torch.Tensor) -> torch.Tensor:
+        """x: [T, D]; router_counts: [E] int64, this layer's row of the model's counts (added in place)."""
         routing = self.route(x)
+        router_counts += torch.bincount(routing.ids.flatten(), minlength=self.num_experts)  # no host sync
         return fused_moe(x, self.w13, self.w2, routing, backend=self.backend)  # [T, D]
 
 
@@ -106,9 +108,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.block_sparse_moe = SparseMoeBlock(cfg, moe_backend)
 
-    def forward(self, h, cos, sin, meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
+    def forward(self, h, cos, sin, meta: AttentionMetadata, kv_cache: KVCache | None, router_counts) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache)
-        return h + self.block_sparse_moe(self.post_attention_layernorm(h))
+        return h + self.block_sparse_moe(self.post_attention_layernorm(h), router_counts)
 
 
 class MixtralForCausalLM(nn.Module):
@@ -125,6 +127,9 @@ class MixtralForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # [L, E] int64: tokens routed to each expert since the last `take_router_counts()` (telemetry).
+        self.register_buffer("router_counts", torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts,
+                                                          dtype=torch.long), persistent=False)
         self.requires_grad_(False)
 
     @torch.inference_mode()
@@ -139,8 +144,14 @@ class MixtralForCausalLM(nn.Module):
         h = self.embed_tokens(input_ids)  # [T, D]
         cos, sin = self.rotary(positions, h.dtype)  # [T, Dh] each
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, meta, None if kv_caches is None else kv_caches[i])
+            h = layer(h, cos, sin, meta, None if kv_caches is None else kv_caches[i], self.router_counts[i])
         return self.norm(h)
+
+    def take_router_counts(self) -> torch.Tensor:
+        """Return the [L, E] routed-token counts accumulated since the last call, and reset them."""
+        counts = self.router_counts.clone()
+        self.router_counts.zero_()
+        return counts
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
