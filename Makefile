@@ -32,8 +32,8 @@ lint: install
 	$(VENV)/bin/ruff check moe_runtime kernels cluster tests bench
 
 proto: install
-	$(PY) -m grpc_tools.protoc -I proto --python_out=moe_runtime/v1/.. --pyi_out=moe_runtime/v1/.. \
-	    --grpc_python_out=moe_runtime/v1/.. proto/moe_runtime/v1/*.proto
+	$(PY) -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. \
+	    proto/moe_runtime/v1/*.proto
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
