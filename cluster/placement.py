@@ -146,8 +146,8 @@ def build_placement(
 ) -> Placement:
     """Resolve a `placement:` section into a plan for L layers of E experts, validating every entry.
 
-    Each layer takes its own `explicit` entry, else `explicit["*"]`, else `strategy`; then the layer's
-    `replicas` entries (its own and "*") add copies. Raises `ConfigError` naming the YAML path for a layer,
+    Each layer takes its own `explicit` entry, else `explicit["*"]`, else `strategy`; then its own `replicas`
+    entry, else `replicas["*"]`, adds copies. Raises `ConfigError` naming the YAML path for a layer,
     rank or expert out of range, an expert listed twice on one rank, or an expert no rank holds.
 
     >>> cfg = PlacementConfig(workers=2, strategy="contiguous", replicas={"*": {0: [1]}})
@@ -174,12 +174,12 @@ def build_placement(
         else:
             for e in range(num_experts):
                 held[e].add(e % n if cfg.strategy == "round_robin" else e * n // num_experts)
-        for rkey in ("*", layer):
-            for e, ranks in cfg.replicas.get(rkey, {}).items():
-                path = f"{where}.replicas.{rkey}.{e}"
-                for rank in ranks:
-                    _check_rank(rank, n, path)
-                    _add(held, e, rank, num_experts, path)
+        rkey = layer if layer in cfg.replicas else "*"
+        for e, ranks in cfg.replicas.get(rkey, {}).items():
+            path = f"{where}.replicas.{rkey}.{e}"
+            for rank in ranks:
+                _check_rank(rank, n, path)
+                _add(held, e, rank, num_experts, path)
         missing = [e for e in range(num_experts) if not held[e]]
         if missing:
             raise ConfigError(
