@@ -222,9 +222,15 @@ class ServerConfig(Section):
     port: int = Field(default=50051, ge=0, le=65535)
     max_queued_requests: int = Field(default=256, gt=0)
     max_message_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    drain_grace_s: float = Field(default=10.0, ge=0)
+    tls_cert: str | None = None  # PEM certificate chain path; TLS needs tls_cert and tls_key together
+    tls_key: str | None = None  # PEM private key path
+    drain_grace_s: float = Field(default=10.0, ge=0)  # SIGTERM: seconds in-flight streams get to finish
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("give server.tls_cert and server.tls_key together (PEM paths), or neither")
+        return self
 
 
 class TelemetryConfig(Section):

@@ -1,0 +1,65 @@
+"""`moe-runtime stats --server HOST:PORT [--json]`: per-layer, per-expert load of a running server.
+
+The table is a heatmap of each expert's share of its layer's routed tokens over the telemetry window,
+with the layer's imbalance (max/mean, 1 = balanced) and normalized router entropy (1 = uniform). `--json`
+prints the snapshot that `moe-runtime plan-placement --stats` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stats", help="show expert load of a running server", description=__doc__.split("\n\n")[0])
+    p.add_argument("--server", required=True, metavar="HOST:PORT", help="gRPC address, e.g. 127.0.0.1:50051")
+    p.add_argument("--json", action="store_true", help="print the snapshot as JSON")
+    p.add_argument("--total", action="store_true", help="table of load since start instead of the window")
+    p.add_argument("--tls-ca", help="PEM CA certificate: connect with TLS")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moe_runtime.server.client import GenerationClient
+
+    with GenerationClient(args.server, args.env.get("auth_token"), args.tls_ca, args.timeout) as client:
+        stats = client.expert_stats()
+    if args.json:
+        print(json.dumps(stats, indent=1))
+    else:
+        render(stats, "total_tokens_per_expert" if args.total else "tokens_per_expert")
+    return 0
+
+
+def render(stats: dict[str, Any], key: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = stats[key]
+    span = "since start" if key.startswith("total") else f"last {stats['window_steps']} steps"
+    title = f"Expert load ({span}; {stats['tokens_processed']} tokens, top-{stats['top_k']})"
+    table = Table(title=title)
+    table.add_column("layer", justify="right")
+    for e in range(stats["experts"]):
+        table.add_column(f"e{e}", justify="right")
+    table.add_column("imbalance", justify="right")
+    table.add_column("entropy", justify="right")
+    for layer, row in enumerate(rows):
+        total = sum(row) or 1
+        cells = [_heat(c / total, stats["experts"]) for c in row]
+        table.add_row(str(layer), *cells, f"{stats['imbalance'][layer]:.2f}", f"{stats['entropy'][layer]:.3f}")
+    console = Console()
+    console.print(table)
+    console.print(f"mean imbalance {stats['mean_imbalance']:.2f}, mean entropy {stats['mean_entropy']:.3f}; "
+                  f"running {stats['num_running']}, waiting {stats['num_waiting']}, KV blocks "
+                  f"{stats['kv_blocks_used']}/{stats['kv_blocks_total']}")
+
+
+def _heat(share: float, num_experts: int) -> str:
+    """A share of the layer's tokens, coloured by how far it is from the fair share 1/E."""
+    ratio = share * num_experts
+    style = "green" if ratio < 1.25 else "yellow" if ratio < 2 else "bold red"
+    return f"[{style}]{share * 100:.1f}%[/]"

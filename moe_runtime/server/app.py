@@ -1,0 +1,167 @@
+"""The serving process's life: bind -> load (health NOT_SERVING) -> serve -> drain on SIGTERM -> stop.
+
+1. Bind the gRPC port first, so health checks answer NOT_SERVING while the model loads.
+2. Load the engine in a worker thread; attach it; start the stats pump and `/metrics`; SERVING.
+3. On SIGTERM/SIGINT (or `request_stop()`): NOT_SERVING, refuse new requests (UNAVAILABLE), let in-flight
+   streams finish for up to `server.drain_grace_s`, then stop the server (cancelling what is left, which
+   aborts those requests in the engine) and shut the engine down.
+If the engine loop dies, health goes NOT_SERVING and every call answers UNAVAILABLE; the process keeps
+running so that the orchestrator sees the failure through health and restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from moe_runtime.config import ModelConfig, RuntimeConfig
+from moe_runtime.errors import MoeRuntimeError
+from moe_runtime.server.grpc_server import SERVICE_NAME, Backend, GenerationServicer, build_server
+from moe_runtime.server.health import Phase, ServingState
+from moe_runtime.server.metrics import MetricsServer, StatsPump
+from moe_runtime.server.validation import Limits
+from moe_runtime.telemetry import Telemetry
+from moe_runtime.tokenizer import Tokenizer
+from moe_runtime.v1 import generation_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class ServerError(MoeRuntimeError):
+    """The server cannot start (port taken, TLS files unreadable)."""
+
+
+def model_info(cfg: ModelConfig, tokenizer: Tokenizer, model_dir: Path, max_context: int, dtype: str) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        architecture=cfg.architecture, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim, num_experts=cfg.num_local_experts, experts_per_token=cfg.num_experts_per_tok,
+        dtype=dtype, max_context=max_context, tokenizer=tokenizer.name, model_path=str(model_dir),
+        eos_token_id=tokenizer.eos_token_id or 0, bos_token_id=tokenizer.bos_token_id or 0,
+    )
+
+
+class ServerApp:
+    """One serving process. `engine_factory(cfg)` builds the AsyncEngine (tests wrap it to inject faults)."""
+
+    def __init__(self, cfg: RuntimeConfig, auth_token: str | None = None,
+                 engine_factory: Callable[[RuntimeConfig], Any] | None = None):
+        if cfg.model.path is None:
+            raise ServerError("model.path is not set; the serve command fills it with the embedded model")
+        self.cfg = cfg
+        self.auth_token = auth_token
+        self.engine_factory = engine_factory or _default_engine_factory
+        self.state = ServingState((SERVICE_NAME,))
+        self.servicer = GenerationServicer(self.state, cfg.server.max_queued_requests)
+        self.engine: Any = None
+        self.telemetry: Telemetry | None = None
+        self.metrics: MetricsServer | None = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._server = None
+        self._pump_task: asyncio.Task | None = None
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.state.set(Phase.LOADING)
+        try:
+            self._server, self.port = build_server(self.servicer, self.cfg.server, self.auth_token)
+        except (RuntimeError, OSError) as e:
+            raise ServerError(f"server.host={self.cfg.server.host!r} server.port={self.cfg.server.port}: "
+                              f"cannot bind ({e}); pick another port or stop the other server") from None
+        await self._server.start()
+        log.info("gRPC listening on %s:%d (loading model)", self.cfg.server.host, self.port)
+        self.engine = await asyncio.to_thread(self.engine_factory, self.cfg)
+        await self.engine.start()
+        self._attach()
+        tel = self.cfg.telemetry
+        self.metrics = MetricsServer(self.telemetry, tel.per_expert_metrics)
+        try:
+            self.metrics_port = self.metrics.start(tel.metrics_host, tel.metrics_port)
+        except OSError as e:
+            raise ServerError(f"telemetry.metrics_port={tel.metrics_port}: cannot bind ({e})") from None
+        pump = StatsPump(self.engine, self.telemetry, on_dead=self._on_engine_dead)
+        self._pump_task = asyncio.create_task(pump.run())
+        await self.state.set(Phase.SERVING)
+        log.info("serving on %s:%d, metrics on http://%s:%d/metrics", self.cfg.server.host, self.port,
+                 tel.metrics_host, self.metrics_port)
+
+    def _attach(self) -> None:
+        model_dir = Path(self.cfg.model.path)
+        model_cfg = ModelConfig.from_pretrained(model_dir)
+        tokenizer = Tokenizer.from_dir(model_dir)
+        max_context = self.cfg.engine.max_model_len or model_cfg.max_position_embeddings
+        stats = self.engine.make_stats()
+        kv_tokens = stats.kv_blocks_total * self.cfg.cache.block_size if stats.kv_blocks_total else None
+        dtype = self.cfg.model.dtype if self.cfg.model.dtype != "auto" else model_cfg.torch_dtype
+        self.telemetry = Telemetry(model_cfg.num_hidden_layers, model_cfg.num_local_experts,
+                                   model_cfg.num_experts_per_tok, self.cfg.telemetry.window_steps)
+        self.servicer.attach(Backend(
+            engine=self.engine, tokenizer=tokenizer,
+            limits=Limits(vocab_size=model_cfg.vocab_size, max_context=max_context, kv_capacity_tokens=kv_tokens),
+            model_info=model_info(model_cfg, tokenizer, model_dir, max_context, dtype),
+            telemetry=self.telemetry,
+        ))
+
+    async def _on_engine_dead(self) -> None:
+        log.error("engine loop died (%s): health NOT_SERVING, answering UNAVAILABLE", self.engine.dead_error)
+        await self.state.set(Phase.DEAD)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait_for_stop(self) -> None:
+        """Serve until SIGTERM/SIGINT or `request_stop()`."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        try:
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    async def drain_and_stop(self) -> None:
+        """Refuse new requests, give in-flight ones `drain_grace_s`, then stop everything."""
+        await self.state.set(Phase.DRAINING)
+        grace = self.cfg.server.drain_grace_s
+        deadline = time.monotonic() + grace
+        n = len(self.servicer.in_flight)
+        log.info("draining: %d request(s) in flight, up to %.1fs", n, grace)
+        while self.servicer.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self.servicer.in_flight:
+            log.warning("drain grace over: cancelling %d request(s)", len(self.servicer.in_flight))
+        if self._server is not None:
+            await self._server.stop(grace=0.5)
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump_task
+        if self.metrics is not None:
+            self.metrics.stop()
+        if self.engine is not None:
+            await self.engine.shutdown()
+        log.info("stopped")
+
+
+def _default_engine_factory(cfg: RuntimeConfig) -> Any:
+    from moe_runtime.engine.async_engine import AsyncEngine
+
+    return AsyncEngine.from_config(cfg)
+
+
+async def serve(cfg: RuntimeConfig, auth_token: str | None = None) -> None:
+    app = ServerApp(cfg, auth_token)
+    try:
+        await app.start()
+        await app.wait_for_stop()
+    finally:
+        await app.drain_and_stop()

@@ -1,0 +1,126 @@
+"""A small synchronous client for the CLI (`generate --server`, `stats --server`) and scripts.
+
+    client = GenerationClient("127.0.0.1:50051")
+    for chunk in client.generate_stream(prompt="Hello", sampling={"max_tokens": 16}):
+        print(chunk.text, end="")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from moe_runtime.errors import MoeRuntimeError
+from moe_runtime.server.convert import FINISH_REASON_NAMES, stats_to_dict
+from moe_runtime.v1 import generation_pb2 as pb
+from moe_runtime.v1 import generation_pb2_grpc as pb_grpc
+
+SAMPLING_FIELDS = tuple(pb.SamplingParams.DESCRIPTOR.fields_by_name)
+
+
+class ClientError(MoeRuntimeError):
+    """The server answered with an error status (the message names the code and the server's reason)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+
+
+def sampling_params(**kwargs: Any) -> pb.SamplingParams:
+    """Build `SamplingParams` from keyword arguments; None values stay unset (server defaults)."""
+    unknown = set(kwargs) - set(SAMPLING_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown sampling field(s) {sorted(unknown)}; allowed: {list(SAMPLING_FIELDS)}")
+    return pb.SamplingParams(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def make_request(prompt: str | None = None, prompt_token_ids: list[int] | None = None,
+                 sampling: dict[str, Any] | None = None, request_id: str = "") -> pb.GenerateRequest:
+    return pb.GenerateRequest(request_id=request_id, prompt=prompt or "", prompt_token_ids=prompt_token_ids or [],
+                              sampling_params=sampling_params(**(sampling or {})))
+
+
+class GenerationClient:
+    """One channel to a server. `auth_token` adds `authorization: Bearer ...`; `tls_ca` (PEM path) turns TLS on."""
+
+    def __init__(self, target: str, auth_token: str | None = None, tls_ca: str | None = None,
+                 timeout_s: float | None = None):
+        if tls_ca:
+            with open(tls_ca, "rb") as f:
+                self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(f.read()))
+        else:
+            self.channel = grpc.insecure_channel(target)
+        self.stub = pb_grpc.GenerationServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else ()
+        self.timeout_s = timeout_s
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> GenerationClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, metadata=self.metadata, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            raise ClientError(e.code(), e.details()) from None
+
+    def generate(self, request: pb.GenerateRequest) -> pb.GenerateResponse:
+        return self._call(self.stub.Generate, request)
+
+    def generate_stream(self, request: pb.GenerateRequest) -> Iterator[pb.GenerateResponse]:
+        stream = self.stub.GenerateStream(request, metadata=self.metadata, timeout=self.timeout_s)
+        try:
+            yield from stream
+        except grpc.RpcError as e:
+            raise ClientError(e.code(), e.details()) from None
+        finally:
+            stream.cancel()  # no-op when finished; aborts the request if the caller stopped early
+
+    def abort(self, request_id: str) -> bool:
+        return self._call(self.stub.Abort, pb.AbortRequest(request_id=request_id)).aborted
+
+    def model_info(self) -> pb.ModelInfo:
+        return self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest())
+
+    def expert_stats(self) -> dict[str, Any]:
+        """The telemetry snapshot as the JSON-able dict the placement planner reads."""
+        return stats_to_dict(self._call(self.stub.GetExpertStats, pb.GetExpertStatsRequest()))
+
+
+def response_to_dict(resp: pb.GenerateResponse) -> dict[str, Any]:
+    """A final (unary or accumulated) response as JSON-able data."""
+    out: dict[str, Any] = {
+        "request_id": resp.request_id,
+        "text": resp.text,
+        "token_ids": list(resp.token_ids),
+        "finish_reason": FINISH_REASON_NAMES.get(resp.finish_reason, ""),
+        "usage": {"prompt_tokens": resp.usage.prompt_tokens, "completion_tokens": resp.usage.completion_tokens},
+        "timings": {"queue_s": resp.timings.queue_s, "time_to_first_token_s": resp.timings.time_to_first_token_s,
+                    "total_s": resp.timings.total_s},
+    }
+    if resp.logprobs:
+        out["logprobs"] = [{"token_id": lp.token_id, "logprob": lp.logprob,
+                            "top": [[t.token_id, t.logprob] for t in lp.top]} for lp in resp.logprobs]
+    return out
+
+
+def accumulate(chunks: Iterator[pb.GenerateResponse]) -> Iterator[tuple[pb.GenerateResponse, pb.GenerateResponse]]:
+    """Yield (chunk, running total) over a stream; the last total equals what `Generate` returns."""
+    total = pb.GenerateResponse()
+    for chunk in chunks:
+        total.request_id = chunk.request_id
+        total.text += chunk.text
+        total.token_ids.extend(chunk.token_ids)
+        total.logprobs.extend(chunk.logprobs)
+        if chunk.finish_reason:
+            total.finish_reason = chunk.finish_reason
+            total.usage.CopyFrom(chunk.usage)
+            total.timings.CopyFrom(chunk.timings)
+        yield chunk, total

@@ -1,0 +1,222 @@
+"""`moe_runtime.v1.GenerationService` on `grpc.aio`, and the `grpc.aio.Server` around it.
+
+A generation call: refuse when not serving (UNAVAILABLE) -> validate (INVALID_ARGUMENT naming the field,
+RESOURCE_EXHAUSTED when the queue is full or the prompt cannot fit) -> stream the engine's outputs. When the
+client cancels or its deadline passes, grpc.aio cancels the handler (`asyncio.CancelledError`;
+`context.cancelled()` stays False), and the handler aborts the request in the engine, which frees its KV
+blocks. Each request ends with one JSON log line (id, tokens, timings, finish reason or status).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from moe_runtime.config import ServerConfig
+from moe_runtime.engine.sampling_params import SamplingParams
+from moe_runtime.errors import EngineDeadError, RequestError
+from moe_runtime.server.auth import BearerTokenInterceptor
+from moe_runtime.server.convert import chunk_to_proto, final_fields, logprobs_to_proto, snapshot_to_proto
+from moe_runtime.server.health import ServingState
+from moe_runtime.server.reflection import enable_reflection
+from moe_runtime.server.validation import Limits, RequestRejected, validate_request
+from moe_runtime.telemetry import Telemetry
+from moe_runtime.v1 import generation_pb2 as pb
+from moe_runtime.v1 import generation_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+request_log = logging.getLogger("moe_runtime.server.requests")
+
+
+@dataclass
+class _Call:
+    """What the request log line and the telemetry need to know about one call."""
+
+    rpc: str
+    request_id: str = ""
+    status: str = "OK"
+    last: Any = None  # the engine's last RequestOutput
+
+    def finish(self, telemetry: Telemetry | None, started: float) -> None:
+        out = self.last
+        m = out.metrics if out is not None else None
+        reason = (out.finish_reason if out is not None and out.finished else None) or self.status.lower()
+        if telemetry is None:
+            pass
+        elif out is not None and (out.finished or self.status != "OK"):
+            telemetry.observe_request(reason, m.queue_time_s, m.ttft_s, m.e2e_s or time.monotonic() - m.arrival_time,
+                                      out.num_output_tokens)
+        elif self.status != "OK":
+            telemetry.observe_request(reason)
+        request_log.info(json.dumps({
+            "event": "request", "rpc": self.rpc, "request_id": self.request_id, "status": self.status,
+            "finish_reason": out.finish_reason if out is not None else None,
+            "prompt_tokens": out.num_prompt_tokens if out is not None else 0,
+            "completion_tokens": out.num_output_tokens if out is not None else 0,
+            "queue_s": _round(m.queue_time_s if m else None), "ttft_s": _round(m.ttft_s if m else None),
+            "total_s": round(time.monotonic() - started, 6),
+        }))
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 6)
+
+
+@dataclass
+class Backend:
+    """What the service needs once the model is loaded."""
+
+    engine: Any  # AsyncEngine
+    tokenizer: Any  # moe_runtime.tokenizer.Tokenizer
+    limits: Limits
+    model_info: pb.ModelInfo
+    telemetry: Telemetry
+
+
+class GenerationServicer(pb_grpc.GenerationServiceServicer):
+    """Serves from `backend` once `attach`ed; until then (loading) every call answers UNAVAILABLE."""
+
+    def __init__(self, state: ServingState, max_queued_requests: int):
+        self.state = state
+        self.max_queued_requests = max_queued_requests
+        self.backend: Backend | None = None
+        self.in_flight: set[str] = set()  # request ids this server is streaming now
+
+    def attach(self, backend: Backend) -> None:
+        self.backend = backend
+
+    async def _ready(self, context: grpc.aio.ServicerContext) -> Backend:
+        if self.backend is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"server is {self.state.phase.value}; retry shortly")
+        return self.backend
+
+    # -- generation ---------------------------------------------------------------------------------------
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        resp = pb.GenerateResponse()
+        async for out in self._generate(request, context, "Generate"):
+            resp.request_id = out.request_id
+            resp.token_ids.extend(out.new_token_ids)
+            resp.logprobs.extend(logprobs_to_proto(out.logprobs))
+            if out.finished:
+                resp.text = out.text
+                resp.finish_reason = final_fields(out)["finish_reason"]
+                resp.usage.CopyFrom(final_fields(out)["usage"])
+                resp.timings.CopyFrom(final_fields(out)["timings"])
+        return resp
+
+    async def GenerateStream(self, request: pb.GenerateRequest,
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        async for out in self._generate(request, context, "GenerateStream"):
+            yield chunk_to_proto(out)
+
+    async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
+                        rpc: str) -> AsyncIterator[Any]:
+        started = time.monotonic()
+        call = _Call(rpc, request.request_id)
+        try:
+            valid, params = await self._admit(request, context, call)
+        except BaseException:
+            call.finish(self.backend.telemetry if self.backend else None, started)
+            raise
+        engine, telemetry = self.backend.engine, self.backend.telemetry
+        call.request_id = valid.request_id
+        self.in_flight.add(valid.request_id)
+        try:
+            async for out in engine.generate(valid.request_id, valid.prompt_token_ids, params):
+                call.last = out
+                yield out
+        except asyncio.CancelledError:
+            call.status = "CANCELLED"  # client cancel or deadline: the engine request is aborted below
+            raise
+        except EngineDeadError as e:
+            call.status = "UNAVAILABLE"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine is down: {e}")
+        except RequestError as e:
+            call.status = "INVALID_ARGUMENT"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finally:
+            self.in_flight.discard(valid.request_id)
+            if call.last is None or not call.last.finished:
+                engine.abort(valid.request_id)
+            call.finish(telemetry, started)
+
+    async def _admit(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
+                     call: _Call) -> tuple[Any, SamplingParams]:
+        """Refuse or accept a request; aborts the call with the right status code when refusing."""
+        code, message = None, ""
+        b = self.backend
+        if b is not None and b.engine.is_dead:
+            code, message = grpc.StatusCode.UNAVAILABLE, f"engine is down: {b.engine.dead_error}"
+        elif b is None or not self.state.accepting:
+            code, message = grpc.StatusCode.UNAVAILABLE, f"server is {self.state.phase.value}; retry another replica"
+        elif b.engine.num_waiting >= self.max_queued_requests:
+            code, message = (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"queue full: {b.engine.num_waiting} requests waiting "
+                             f"(server.max_queued_requests={self.max_queued_requests}); retry later")
+        if code is None:
+            try:
+                valid = validate_request(request, b.limits, b.tokenizer.encode)
+                if valid.request_id in self.in_flight:
+                    raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT,
+                                          f"request_id={valid.request_id!r}: already in flight; use a unique id "
+                                          "or leave it empty")
+                return valid, SamplingParams(**valid.sampling)
+            except RequestRejected as e:
+                code, message = e.code, str(e)
+            except RequestError as e:
+                code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        call.status = code.name
+        await context.abort(code, message)
+        raise AssertionError("unreachable: context.abort raises")
+
+    # -- control and introspection ------------------------------------------------------------------------
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        if not request.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id='': give the id of the request")
+        backend = await self._ready(context)
+        found = request.request_id in self.in_flight
+        if found:
+            backend.engine.abort(request.request_id)
+        return pb.AbortResponse(aborted=found)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return (await self._ready(context)).model_info
+
+    async def GetExpertStats(self, request: pb.GetExpertStatsRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ExpertStats:
+        return snapshot_to_proto((await self._ready(context)).telemetry.snapshot())
+
+
+def build_server(servicer: GenerationServicer, cfg: ServerConfig, auth_token: str | None = None) -> tuple[
+        grpc.aio.Server, int]:
+    """A `grpc.aio.Server` with the service, health and reflection, bound to (cfg.host, cfg.port).
+
+    Returns the server (not started) and the bound port (cfg.port=0 picks a free one).
+    """
+    options = [
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+        ("grpc.so_reuseport", 0),  # two servers on one port is a mistake, not a load balancer
+    ]
+    interceptors = [BearerTokenInterceptor(auth_token)] if auth_token else []
+    server = grpc.aio.server(options=options, interceptors=interceptors)
+    pb_grpc.add_GenerationServiceServicer_to_server(servicer, server)
+    from grpc_health.v1 import health_pb2_grpc
+
+    health_pb2_grpc.add_HealthServicer_to_server(servicer.state.health, server)
+    enable_reflection(server, [SERVICE_NAME, "grpc.health.v1.Health"])
+    address = f"{cfg.host}:{cfg.port}"
+    if cfg.tls_cert or cfg.tls_key:
+        with open(cfg.tls_cert, "rb") as f_cert, open(cfg.tls_key, "rb") as f_key:
+            creds = grpc.ssl_server_credentials([(f_key.read(), f_cert.read())])
+        port = server.add_secure_port(address, creds)
+    else:
+        port = server.add_insecure_port(address)
+    return server, port
