@@ -7,9 +7,13 @@ at a time on the expert with the highest load per copy; `balanced_packing` place
 first, on the least-loaded rank that still has a free slot and no copy of that expert (ranks get S // N or
 S // N + 1 slots, so memory stays even); `refine` then swaps copies between the busiest rank and the others
 while that lowers the busiest rank's load. A copy's predicted load is its expert's load / copies, since
-`Placement.owner_ranks` splits an expert's tokens evenly (by token index) among its copies. As a guard the
-plain round-robin layout is kept for a layer when it predicts a strictly lower maximum, so a plan is never
-worse than round-robin. Ties break by lower expert id, then lower rank: the plan is deterministic.
+`Placement.owner_ranks` splits an expert's tokens evenly (by token index) among its copies.
+
+Extra copies do not always help (two workers holding both copies of an expert carry half its load each,
+exactly as without the copy, and the extra slot may force a hot expert next to another). So each layer
+keeps the first of three candidates with the lowest busiest-rank load: the packing with R copies, the
+packing with none, and plain round-robin. A plan is therefore never worse than round-robin, layer by layer.
+Ties break by lower expert id, then lower rank: the plan is deterministic.
 
 Stats JSON (`moe-runtime stats --json`, read by `moe-runtime plan-placement --stats`):
     {"layers": L, "experts": E, "tokens_per_expert": [[tokens routed to expert e in layer l, ...] x L]}
@@ -181,18 +185,29 @@ def plan_placement(
     plain = round_robin(num_layers, num_experts, workers)
     layers = []
     for layer in range(num_layers):
-        copies = replicate_experts(load[layer], num_experts + redundant, workers)
-        held = balanced_packing(load[layer], copies, workers) or _interleave(copies, workers)
-        held = refine(held, load[layer] / copies)
-        layers.append(_layer_ranks(held, num_experts))
-        peak = max(sum(float(load[layer, e] / copies[e]) for e in experts) for experts in held)
-        rr_peak = max(float(load[layer, r::workers].sum()) for r in range(workers))  # plain's layout
-        if rr_peak < peak - 1e-9:
-            layers[-1] = plain.ranks[layer]
+        row = load[layer]  # [E]
+        candidates = [  # the first with the lowest busiest-rank load wins: use the R copies unless they hurt
+            _pack(row, replicate_experts(row, num_experts + redundant, workers), workers),
+            _pack(row, torch.ones(num_experts, dtype=torch.int64), workers),
+            plain.ranks[layer],
+        ]
+        peaks = [float(rank_loads(row[None], Placement(workers, (ranks,))).max()) for ranks in candidates]
+        layers.append(candidates[min(range(len(candidates)), key=lambda i: (round(peaks[i], 9), i))])
     plan = Placement(workers, tuple(layers))
     before = imbalance(load, baseline or plain)
     after = imbalance(load, plan)
     return plan, PlanReport(before[0], after[0], before[1], after[1])
+
+
+def _pack(load: torch.Tensor, copies: torch.Tensor, workers: int) -> tuple[tuple[int, ...], ...]:
+    """Greedy packing (or the interleaved fallback), refined. load: [E]; copies: [E]. Returns [E] -> ranks."""
+    held = balanced_packing(load, copies, workers) or _interleave(copies, workers)
+    held = refine(held, load / copies)
+    ranks: list[list[int]] = [[] for _ in range(load.numel())]
+    for r, experts in enumerate(held):
+        for e in experts:
+            ranks[e].append(r)
+    return tuple(tuple(sorted(reps)) for reps in ranks)
 
 
 def _interleave(copies: torch.Tensor, workers: int) -> list[list[int]]:
@@ -202,11 +217,3 @@ def _interleave(copies: torch.Tensor, workers: int) -> list[list[int]]:
     for i, e in enumerate(flat):
         held[i % workers].append(e)
     return held
-
-
-def _layer_ranks(held: list[list[int]], num_experts: int) -> tuple[tuple[int, ...], ...]:
-    ranks: list[list[int]] = [[] for _ in range(num_experts)]
-    for r, experts in enumerate(held):
-        for e in experts:
-            ranks[e].append(r)
-    return tuple(tuple(sorted(reps)) for reps in ranks)
