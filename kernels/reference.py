@@ -1,8 +1,8 @@
 """Torch references for every kernel: the test oracle and the portable fallback.
 
-Each function has the same signature as the kernel it checks. The arithmetic deliberately follows
-transformers' `MixtralSparseMoeBlock` (eager experts) step by step, so that in bf16 the reference gives the
-same bits as the reference implementation of the model, not merely close ones.
+Each function has the same signature as the kernel it checks. The MoE arithmetic deliberately follows
+transformers' `MixtralSparseMoeBlock` with its default experts implementation step by step, so that in bf16
+the reference gives the same bits as the reference implementation of the model, not merely close ones.
 """
 
 from __future__ import annotations
@@ -61,19 +61,21 @@ def fused_moe_reference(
     routing:  RoutingResult with ids [T, k] in [0, E)
     slot_map: [E] int, expert id -> slot in [0, S), or -1 for "not resident here" (contributes zero).
               None means S == E and slot == expert id.
-    Returns [T, H] in hidden's dtype. One expert at a time, in ascending slot order, accumulating in
-    hidden's dtype exactly as transformers' eager experts do.
+    Returns [T, H] in hidden's dtype.
+
+    Each (token, k) pair's expert MLP runs in hidden's dtype; its output times the fp32 routing weight is
+    kept in fp32 and the k pairs of a token are summed in fp32 in k order, with one rounding at the end.
+    That is what transformers' default (`grouped_mm`) experts do, so bf16 outputs match it bit for bit.
     """
     T, H = hidden.shape
     S = w13.shape[0]
     ids = routing.ids.long()  # [T, k]
     slots = ids if slot_map is None else slot_map.to(ids.device).long()[ids]  # [T, k], -1 = not here
-    out = torch.zeros_like(hidden)
+    pairs = torch.zeros(T, ids.shape[1], H, dtype=torch.float32, device=hidden.device)  # [T, k, H]
     for s in torch.unique(slots[slots >= 0]).tolist():
         assert s < S, f"slot {s} out of range for {S} resident slots"
         token_idx, kpos = torch.where(slots == s)  # each token at most once per slot
         gate, up = F.linear(hidden[token_idx], w13[s]).chunk(2, dim=-1)  # [n, I] each
         y = F.linear(F.silu(gate) * up, w2[s])  # [n, H]
-        y = y * routing.weights[token_idx, kpos, None]  # fp32 weights promote, as in transformers
-        out.index_add_(0, token_idx, y.to(out.dtype))
-    return out
+        pairs[token_idx, kpos] = y * routing.weights[token_idx, kpos, None]  # fp32 weights promote
+    return pairs.sum(dim=1).to(hidden.dtype)  # [T, H]

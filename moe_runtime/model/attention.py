@@ -83,22 +83,24 @@ def attention(
 
 
 def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
-    """One sequence: q [Q, H, Dh] are the last Q of the C positions of k, v [C, KVH, Dh]."""
-    Q, H, _ = q.shape
-    C, KVH, _ = k.shape
-    group = H // KVH
-    qh = q.transpose(0, 1)  # [H, Q, Dh]
-    kh = k.transpose(0, 1).repeat_interleave(group, dim=0)  # [H, C, Dh]
-    vh = v.transpose(0, 1).repeat_interleave(group, dim=0)  # [H, C, Dh]
+    """One sequence: q [Q, H, Dh] are the last Q of the C positions of k, v [C, KVH, Dh].
+
+    SDPA gets 4-D inputs with a batch of one and native GQA: on CPU the 3-D form takes another kernel whose
+    bf16 rounding differs from the reference implementation's.
+    """
+    Q, C = q.shape[0], k.shape[0]
+    qh = q.transpose(0, 1)[None]  # [1, H, Q, Dh]
+    kh = k.transpose(0, 1)[None]  # [1, KVH, C, Dh]
+    vh = v.transpose(0, 1)[None]  # [1, KVH, C, Dh]
     if sliding_window is None and Q == C:
-        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True)
     elif sliding_window is None and Q == 1:
-        o = F.scaled_dot_product_attention(qh, kh, vh)
+        o = F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=True)
     else:
         q_pos = torch.arange(C - Q, C, device=q.device)[:, None]  # [Q, 1]
         k_pos = torch.arange(C, device=q.device)[None, :]  # [1, C]
         mask = k_pos <= q_pos  # [Q, C]
         if sliding_window is not None:
             mask &= k_pos > q_pos - sliding_window
-        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
-    return o.transpose(0, 1)  # [Q, H, Dh]
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
+    return o[0].transpose(0, 1)  # [Q, H, Dh]

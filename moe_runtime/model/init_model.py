@@ -47,7 +47,7 @@ def write_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     cfg = ModelConfig.from_hf(hf_config, "preset")
     (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    tensors = random_weights(cfg, seed)
+    tensors = random_weights(cfg, seed, std=hf_config.get("initializer_range", 0.02))
     _write_weights(out, tensors, max_shard_bytes)
     tok = train_tokenizer(cfg.vocab_size, seed)
     tok.save(str(out / "tokenizer.json"))

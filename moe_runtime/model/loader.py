@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from moe_runtime.config import ModelConfig
+from moe_runtime.config import ModelConfig, OffloadConfig
 from moe_runtime.errors import CheckpointError, ConfigError
 from moe_runtime.model.mixtral import MixtralForCausalLM, RotaryEmbedding
 
@@ -158,8 +158,14 @@ def load_model(
     device: str = "auto",
     moe_backend: str = "auto",
     progress: bool = False,
+    offload: OffloadConfig | None = None,
 ) -> MixtralForCausalLM:
-    """Build a `MixtralForCausalLM` from a HF checkpoint directory. Raises `CheckpointError` on any defect."""
+    """Build a `MixtralForCausalLM` from a HF checkpoint directory. Raises `CheckpointError` on any defect.
+
+    With `offload.enabled` the experts are not loaded: an `offload.ExpertStore` keeps a budget of them
+    resident and reads the rest from the checkpoint (`model.expert_store`).
+    """
+    offloaded = offload is not None and offload.enabled
     try:
         cfg = ModelConfig.from_pretrained(model_dir)
     except ConfigError as e:
@@ -168,19 +174,32 @@ def load_model(
     with CheckpointFiles(model_dir, cfg) as ckpt:
         with torch.device("meta"):
             model = MixtralForCausalLM(cfg, moe_backend)
+        if offloaded:
+            from moe_runtime.offload.attach import empty_experts
+
+            empty_experts(model)
         model = model.to(torch_dtype).to_empty(device=dev)
         model.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta).to(dev)  # buffers are not in checkpoints
         model.router_counts.zero_()
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         with torch.no_grad():
-            for name, copy in _progress(_assignments(model, ckpt), len(ckpt.location), progress):
+            targets = dict(_assignments(model, ckpt, experts=not offloaded))
+            for name, copy in _progress(iter(targets.items()), len(targets), progress):
                 copy(ckpt.get(name))
+        if offloaded:
+            from moe_runtime.offload.attach import attach_expert_store
+
+            attach_expert_store(model, model_dir, offload, ckpt.location)
     return model.eval()
 
 
-def _assignments(model: MixtralForCausalLM, ckpt: CheckpointFiles) -> Iterator[tuple[str, object]]:
-    """(hub tensor name, function that copies it into the model), in file order for sequential mmap reads."""
+def _assignments(model: MixtralForCausalLM, ckpt: CheckpointFiles, experts: bool = True
+                 ) -> Iterator[tuple[str, object]]:
+    """(hub tensor name, function that copies it into the model), in file order for sequential mmap reads.
+
+    experts=False leaves the expert matrices out (the expert store reads them itself).
+    """
     I = model.config.intermediate_size
     targets: dict[str, object] = {
         "model.embed_tokens.weight": model.embed_tokens.weight.copy_,
@@ -196,7 +215,7 @@ def _assignments(model: MixtralForCausalLM, ckpt: CheckpointFiles) -> Iterator[t
             targets[f"{p}self_attn.{proj}.weight"] = getattr(layer.self_attn, proj).weight.copy_
         moe = layer.block_sparse_moe
         targets[p + "block_sparse_moe.gate.weight"] = moe.gate.weight.copy_
-        for e in range(model.config.num_local_experts):
+        for e in range(model.config.num_local_experts if experts else 0):
             q = f"{p}block_sparse_moe.experts.{e}."
             targets[q + "w1.weight"] = moe.w13[e, :I].copy_  # gate rows
             targets[q + "w3.weight"] = moe.w13[e, I:].copy_  # up rows

@@ -89,6 +89,9 @@ class SparseMoeBlock(nn.Module):
         self.gate = nn.Linear(D, E, bias=False)
         self.w13 = nn.Parameter(torch.empty(E, 2 * I, D), requires_grad=False)  # gate rows, then up rows
         self.w2 = nn.Parameter(torch.empty(E, D, I), requires_grad=False)
+        # None: all E experts resident in w13/w2. Offloading sets an `offload.LayerExperts`, which makes the
+        # routed experts resident in its own slots and runs them; w13/w2 are then empty.
+        self.experts = None
 
     def route(self, x: torch.Tensor) -> RoutingResult:
         return route(self.gate(x), self.top_k)  # weights [T, A] fp32, ids [T, A] int32
@@ -97,6 +100,8 @@ class SparseMoeBlock(nn.Module):
         """x: [T, D]; router_counts: [E] int64, this layer's row of the model's counts (added in place)."""
         routing = self.route(x)
         router_counts += torch.bincount(routing.ids.flatten(), minlength=self.num_experts)  # no host sync
+        if self.experts is not None:
+            return self.experts.run(x, routing, self.backend)  # [T, D], same values as below
         return fused_moe(x, self.w13, self.w2, routing, backend=self.backend)  # [T, D]
 
 
@@ -130,6 +135,7 @@ class MixtralForCausalLM(nn.Module):
         # [L, E] int64: tokens routed to each expert since the last `take_router_counts()` (telemetry).
         self.register_buffer("router_counts", torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts,
                                                           dtype=torch.long), persistent=False)
+        self.expert_store = None  # an offload.ExpertStore when loaded with offloading enabled
         self.requires_grad_(False)
 
     @torch.inference_mode()

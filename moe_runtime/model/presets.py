@@ -42,6 +42,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 4096,
         "tie_word_embeddings": False,
         "torch_dtype": "float32",
+        # Wide enough that greedy decoding of the random model does not collapse into one repeated token.
+        "initializer_range": 0.1,
     },
     "mini": {
         **_COMMON,
