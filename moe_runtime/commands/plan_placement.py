@@ -71,9 +71,10 @@ def run(args: argparse.Namespace) -> int:
         f"{report.imbalance_after:.3f}; worst layer {report.worst_layer_before:.3f} -> {report.worst_layer_after:.3f}\n"
     )
     args.output.write_text(header + plan.to_yaml(budget))
+    used = int(plan.replica_counts().sum()) - plan.num_layers * plan.num_experts
     print(
         f"planned {plan.num_layers} layers x {plan.num_experts} experts on {plan.workers} workers, "
-        f"{args.redundant} redundant copies per layer -> {args.output}"
+        f"{used} of {args.redundant * plan.num_layers} redundant copies used -> {args.output}"
     )
     print(
         f"predicted max/mean rank load: {report.imbalance_before:.3f} -> {report.imbalance_after:.3f} "
