@@ -196,18 +196,24 @@ class Telemetry:
         self.finished: dict[str, int] = {}  # finish reason or error status -> requests (bounded keys)
         self.last_stats: Any = None  # the engine's latest Stats object (gauges read from it)
         self.cache = CacheCounters()
+        self._last_step = 0  # `steps` of the last stats observed
         self.tokens_computed = 0  # sum of the observed steps' step_num_tokens (tokens run through the model)
 
     # -- feeding ------------------------------------------------------------------------------------------
     def observe_step(self, stats: Any) -> None:
-        """Take one engine `Stats` (from `engine.make_stats()`): router counts [L, E] and gauges."""
-        counts = getattr(stats, "router_counts", None)
+        """Take one engine `Stats` (from `engine.make_stats()`): router counts [L, E] of its step (counted
+        once per step) and gauges (always the latest)."""
+        steps = int(getattr(stats, "steps", 0) or 0)
+        new_step = steps > self._last_step  # the engine may hand the same step's stats again
+        counts = getattr(stats, "router_counts", None) if new_step else None
         rows = _counts_as_lists(counts) if counts is not None else None
         with self._lock:
-            if rows is not None and any(any(row) for row in rows):
+            if rows is not None:
                 self._load.add(rows)
+            if new_step:
+                self.tokens_computed += int(getattr(stats, "step_num_tokens", 0) or 0)
+                self._last_step = steps
             self.last_stats = stats
-            self.tokens_computed += int(getattr(stats, "step_num_tokens", 0) or 0)
             self.cache = CacheCounters(
                 hits=int(getattr(stats, "cache_hits", 0) or 0),
                 misses=int(getattr(stats, "cache_misses", 0) or 0),

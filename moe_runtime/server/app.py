@@ -24,7 +24,7 @@ from moe_runtime.config import ModelConfig, RuntimeConfig
 from moe_runtime.errors import MoeRuntimeError
 from moe_runtime.server.grpc_server import SERVICE_NAME, Backend, GenerationServicer, build_server
 from moe_runtime.server.health import Phase, ServingState
-from moe_runtime.server.metrics import MetricsServer, StatsPump
+from moe_runtime.server.metrics import MetricsServer, StatsTap
 from moe_runtime.server.validation import Limits
 from moe_runtime.telemetry import Telemetry
 from moe_runtime.tokenizer import Tokenizer
@@ -49,10 +49,11 @@ def model_info(cfg: ModelConfig, tokenizer: Tokenizer, model_dir: Path, max_cont
 
 
 class ServerApp:
-    """One serving process. `engine_factory(cfg)` builds the AsyncEngine (tests wrap it to inject faults)."""
+    """One serving process. `engine_factory(cfg, on_stats)` builds the AsyncEngine, calling `on_stats` with
+    every stats snapshot its step loop takes (tests wrap it to inject faults)."""
 
     def __init__(self, cfg: RuntimeConfig, auth_token: str | None = None,
-                 engine_factory: Callable[[RuntimeConfig], Any] | None = None):
+                 engine_factory: Callable[[RuntimeConfig, Callable[[Any], None]], Any] | None = None):
         if cfg.model.path is None:
             raise ServerError("model.path is not set; the serve command fills it with the embedded model")
         self.cfg = cfg
@@ -66,7 +67,7 @@ class ServerApp:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server = None
-        self._pump_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
@@ -78,31 +79,30 @@ class ServerApp:
                               f"cannot bind ({e}); pick another port or stop the other server") from None
         await self._server.start()
         log.info("gRPC listening on %s:%d (loading model)", self.cfg.server.host, self.port)
-        self.engine = await asyncio.to_thread(self.engine_factory, self.cfg)
+        model_cfg = ModelConfig.from_pretrained(self.cfg.model.path)
+        self.telemetry = Telemetry(model_cfg.num_hidden_layers, model_cfg.num_local_experts,
+                                   model_cfg.num_experts_per_tok, self.cfg.telemetry.window_steps)
+        self.engine = await asyncio.to_thread(self.engine_factory, self.cfg, self.telemetry.observe_step)
         await self.engine.start()
-        self._attach()
+        self._attach(model_cfg)
         tel = self.cfg.telemetry
         self.metrics = MetricsServer(self.telemetry, tel.per_expert_metrics)
         try:
             self.metrics_port = self.metrics.start(tel.metrics_host, tel.metrics_port)
         except OSError as e:
             raise ServerError(f"telemetry.metrics_port={tel.metrics_port}: cannot bind ({e})") from None
-        pump = StatsPump(self.engine, self.telemetry, on_dead=self._on_engine_dead)
-        self._pump_task = asyncio.create_task(pump.run())
+        self._watch_task = asyncio.create_task(self._watch_engine())
         await self.state.set(Phase.SERVING)
         log.info("serving on %s:%d, metrics on http://%s:%d/metrics", self.cfg.server.host, self.port,
                  tel.metrics_host, self.metrics_port)
 
-    def _attach(self) -> None:
+    def _attach(self, model_cfg: ModelConfig) -> None:
         model_dir = Path(self.cfg.model.path)
-        model_cfg = ModelConfig.from_pretrained(model_dir)
         tokenizer = Tokenizer.from_dir(model_dir)
         max_context = self.cfg.engine.max_model_len or model_cfg.max_position_embeddings
         stats = self.engine.make_stats()
         kv_tokens = stats.kv_blocks_total * self.cfg.cache.block_size if stats.kv_blocks_total else None
         dtype = self.cfg.model.dtype if self.cfg.model.dtype != "auto" else model_cfg.torch_dtype
-        self.telemetry = Telemetry(model_cfg.num_hidden_layers, model_cfg.num_local_experts,
-                                   model_cfg.num_experts_per_tok, self.cfg.telemetry.window_steps)
         self.servicer.attach(Backend(
             engine=self.engine, tokenizer=tokenizer,
             limits=Limits(vocab_size=model_cfg.vocab_size, max_context=max_context, kv_capacity_tokens=kv_tokens),
@@ -110,7 +110,10 @@ class ServerApp:
             telemetry=self.telemetry,
         ))
 
-    async def _on_engine_dead(self) -> None:
+    async def _watch_engine(self, interval_s: float = 0.05) -> None:
+        """Health follows the engine: when its loop dies, NOT_SERVING for good."""
+        while not self.engine.is_dead:
+            await asyncio.sleep(interval_s)
         log.error("engine loop died (%s): health NOT_SERVING, answering UNAVAILABLE", self.engine.dead_error)
         await self.state.set(Phase.DEAD)
 
@@ -141,10 +144,10 @@ class ServerApp:
             log.warning("drain grace over: cancelling %d request(s)", len(self.servicer.in_flight))
         if self._server is not None:
             await self._server.stop(grace=0.5)
-        if self._pump_task is not None:
-            self._pump_task.cancel()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._pump_task
+                await self._watch_task
         if self.metrics is not None:
             self.metrics.stop()
         if self.engine is not None:
@@ -152,10 +155,10 @@ class ServerApp:
         log.info("stopped")
 
 
-def _default_engine_factory(cfg: RuntimeConfig) -> Any:
-    from moe_runtime.engine.async_engine import AsyncEngine
+def _default_engine_factory(cfg: RuntimeConfig, on_stats: Callable[[Any], None]) -> Any:
+    from moe_runtime.engine import AsyncEngine, LLMEngine
 
-    return AsyncEngine.from_config(cfg)
+    return AsyncEngine(StatsTap(LLMEngine(cfg), on_stats))
 
 
 async def serve(cfg: RuntimeConfig, auth_token: str | None = None) -> None:

@@ -128,8 +128,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         engine, telemetry = self.backend.engine, self.backend.telemetry
         call.request_id = valid.request_id
         self.in_flight.add(valid.request_id)
+        stream = engine.generate(valid.request_id, valid.prompt_token_ids, params)
         try:
-            async for out in engine.generate(valid.request_id, valid.prompt_token_ids, params):
+            async for out in stream:
                 call.last = out
                 yield out
         except asyncio.CancelledError:
@@ -143,8 +144,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         finally:
             self.in_flight.discard(valid.request_id)
-            if call.last is None or not call.last.finished:
-                engine.abort(valid.request_id)
+            await stream.aclose()  # not finished: the engine aborts the request and frees its KV blocks
             call.finish(telemetry, started)
 
     async def _admit(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
@@ -183,7 +183,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         backend = await self._ready(context)
         found = request.request_id in self.in_flight
         if found:
-            backend.engine.abort(request.request_id)
+            await backend.engine.abort(request.request_id)
         return pb.AbortResponse(aborted=found)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:

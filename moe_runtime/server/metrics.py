@@ -1,4 +1,4 @@
-"""Prometheus export. `StatsPump` reads `engine.make_stats()` once per engine step and feeds `Telemetry`;
+"""Prometheus export. `StatsTap` hands each `engine.make_stats()` snapshot (once per step) to `Telemetry`;
 `TelemetryCollector` turns the telemetry state into metric families at scrape time; `MetricsServer` serves
 `/metrics` on its own registry (no prometheus_client global state) and port.
 
@@ -9,7 +9,6 @@ emits no `*_created` series.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -100,38 +99,29 @@ def _engine_families(stats: Any, snap: Any) -> Iterator[Metric]:
         yield CounterMetricFamily(P + name, doc, value=get(attr))
 
 
-class StatsPump:
-    """Reads `engine.make_stats()` once per engine step (no per-token host sync) and feeds telemetry.
+class StatsTap:
+    """Wraps an `LLMEngine` so that each stats snapshot the step loop takes reaches telemetry.
 
-    The engine calls `on_step` from its loop when it offers a step hook; otherwise `run()` polls at
-    `interval_s` and observes each stats object whose `steps` counter moved.
+    `AsyncEngine` calls `make_stats()` on its engine after every step (and after applying adds/aborts);
+    the tap forwards each snapshot to `on_stats` on the step-loop thread, so no step's router counts are
+    missed and nothing polls. Everything else is delegated untouched.
+    NOTE(server): an engine-side `on_step` hook would make this wrapper unnecessary.
     """
 
-    def __init__(self, engine: Any, telemetry: Telemetry, on_dead: Callable[[], Any] | None = None,
-                 interval_s: float = 0.01):
-        self.engine, self.telemetry, self.on_dead, self.interval_s = engine, telemetry, on_dead, interval_s
-        self._last_step = -1
+    def __init__(self, engine: Any, on_stats: Callable[[Any], None]):
+        self._engine = engine
+        self._on_stats = on_stats
 
-    def observe(self) -> None:
-        stats = self.engine.make_stats()
-        steps = int(getattr(stats, "steps", 0))
-        if steps != self._last_step:
-            self._last_step = steps
-            self.telemetry.observe_step(stats)
+    def make_stats(self) -> Any:
+        stats = self._engine.make_stats()
+        try:
+            self._on_stats(stats)
+        except Exception:  # telemetry must never kill the step loop
+            log.exception("telemetry failed to take the engine stats")
+        return stats
 
-    async def run(self) -> None:
-        dead_reported = False
-        while True:
-            try:
-                self.observe()
-            except Exception:  # a stats failure must never take the server down
-                log.exception("reading engine stats failed")
-            if self.engine.is_dead and not dead_reported and self.on_dead is not None:
-                dead_reported = True
-                result = self.on_dead()
-                if asyncio.iscoroutine(result):
-                    await result
-            await asyncio.sleep(self.interval_s)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
 
 
 class MetricsServer:

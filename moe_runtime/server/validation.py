@@ -14,6 +14,8 @@ import grpc
 from moe_runtime.errors import RequestError
 from moe_runtime.v1 import generation_pb2 as pb
 
+DEFAULT_MAX_TOKENS = 16  # as the offline engine's SamplingParams
+
 
 class RequestRejected(RequestError):
     """A request the server refuses, with the status code it answers."""
@@ -56,11 +58,14 @@ def validate_request(req: pb.GenerateRequest, limits: Limits,
         raise invalid("request_id", request_id[:16] + "...", f"at most {limits.max_request_id_chars} characters")
     prompt_ids = _prompt_ids(req, limits, tokenize)
     sampling = _sampling(req.sampling_params, limits, len(prompt_ids))
-    if limits.kv_capacity_tokens is not None and len(prompt_ids) + 1 > limits.kv_capacity_tokens:
+    cap = limits.kv_capacity_tokens
+    if cap is not None and len(prompt_ids) + sampling["max_tokens"] - 1 > cap:
+        # The last sampled token is never written to the cache, hence the - 1.
         raise RequestRejected(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"prompt: {len(prompt_ids)} tokens cannot fit in the KV cache ({limits.kv_capacity_tokens} tokens "
-            f"in all); send a shorter prompt or raise cache.num_blocks",
+            f"prompt ({len(prompt_ids)} tokens) + sampling_params.max_tokens={sampling['max_tokens']} cannot fit "
+            f"in the KV cache ({cap} tokens in all); allowed: prompt + max_tokens <= {cap + 1} (send less or "
+            f"raise cache.num_blocks)",
         )
     return ValidRequest(request_id, prompt_ids, sampling)
 
@@ -88,9 +93,9 @@ def _prompt_ids(req: pb.GenerateRequest, limits: Limits, tokenize: Callable[[str
 def _sampling(sp: pb.SamplingParams, limits: Limits, prompt_len: int) -> dict[str, Any]:
     f = "sampling_params."
     room = limits.max_context - prompt_len
-    max_tokens = sp.max_tokens if sp.HasField("max_tokens") else room
+    max_tokens = sp.max_tokens if sp.HasField("max_tokens") else min(DEFAULT_MAX_TOKENS, room)
     if max_tokens <= 0:
-        raise invalid(f + "max_tokens", max_tokens, "must be > 0 (leave it unset to fill the context)")
+        raise invalid(f + "max_tokens", max_tokens, f"must be > 0 (unset: {DEFAULT_MAX_TOKENS})")
     if max_tokens > room:
         raise invalid(f + "max_tokens", max_tokens, f"prompt ({prompt_len} tokens) + max_tokens must be <= the "
                       f"context ({limits.max_context}); at most {room} here")
