@@ -149,6 +149,7 @@ class EngineConfig(Section):
     max_num_batched_tokens: int = Field(default=2048, gt=0)  # tokens per step (chunked prefill budget)
     max_model_len: int | None = Field(default=None, gt=0)  # None: the checkpoint's max_position_embeddings
     num_threads: int | None = Field(default=None, gt=0)  # torch intra-op threads on CPU; None: torch default
+    seed: int | None = None  # draws of requests without their own seed; None: a fresh seed per engine
 
 
 class CacheConfig(Section):
@@ -166,9 +167,74 @@ class CacheConfig(Section):
 
 
 class OffloadConfig(Section):
-    """`offload:` the tiered expert store (filled in by the offloading issue)."""
+    """`offload:` the tiered expert store (moe_runtime/offload, DESIGN.md section 4).
+
+    With `enabled`, each MoE layer keeps S expert slots on the compute device and the other experts in a
+    host tier: `pinned` (all experts in page-locked CPU memory) or `mmap` (read from the checkpoint's
+    safetensors files on demand, so resident memory stays bounded on CPU-only hosts). Give the budget as
+    `resident_experts_per_layer` (S) or `device_memory_bytes` (S = bytes // (layers * bytes per expert)).
+    S must be at least the experts one token uses (num_experts_per_tok): `resolve_slots` checks it against
+    the model and names the minimum. Example:
+
+        offload: {enabled: true, resident_experts_per_layer: 4, policy: lru, miss: auto, host_tier: mmap}
+    """
 
     enabled: bool = False
+    resident_experts_per_layer: int | None = Field(default=None, gt=0)  # S slots per layer
+    device_memory_bytes: int | None = Field(default=None, gt=0)  # all layers' slots; "2GiB" ok
+    policy: Literal["lru", "lfu"] = "lru"  # which resident expert a miss evicts
+    prefetch: bool = True  # guess the next layer's experts with its gate and load them ahead
+    prefetch_experts: int | None = Field(default=None, gt=0)  # guesses per layer; None: num_experts_per_tok
+    miss: Literal["fetch", "host_compute", "auto"] = "auto"  # auto: per expert, by the calibrated cost model
+    host_tier: Literal["pinned", "mmap"] = "pinned"
+
+    @field_validator("device_memory_bytes", mode="before")
+    @classmethod
+    def _parse_bytes(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", value)
+        if not m:
+            raise ValueError("expected bytes as an integer or with a unit, e.g. 2GiB, 512MiB, 80GB")
+        unit = m.group(2) or "B"
+        scale = 1 if unit == "B" else (1024 if "i" in unit else 1000) ** ("KMGT".index(unit[0]) + 1)
+        return int(float(m.group(1)) * scale)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> OffloadConfig:
+        given = [self.resident_experts_per_layer is not None, self.device_memory_bytes is not None]
+        if all(given):
+            raise ValueError("give offload.resident_experts_per_layer or offload.device_memory_bytes, not both")
+        if self.enabled and not any(given):
+            raise ValueError(
+                "offload.enabled=true needs a budget: offload.resident_experts_per_layer (e.g. 4) or "
+                "offload.device_memory_bytes (e.g. 8GiB)"
+            )
+        return self
+
+    def resolve_slots(self, cfg: ModelConfig, bytes_per_element: int) -> int:
+        """Resident slots S per layer for this model, in [num_experts_per_tok, num_local_experts].
+
+        Raises `ConfigError` naming the field, the value and the minimum when the budget cannot hold the
+        experts of one token (the least any step needs). A budget above E is capped at E.
+        """
+        E, A, L = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
+        if self.resident_experts_per_layer is not None:
+            if self.resident_experts_per_layer < A:
+                raise ConfigError(
+                    f"offload.resident_experts_per_layer={self.resident_experts_per_layer}: below the minimum "
+                    f"{A} (num_experts_per_tok; one token's experts must fit); allowed: {A}..{E}"
+                )
+            return min(self.resident_experts_per_layer, E)
+        expert_bytes = 3 * cfg.hidden_size * cfg.intermediate_size * bytes_per_element
+        slots = self.device_memory_bytes // (L * expert_bytes)
+        if slots < A:
+            raise ConfigError(
+                f"offload.device_memory_bytes={self.device_memory_bytes}: holds {slots} experts per layer, "
+                f"below the minimum {A} (num_experts_per_tok); allowed: at least {A * L * expert_bytes} bytes "
+                f"({L} layers x {A} experts x {expert_bytes} bytes)"
+            )
+        return min(slots, E)
 
 
 class RayConfig(Section):

@@ -1,0 +1,104 @@
+"""Host tiers: where an expert lives when it has no device slot, and how it gets to one.
+
+`PinnedTier` holds every expert in CPU memory (page-locked when CUDA is there, so copies are async DMA).
+`MmapTier` holds nothing: it reads an expert from the checkpoint's safetensors files when asked, so a
+CPU-only host keeps only the device slots in memory. Both can also run experts on the host (the
+`host_compute` miss policy) so that cold experts need not be copied at all.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from moe_runtime.config import ModelConfig
+from moe_runtime.offload.safetensors_reader import SafetensorsReader
+
+# E experts, I intermediate, D hidden, T tokens, n experts asked for
+
+
+def expert_names(layer: int, expert: int) -> tuple[str, str, str]:
+    """Hub names of one expert's (w1 gate, w3 up, w2 down) matrices."""
+    p = f"model.layers.{layer}.block_sparse_moe.experts.{expert}."
+    return p + "w1.weight", p + "w3.weight", p + "w2.weight"
+
+
+class HostTier(Protocol):
+    reads_storage: bool  # True when serving an expert reads it from disk (host compute pays that too)
+
+    def copy_into(self, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor) -> int: ...
+
+    def host_weights(self, layer: int, experts: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def close(self) -> None: ...
+
+
+class PinnedTier:
+    """Every expert of every layer stacked in CPU memory: w13[l] [E, 2I, D], w2[l] [E, D, I]."""
+
+    reads_storage = False
+
+    def __init__(self, reader: SafetensorsReader, cfg: ModelConfig, dtype: torch.dtype, pin: bool):
+        E, I, D = cfg.num_local_experts, cfg.intermediate_size, cfg.hidden_size  # noqa: E741
+        self.w13 = [torch.empty(E, 2 * I, D, dtype=dtype, pin_memory=pin) for _ in range(cfg.num_hidden_layers)]
+        self.w2 = [torch.empty(E, D, I, dtype=dtype, pin_memory=pin) for _ in range(cfg.num_hidden_layers)]
+        for layer in range(cfg.num_hidden_layers):
+            for e in range(E):
+                w1, w3, w2 = expert_names(layer, e)
+                reader.read_into(w1, self.w13[layer][e, :I])  # gate rows
+                reader.read_into(w3, self.w13[layer][e, I:])  # up rows
+                reader.read_into(w2, self.w2[layer][e])
+
+    def copy_into(self, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor) -> int:
+        """Copy one expert into a device slot (w13 [2I, D], w2 [D, I]); async from pinned memory on CUDA."""
+        w13.copy_(self.w13[layer][expert], non_blocking=True)
+        w2.copy_(self.w2[layer][expert], non_blocking=True)
+        return (w13.numel() + w2.numel()) * w13.element_size()
+
+    def host_weights(self, layer: int, experts: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """expert -> (w13 [2I, D], w2 [D, I]) in CPU memory, for computing on the host (views, no copy)."""
+        return {e: (self.w13[layer][e], self.w2[layer][e]) for e in experts}
+
+    def close(self) -> None:
+        self.w13.clear()
+        self.w2.clear()
+
+
+class MmapTier:
+    """Experts stay in the checkpoint files; each request reads them (through the page cache)."""
+
+    reads_storage = True
+
+    def __init__(self, reader: SafetensorsReader, cfg: ModelConfig, dtype: torch.dtype):
+        self.reader, self.dtype = reader, dtype
+        self.E, self.I, self.D = cfg.num_local_experts, cfg.intermediate_size, cfg.hidden_size
+
+    def _read(self, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor) -> int:
+        w1, w3, w2_name = expert_names(layer, expert)
+        return (self.reader.read_into(w1, w13[: self.I]) + self.reader.read_into(w3, w13[self.I:])
+                + self.reader.read_into(w2_name, w2))
+
+    def copy_into(self, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor) -> int:
+        """Read one expert into a slot (w13 [2I, D], w2 [D, I]); through a CPU bounce buffer for CUDA slots."""
+        if w13.device.type == "cpu":
+            self._read(layer, expert, w13, w2)
+        else:
+            h13, h2 = torch.empty(w13.shape, dtype=self.dtype), torch.empty(w2.shape, dtype=self.dtype)
+            self._read(layer, expert, h13, h2)
+            w13.copy_(h13)
+            w2.copy_(h2)
+        return (w13.numel() + w2.numel()) * w13.element_size()
+
+    def host_weights(self, layer: int, experts: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """expert -> (w13 [2I, D], w2 [D, I]) read into fresh CPU buffers, for computing on the host."""
+        out = {}
+        for e in experts:
+            w13 = torch.empty(2 * self.I, self.D, dtype=self.dtype)  # [2I, D]
+            w2 = torch.empty(self.D, self.I, dtype=self.dtype)  # [D, I]
+            self._read(layer, e, w13, w2)
+            out[e] = (w13, w2)
+        return out
+
+    def close(self) -> None:
+        self.reader.close()

@@ -1,0 +1,238 @@
+"""The expert store: per layer a few resident experts on the device, the rest in a host tier.
+
+Each MoE layer calls `ExpertStore.run(layer, x, routing, backend)` instead of `fused_moe` on all experts.
+Per call (one layer of one step):
+  1. Count the tokens routed to each expert (the one host sync: the store must know what to load).
+  2. Score the previous layer's guess for this layer (prefetch accuracy).
+  3. Split the needed experts into hits (resident) and misses; each miss is fetched into a slot or, by the
+     miss policy (`auto`: the calibrated `CostModel`), computed on the host.
+  4. Prefetch: apply the next layer's gate to this layer's input and start copying the experts it picks
+     into the next layer's slots (side CUDA stream / worker thread), so they travel while this layer
+     computes.
+  5. Compute. Usually every needed expert fits in the S slots: misses are fetched, evicting by policy
+     only experts this step does not need, and one `fused_moe` call runs them with the layer's slot map.
+     Otherwise (more than S experts needed, or some on the host) experts run in parts: waves of at most S
+     slots, never evicting an expert of the current wave, plus the host ones; each fills its (token, k)
+     pairs of one fp32 buffer and the pairs are summed and rounded once (`pairs.py`), exactly as the
+     kernel does, so outputs are bit-identical to the all-resident run in every dtype.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from moe_runtime.config import ModelConfig, OffloadConfig
+from moe_runtime.kernels import RoutingResult, fused_moe
+from moe_runtime.offload.cost_model import CostModel
+from moe_runtime.offload.host_tier import HostTier
+from moe_runtime.offload.pairs import add_expert, finish, new_pairs
+from moe_runtime.offload.policy import POLICIES
+from moe_runtime.offload.slots import LayerSlots
+from moe_runtime.offload.stats import OffloadStats
+from moe_runtime.offload.transfer import make_mover
+
+# T tokens, E experts, A activated (top-k), S resident slots per layer, D hidden, I intermediate
+
+
+class ExpertStore:
+    """Owns where each expert's weights are, and runs a layer's experts from wherever they are.
+
+    gates: the L router linears (the store applies gate l+1 to layer l's input for prefetch).
+    cost: the miss cost model; None calibrates one when `offload.miss == "auto"`.
+    """
+
+    def __init__(self, cfg: ModelConfig, offload: OffloadConfig, tier: HostTier, gates: list[nn.Linear],
+                 device: torch.device, dtype: torch.dtype, cost: CostModel | None = None):
+        self.cfg, self.offload, self.tier, self.gates = cfg, offload, tier, gates
+        self.device = torch.device(device)
+        self.num_slots = offload.resolve_slots(cfg, torch.empty((), dtype=dtype).element_size())
+        E, S = cfg.num_local_experts, self.num_slots
+        self.layers = [
+            LayerSlots(E, S, (cfg.hidden_size, cfg.intermediate_size), dtype, self.device, POLICIES[offload.policy]())
+            for _ in range(cfg.num_hidden_layers)
+        ]
+        for layer, slots in enumerate(self.layers):  # start full: experts 0..S-1 (not counted in stats)
+            for e in range(S):
+                tier.copy_into(layer, e, slots.w13[e], slots.w2[e])
+                slots.place(e, e)
+        self.mover = make_mover(self.device)
+        if cost is None and offload.miss == "auto":
+            cost = CostModel.calibrate(cfg, tier, self.device, dtype)
+        self.cost = cost
+        self._guesses: list[list[int] | None] = [None] * cfg.num_hidden_layers  # look-ahead per layer
+        self._stats = OffloadStats()
+
+    # -----------------------------------------------------------------------------------------------------
+    # The hot path
+    # -----------------------------------------------------------------------------------------------------
+    def run(self, layer: int, x: torch.Tensor, routing: RoutingResult, backend: str) -> torch.Tensor:
+        """The MoE experts of one layer. x: [T, D]; routing ids [T, A]. Returns [T, D] in x's dtype."""
+        slots, st = self.layers[layer], self._stats
+        counts = torch.bincount(routing.ids.flatten(), minlength=len(slots.slot_of)).tolist()  # [E] host sync
+        needed = [e for e, c in enumerate(counts) if c]
+        self._score_guess(layer, needed)
+        for e in needed:
+            slots.policy.record_use(e)
+        hits = [e for e in needed if slots.slot_of[e] >= 0]
+        misses = [e for e in needed if slots.slot_of[e] < 0]
+        st.hits += len(hits)
+        st.misses += len(misses)
+        on_host = self._host_misses(misses, counts)
+        to_fetch = [e for e in misses if e not in on_host]
+        if self.offload.prefetch and layer + 1 < len(self.layers):
+            self._prefetch(layer + 1, x)
+        if not on_host and len(needed) <= slots.num_slots:  # the usual case: one call of the fused kernel
+            self._make_resident(layer, hits, to_fetch)
+            return fused_moe(x, slots.w13, slots.w2, routing, slot_map=slots.slot_map(), backend=backend)
+        pairs = new_pairs(x, routing.top_k)  # [T, A, D] fp32
+        self._run_waves(layer, x, routing, pairs, hits, to_fetch)
+        if on_host:
+            self._run_on_host(layer, x, routing, pairs, on_host)
+        return finish(pairs, x.dtype)  # [T, D]
+
+    def _make_resident(self, layer: int, hits: list[int], to_fetch: list[int]) -> None:
+        """Fetch `to_fetch` into slots not holding `hits`, then wait until every one of them has landed."""
+        slots = self.layers[layer]
+        keep = set(hits)
+        for e in to_fetch:
+            self._fetch(layer, e, self._free_slot(slots, keep))
+            keep.add(e)
+        self._wait_ready(slots, hits)
+
+    def _run_waves(self, layer: int, x: torch.Tensor, routing: RoutingResult, pairs: torch.Tensor,
+                   hits: list[int], to_fetch: list[int]) -> None:
+        """Device experts in waves of at most S: the resident ones first, then the rest S at a time."""
+        slots = self.layers[layer]
+        wave, todo = list(hits), list(to_fetch)
+        while wave or todo:
+            free = slots.num_slots - len(wave)
+            self._make_resident(layer, wave, todo[:free])  # evicts only experts outside this wave
+            wave, todo = wave + todo[:free], todo[free:]
+            for e in wave:
+                s = slots.slot_of[e]
+                add_expert(pairs, x, routing, e, slots.w13[s], slots.w2[s])
+            wave = []
+
+    def _run_on_host(self, layer: int, x: torch.Tensor, routing: RoutingResult, pairs: torch.Tensor,
+                     experts: list[int]) -> None:
+        """Compute `experts` on the host: tokens go to the CPU, pair outputs come back into `pairs`."""
+        st = self._stats
+        st.host_computed += len(experts)
+        x_cpu, routing_cpu = x.cpu(), RoutingResult(routing.weights.cpu(), routing.ids.cpu())
+        t0 = time.perf_counter()
+        weights = self.tier.host_weights(layer, experts)
+        if self.tier.reads_storage:
+            st.stall_s += time.perf_counter() - t0
+            st.bytes_moved += len(experts) * self._expert_bytes(self.layers[layer])
+        for e, (w13, w2) in weights.items():
+            add_expert(pairs, x_cpu, routing_cpu, e, w13, w2)
+
+    # -----------------------------------------------------------------------------------------------------
+    # Misses, eviction, prefetch
+    # -----------------------------------------------------------------------------------------------------
+    def _host_misses(self, misses: list[int], counts: list[int]) -> list[int]:
+        if self.offload.miss == "fetch":
+            return []
+        if self.offload.miss == "host_compute":
+            return list(misses)
+        return [e for e in misses if self.cost.prefer_host(counts[e])]
+
+    def _free_slot(self, slots: LayerSlots, keep: set[int]) -> int:
+        """A slot to overwrite: an empty one, else the policy's victim among experts not in `keep`."""
+        if -1 in slots.expert_in:
+            slot = slots.expert_in.index(-1)
+        else:
+            victim = slots.policy.victim([e for e in slots.expert_in if e not in keep])
+            slot = slots.slot_of[victim]
+            self._stats.evictions += 1
+        if slots.pending[slot] is not None:  # an in-flight prefetch into it must land before we overwrite
+            self._wait(slots, slot)
+        return slot
+
+    def _fetch(self, layer: int, expert: int, slot: int) -> None:
+        slots = self.layers[layer]
+        t0 = time.perf_counter()
+        self._stats.bytes_moved += self.tier.copy_into(layer, expert, slots.w13[slot], slots.w2[slot])
+        self._stats.stall_s += time.perf_counter() - t0
+        self._stats.fetched += 1
+        slots.place(expert, slot)
+
+    def _prefetch(self, layer: int, x: torch.Tensor) -> None:
+        """Guess `layer`'s experts from its gate on x [T, D] and start loading those not resident."""
+        slots, st = self.layers[layer], self._stats
+        guess = self._guess(layer, x)
+        self._guesses[layer] = guess
+        st.prefetch_guessed += len(guess)
+        keep = set(guess)
+        for e in guess:
+            if slots.slot_of[e] >= 0:
+                continue
+            slot = self._free_slot(slots, keep)
+            w13, w2 = slots.w13[slot], slots.w2[slot]
+            slots.pending[slot] = self.mover.submit(lambda e=e, w13=w13, w2=w2: self.tier.copy_into(layer, e, w13, w2))
+            slots.place(e, slot)
+            st.prefetch_loaded += 1
+            st.bytes_moved += self._expert_bytes(slots)
+
+    def _guess(self, layer: int, x: torch.Tensor) -> list[int]:
+        """The experts layer `layer`'s gate picks most often for x [T, D], at most min(prefetch_experts, S)."""
+        A = self.cfg.num_experts_per_tok
+        ids = torch.topk(self.gates[layer](x), A, dim=-1).indices  # [T, A] (softmax keeps the order)
+        counts = torch.bincount(ids.flatten(), minlength=self.cfg.num_local_experts)  # [E]
+        n = min(self.offload.prefetch_experts or A, self.num_slots, int((counts > 0).sum()))
+        return torch.topk(counts, n).indices.tolist()
+
+    def _score_guess(self, layer: int, needed: list[int]) -> None:
+        guess, self._guesses[layer] = self._guesses[layer], None
+        if guess is not None:
+            self._stats.prefetch_used += len(set(guess).intersection(needed))
+
+    def _wait_ready(self, slots: LayerSlots, experts: list[int]) -> None:
+        for e in experts:
+            if slots.pending[slots.slot_of[e]] is not None:
+                self._wait(slots, slots.slot_of[e])
+
+    def _wait(self, slots: LayerSlots, slot: int) -> None:
+        t0 = time.perf_counter()
+        self.mover.wait(slots.pending[slot])
+        slots.pending[slot] = None
+        self._stats.stall_s += time.perf_counter() - t0
+
+    @staticmethod
+    def _expert_bytes(slots: LayerSlots) -> int:
+        return (slots.w13[0].numel() + slots.w2[0].numel()) * slots.w13.element_size()
+
+    # -----------------------------------------------------------------------------------------------------
+    # Inspection
+    # -----------------------------------------------------------------------------------------------------
+    def stats(self) -> OffloadStats:
+        """A snapshot of the cumulative counters (a copy: safe to keep)."""
+        return self._stats.copy()
+
+    def reset_stats(self) -> None:
+        self._stats = OffloadStats()
+
+    def resident(self, layer: int) -> list[int]:
+        return self.layers[layer].resident()
+
+    def device_bytes(self) -> int:
+        """Bytes of all layers' slot buffers on the device."""
+        return sum((s.w13.numel() + s.w2.numel()) * s.w13.element_size() for s in self.layers)
+
+    def close(self) -> None:
+        self.mover.close()
+        self.tier.close()
+
+
+class LayerExperts:
+    """What a `SparseMoeBlock` holds in `experts` when offloading: runs its layer through the store."""
+
+    def __init__(self, store: ExpertStore, layer: int):
+        self.store, self.layer = store, layer
+
+    def run(self, x: torch.Tensor, routing: RoutingResult, backend: str) -> torch.Tensor:
+        """x: [T, D]; returns the MoE output [T, D], identical to fused_moe over all experts."""
+        return self.store.run(self.layer, x, routing, backend)
