@@ -15,7 +15,7 @@ from pathlib import Path
 
 from moe_runtime.errors import MoeRuntimeError
 
-COMMANDS = ("init_model",)
+COMMANDS = ("init_model", "generate", "serve", "stats")
 
 
 class OneLineParser(argparse.ArgumentParser):

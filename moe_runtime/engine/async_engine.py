@@ -1,0 +1,180 @@
+"""`AsyncEngine`: one background thread steps the `LLMEngine`; each request streams through an asyncio queue.
+
+Threads: the step loop thread owns the `LLMEngine` (scheduler, executor). The event loop thread only
+validates requests (read-only), posts "add" and "abort" messages to an inbox that the step loop drains
+between steps, and receives outputs via `call_soon_threadsafe`. So no lock is held around a step, and an
+abort frees the request's KV blocks before the next step is scheduled.
+
+If a step raises, the loop dies: `dead_error` is set, every open stream raises `EngineDeadError`, and so
+does every later `generate` call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator
+
+from moe_runtime.config import RuntimeConfig
+from moe_runtime.engine.llm_engine import LLMEngine
+from moe_runtime.engine.outputs import EngineStats, RequestOutput
+from moe_runtime.engine.sampling_params import SamplingParams
+from moe_runtime.errors import EngineDeadError, MoeRuntimeError, RequestError
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.dead_error: EngineDeadError | None = None
+        self._streams: dict[str, asyncio.Queue] = {}  # request id -> its outputs (event loop thread only)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", id, ids, params) | ("abort", id)
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stats = engine.make_stats()  # replaced (never mutated) by the step loop
+
+    @classmethod
+    def from_config(cls, cfg: RuntimeConfig) -> AsyncEngine:
+        return cls(LLMEngine(cfg))
+
+    # ------------------------------------------------------------------------------------------------------
+    # Life cycle
+    # ------------------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="moe-runtime-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        """Stop the loop after the current step; open streams raise `EngineDeadError`. Idempotent."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        if self.dead_error is None:
+            self.dead_error = EngineDeadError("the engine is shut down")
+        self._fail_all(self.dead_error)
+        self.engine.shutdown()
+
+    @property
+    def is_dead(self) -> bool:
+        return self.dead_error is not None
+
+    @property
+    def num_waiting(self) -> int:
+        return self._stats.num_waiting + self._inbox.qsize()
+
+    def make_stats(self) -> EngineStats:
+        """The snapshot taken after the latest step (or abort): a plain dataclass, safe to read anywhere."""
+        return self._stats
+
+    # ------------------------------------------------------------------------------------------------------
+    # Requests
+    # ------------------------------------------------------------------------------------------------------
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs (deltas) until one has `finished`. Leaving early aborts the request."""
+        if self.dead_error is not None:
+            raise self.dead_error
+        if self._thread is None:
+            raise EngineDeadError("the engine is not started; call `await engine.start()` first")
+        if request_id in self._streams:
+            raise RequestError(f"request_id={request_id!r}: already in flight; ids must be unique")
+        self.engine.validate(prompt_token_ids, params)
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._post(("add", request_id, list(prompt_token_ids), params))
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if self._streams.get(request_id) is stream:
+                del self._streams[request_id]
+            if not finished and self.dead_error is None:
+                self._post(("abort", request_id))  # cancelled or abandoned: free its blocks
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request; its stream ends with `finish_reason="abort"`. Unknown ids are ignored."""
+        if self.dead_error is None:
+            self._post(("abort", request_id))
+
+    # ------------------------------------------------------------------------------------------------------
+    # The step loop (background thread)
+    # ------------------------------------------------------------------------------------------------------
+    def _post(self, message: tuple) -> None:
+        self._inbox.put(message)
+        self._wake.set()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                if self._drain_inbox():
+                    self._stats = self.engine.make_stats()
+                if not self.engine.has_unfinished():
+                    self._wake.wait()
+                    continue
+                outputs = self.engine.step()
+                self._stats = self.engine.make_stats()
+                if outputs:
+                    self._send(self._deliver, outputs)
+        except BaseException as e:  # noqa: BLE001 - any failure kills the loop, and every stream hears of it
+            err = EngineDeadError(f"the engine step loop died: {type(e).__name__}: {e}")
+            err.__cause__ = e
+            self.dead_error = err
+            self._send(self._fail_all, err)
+
+    def _drain_inbox(self) -> bool:
+        """Apply queued adds and aborts in order. Returns whether there were any."""
+        drained = False
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return drained
+            drained = True
+            if message[0] == "add":
+                _, request_id, prompt_ids, params = message
+                try:
+                    self.engine.add_request(request_id, prompt_ids, params)
+                except MoeRuntimeError as e:  # e.g. the same id reused before its abort was applied
+                    self._send(self._deliver_error, request_id, e)
+            else:
+                out = self.engine.abort(message[1])
+                if out is not None:
+                    self._send(self._deliver, [out])
+
+    def _send(self, callback, *args) -> None:
+        try:
+            self._loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    # ------------------------------------------------------------------------------------------------------
+    # Event loop side
+    # ------------------------------------------------------------------------------------------------------
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out)
+
+    def _deliver_error(self, request_id: str, error: BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put_nowait(error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.put_nowait(error)

@@ -1,0 +1,140 @@
+"""The synchronous engine: add requests, step, collect outputs. `AsyncEngine` drives it from a thread."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+from moe_runtime.config import RuntimeConfig
+from moe_runtime.engine.block_manager import BlockManager
+from moe_runtime.engine.detokenizer import IncrementalDetokenizer
+from moe_runtime.engine.executor import Executor, LocalExecutor
+from moe_runtime.engine.outputs import EngineStats, RequestOutput
+from moe_runtime.engine.request import Request
+from moe_runtime.engine.sampling_params import SamplingParams, validate_prompt
+from moe_runtime.engine.scheduler import Scheduler
+from moe_runtime.errors import ConfigError, RequestError
+from moe_runtime.tokenizer import Tokenizer
+
+
+class LLMEngine:
+    def __init__(self, cfg: RuntimeConfig, executor: Executor | None = None, progress: bool = False):
+        if cfg.model.path is None:
+            raise ConfigError("model.path=None: the engine needs a checkpoint directory (see ensure_default_model)")
+        self.config = cfg
+        self.executor = executor if executor is not None else LocalExecutor(cfg, cfg.model.path, progress)
+        self.model_config = self.executor.model_config
+        self.tokenizer = Tokenizer.from_dir(cfg.model.path)
+        self.max_model_len = cfg.engine.max_model_len or self.model_config.max_position_embeddings
+        self.eos_token_ids = self.model_config.eos_token_ids or (
+            () if self.tokenizer.eos_token_id is None else (self.tokenizer.eos_token_id,)
+        )
+        self.scheduler = Scheduler(cfg.engine, BlockManager(self.executor.num_kv_blocks, cfg.cache.block_size))
+        self.num_steps = 0
+        self._num_generate_calls = 0  # ids of `generate` requests: generate-<call>-<index>
+        self._last_step_s = 0.0
+        self._last_router_counts = None
+
+    @classmethod
+    def from_config(cls, cfg: RuntimeConfig, progress: bool = False) -> LLMEngine:
+        return cls(cfg, progress=progress)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Requests
+    # ------------------------------------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise `RequestError` naming the field if this request can never run. Safe from any thread."""
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params={type(params).__name__}: expected SamplingParams")
+        validate_prompt(prompt_token_ids, self.model_config.vocab_size)
+        params.validate(self.max_model_len, self.model_config.vocab_size)
+        total = len(prompt_token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(
+                f"max_tokens={params.max_tokens}: prompt ({len(prompt_token_ids)} tokens) + max_tokens = {total} "
+                f"exceeds max_model_len={self.max_model_len}; allowed: max_tokens <= "
+                f"{self.max_model_len - len(prompt_token_ids)}"
+            )
+        bm = self.scheduler.block_manager
+        needed = bm.blocks_needed(total - 1)
+        if needed > bm.num_blocks:
+            raise RequestError(
+                f"prompt_token_ids: {len(prompt_token_ids)} prompt tokens + max_tokens={params.max_tokens} need "
+                f"{needed} KV blocks but the cache holds {bm.num_blocks}; allowed: at most "
+                f"{bm.num_blocks * bm.block_size + 1} tokens in all (raise cache.num_blocks or cache.memory_bytes)"
+            )
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+        """Validate and queue a request. `prompt` is text (tokenized with BOS) or token ids."""
+        params = params if params is not None else SamplingParams()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.validate(ids, params)
+        detok = IncrementalDetokenizer(self.tokenizer.backend, params.stop)
+        req = Request(request_id, ids, params, self.eos_token_ids, detok, self.max_model_len)
+        self.scheduler.add(req)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Finish the request now and free its KV blocks; returns its final output (None if unknown)."""
+        req = self.scheduler.abort(request_id)
+        return None if req is None else req.make_output()
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ------------------------------------------------------------------------------------------------------
+    # The loop
+    # ------------------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One iteration: schedule -> execute -> update. Returns an output for every request that advanced."""
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()
+        result = self.executor.execute(sched)
+        outputs = self.scheduler.update_from_output(sched, result)
+        self._last_step_s = time.perf_counter() - t0
+        self._last_router_counts = result.router_counts
+        self.num_steps += 1
+        return outputs
+
+    def generate(
+        self,
+        prompts: Sequence[str | list[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run a batch of prompts to completion together; returns each one's final output, in order.
+
+        The final outputs hold everything (all token ids, text and logprobs), not just the last delta.
+        """
+        per_prompt = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise RequestError(f"params: {len(per_prompt)} given for {len(prompts)} prompts; give one or one each")
+        self._num_generate_calls += 1
+        ids = [f"generate-{self._num_generate_calls}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p in zip(ids, prompts, per_prompt, strict=True):
+            self.add_request(rid, prompt, p)
+        final: dict[str, RequestOutput] = {}
+        logprobs: dict[str, list] = {rid: [] for rid in ids}  # outputs carry deltas; gather them
+        while self.has_unfinished():
+            for out in self.step():
+                if out.logprobs is not None and out.request_id in logprobs:
+                    logprobs[out.request_id].extend(out.logprobs)
+                if out.finished:
+                    final[out.request_id] = out
+        return [dataclasses.replace(final[rid], new_token_ids=final[rid].token_ids, new_text=final[rid].text,
+                                    logprobs=None if final[rid].logprobs is None else logprobs[rid])
+                for rid in ids]
+
+    def make_stats(self) -> EngineStats:
+        return dataclasses.replace(
+            self.scheduler.make_stats(),
+            steps=self.num_steps,
+            step_latency_s=self._last_step_s,
+            router_counts=self._last_router_counts,
+        )
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

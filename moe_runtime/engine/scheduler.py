@@ -1,0 +1,175 @@
+"""FCFS continuous batching over a paged KV cache: which tokens of which requests run in each step.
+
+The loop calls `add` for new requests, then each step `schedule()` -> executor -> `update_from_output()`;
+`abort` may come at any time between steps.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from moe_runtime.config import EngineConfig
+from moe_runtime.engine.block_manager import BlockManager
+from moe_runtime.engine.outputs import EngineStats, RequestOutput
+from moe_runtime.engine.request import Request, RequestStatus
+from moe_runtime.engine.scheduler_output import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
+from moe_runtime.errors import RequestError
+
+
+class Scheduler:
+    def __init__(self, cfg: EngineConfig, block_manager: BlockManager):
+        self.max_num_seqs = cfg.max_num_seqs
+        self.max_num_batched_tokens = cfg.max_num_batched_tokens
+        self.block_manager = block_manager
+        self.requests: dict[str, Request] = {}  # every unfinished request, waiting or running
+        self.waiting: deque[Request] = deque()  # FCFS; preempted requests go back to the front
+        self.running: list[Request] = []  # in admission order: the newest is preempted first
+        self._worker_known: set[str] = set()  # requests whose tokens and blocks the workers hold
+        self._dropped: set[str] = set()  # to tell the workers at the next step: drop these
+        self.num_preemptions = 0
+        self.num_prompt_tokens = 0
+        self.num_generated_tokens = 0
+        self.step_num_tokens = 0
+
+    def add(self, request: Request) -> None:
+        """Queue a validated request. A duplicate id of an unfinished request is a `RequestError`."""
+        if request.request_id in self.requests:
+            raise RequestError(f"request_id={request.request_id!r}: already in flight; ids must be unique")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def schedule(self) -> SchedulerOutput:
+        """Grant tokens to running requests, then admit waiting ones, within the token and block budgets."""
+        # NOTE(engine) on the algorithm: there is no prefill or decode phase. Each request owes
+        # `num_tokens - num_computed_tokens` tokens (a whole prompt, one prompt chunk, the last sampled token,
+        # or everything again after preemption); a step grants each one up to what the budget allows.
+        budget = self.max_num_batched_tokens
+        scheduled: dict[str, int] = {}
+        new_blocks: dict[str, list[int]] = {}
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens_owed, budget)
+            while not self.block_manager.can_allocate(req.request_id, req.num_computed_tokens + n):
+                victim = self.running.pop()  # newest first; `req` itself is the last resort
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                break  # preempted itself, so it was the newest running request
+            new_blocks[req.request_id] = self.block_manager.allocate(req.request_id, req.num_computed_tokens + n)
+            scheduled[req.request_id] = n
+            budget -= n
+            i += 1
+        # Admit waiting requests in order, unless this step had to preempt (the cache is full).
+        now = time.monotonic()
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            req = self.waiting[0]
+            room = self.block_manager.num_free * self.block_manager.block_size  # tokens that fit
+            n = min(req.num_tokens_owed, budget, room)
+            if n == 0:
+                break
+            self.waiting.popleft()
+            new_blocks[req.request_id] = self.block_manager.allocate(req.request_id, n)
+            req.status = RequestStatus.RUNNING
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+            self.running.append(req)
+            scheduled[req.request_id] = n
+            budget -= n
+        return self._make_output(scheduled, new_blocks)
+
+    def _make_output(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]]) -> SchedulerOutput:
+        new, cached = [], []
+        for rid in scheduled:
+            req = self.requests[rid]
+            if rid in self._worker_known:
+                cached.append(CachedRequestData(rid, new_blocks[rid]))
+            else:
+                table = list(self.block_manager.table(rid))
+                new.append(NewRequestData(rid, list(req.token_ids), table, req.params))
+                self._worker_known.add(rid)
+        dropped, self._dropped = self._dropped, set()
+        computed = {rid: self.requests[rid].num_computed_tokens for rid in scheduled}
+        return SchedulerOutput(scheduled, computed, new, cached, dropped)
+
+    def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
+        """Advance computed tokens, append sampled ones, finish requests that stop; return their outputs."""
+        now = time.monotonic()
+        self.step_num_tokens = sched.total_num_scheduled_tokens
+        for rid, n in sched.num_scheduled_tokens.items():
+            req = self.requests.get(rid)
+            if req is None or req.status is not RequestStatus.RUNNING:
+                continue  # aborted since it was scheduled
+            self.num_prompt_tokens += max(0, min(n, req.num_prompt_tokens - req.num_computed_tokens))
+            req.num_computed_tokens += n
+        outputs = []
+        for rid, token_id, logprob in zip(result.request_ids, result.sampled_token_ids, result.logprobs, strict=True):
+            req = self.requests.get(rid)
+            if req is None or req.status is not RequestStatus.RUNNING:
+                continue
+            self.num_generated_tokens += 1
+            req.append_token(token_id, logprob, now)
+            if req.finished:
+                self._release(req)
+                self.running.remove(req)
+            outputs.append(req.make_output())
+        return outputs
+
+    def abort(self, request_id: str) -> Request | None:
+        """Finish a request now and free its KV blocks. Returns it, or None if it is not in flight."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        req.finish("abort")
+        self._release(req)
+        return req
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def make_stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_blocks_total=bm.num_blocks,
+            kv_blocks_used=bm.num_used,
+            kv_blocks_free=bm.num_free,
+            num_preemptions=self.num_preemptions,
+            steps=0,  # the engine counts steps
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generated_tokens=self.num_generated_tokens,
+            step_num_tokens=self.step_num_tokens,
+        )
+
+    def _preempt(self, req: Request) -> None:
+        """Recompute later: drop its KV blocks and put it back at the front of the queue."""
+        self.block_manager.free(req.request_id)
+        self._forget(req.request_id)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def _release(self, req: Request) -> None:
+        self.block_manager.free(req.request_id)
+        self._forget(req.request_id)
+        del self.requests[req.request_id]
+
+    def _forget(self, request_id: str) -> None:
+        if request_id in self._worker_known:
+            self._worker_known.discard(request_id)
+            self._dropped.add(request_id)
