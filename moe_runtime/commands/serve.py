@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 
 from moe_runtime.config import RuntimeConfig, load_config
@@ -34,7 +35,7 @@ def resolve_config(args: argparse.Namespace) -> RuntimeConfig:
     for flag, key in ((args.model, "model.path"), (args.host, "server.host"), (args.port, "server.port"),
                       (args.metrics_port, "telemetry.metrics_port")):
         if flag is not None:
-            overrides.append(f"{key}={flag}")
+            overrides.append(f"{key}={json.dumps(flag)}")  # JSON is YAML: quoted paths stay strings
     cfg = load_config(args.config, overrides)
     if cfg.model.path is None:
         from moe_runtime.model.default_model import ensure_default_model
