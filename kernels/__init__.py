@@ -3,19 +3,30 @@
 The public API (the model and the expert store use only this):
     route(router_logits[T, E], top_k, renormalize=True) -> RoutingResult
     fused_moe(hidden[T, H], w13[S, 2I, H], w2[S, H, I], routing, *, slot_map=None, backend="auto")
+
+Backends (`backends.BACKENDS`): "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (fastest CPU
+path), "reference" (transformers' eager arithmetic, bit for bit), "megablocks" (not wired yet);
+"auto" = triton on CUDA, torch elsewhere.
 """
 
 from __future__ import annotations
 
 import torch
-
-from moe_runtime.kernels.reference import RoutingResult, fused_moe_reference, route_reference
+from moe_runtime.kernels.backends import resolve_backend
+from moe_runtime.kernels.reference import RoutingResult, route_reference
 
 __all__ = ["RoutingResult", "route", "fused_moe"]
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True) -> RoutingResult:
-    """Softmax, top-k and renormalize. router_logits: [T, E]; returns weights [T, k] fp32, ids [T, k] int32."""
+    """Softmax, top-k and renormalize. router_logits: [T, E]; returns weights [T, k] fp32, ids [T, k] int32.
+
+    On CUDA, Mixtral's renormalized routing runs as one Triton kernel; everything else uses the reference.
+    """
+    if router_logits.is_cuda and renormalize:
+        from moe_runtime.kernels.triton.topk_softmax import topk_softmax  # lazy, see backends.py
+
+        return topk_softmax(router_logits, top_k)
     return route_reference(router_logits, top_k, renormalize)
 
 
@@ -29,4 +40,4 @@ def fused_moe(
     backend: str = "auto",
 ) -> torch.Tensor:
     """See `reference.fused_moe_reference` for the contract. Returns [T, H] in hidden's dtype."""
-    return fused_moe_reference(hidden, w13, w2, routing, slot_map)
+    return resolve_backend(backend, hidden.device)(hidden, w13, w2, routing, slot_map)

@@ -79,3 +79,100 @@ def fused_moe_reference(
         y = F.linear(F.silu(gate) * up, w2[s])  # [n, H]
         pairs[token_idx, kpos] = y * routing.weights[token_idx, kpos, None]  # fp32 weights promote
     return pairs.sum(dim=1).to(hidden.dtype)  # [T, H]
+
+
+@dataclass(frozen=True)
+class AlignedRouting:
+    """(token, k) pairs sorted by resident slot, each slot's run padded to a whole number of M-blocks.
+
+    sorted_ids: [num_blocks * block_m] int32 flat pair index t * top_k + j; padding holds T * top_k.
+    block_slot: [num_blocks] int32 slot of each M-block; -1 marks an unused block at the tail.
+    top_k:      pairs per token (token of a pair = flat index // top_k).
+    block_m:    rows per M-block; every GEMM over this layout must use the same BLOCK_M.
+    num_blocks is the static upper bound cdiv(T * top_k, block_m) + S, so the grid never depends on data.
+    """
+
+    sorted_ids: torch.Tensor
+    block_slot: torch.Tensor
+    top_k: int
+    block_m: int
+
+
+def max_blocks(num_pairs: int, num_slots: int, block_m: int) -> int:
+    """Upper bound on M-blocks: every slot adds at most one partly filled block."""
+    return -(-num_pairs // block_m) + num_slots
+
+
+def align_reference(slot_ids: torch.Tensor, num_slots: int, block_m: int) -> AlignedRouting:
+    """Sort (token, k) pairs by slot (stable), pad each slot's run to block_m, one slot per M-block.
+
+    slot_ids: [T, k] int, slot of each pair in [0, num_slots), or -1 for "not resident here" (dropped).
+
+    Example (T=3, k=2, 4 slots, block_m=2; pair 1 is token 0's second choice):
+        >>> a = align_reference(torch.tensor([[2, 0], [0, 1], [2, 0]]), num_slots=4, block_m=2)
+        >>> a.sorted_ids.tolist()  # slot 0: pairs 1 2 5 (+pad 6), slot 1: 3 (+pad), slot 2: 0 4
+        [1, 2, 5, 6, 3, 6, 0, 4, 6, 6, 6, 6, 6, 6]
+        >>> a.block_slot.tolist()
+        [0, 0, 1, 2, -1, -1, -1]
+    """
+    T, k = slot_ids.shape
+    device = slot_ids.device
+    flat = slot_ids.flatten().long()  # [T*k]
+    num_blocks = max_blocks(T * k, num_slots, block_m)
+    sorted_ids = torch.full((num_blocks * block_m,), T * k, dtype=torch.int32, device=device)
+    block_slot = torch.full((num_blocks,), -1, dtype=torch.int32, device=device)
+
+    valid = flat >= 0
+    counts = torch.bincount(flat[valid], minlength=num_slots)  # [S]
+    blocks = (counts + block_m - 1) // block_m  # [S]
+    first_row = (torch.cumsum(blocks, 0) - blocks) * block_m  # [S] first padded row of each slot
+    first_pair = torch.cumsum(counts, 0) - counts  # [S] first unpadded position of each slot
+    order = torch.argsort(torch.where(valid, flat, num_slots), stable=True)[: int(valid.sum())]  # [n]
+    slot = flat[order]  # [n] ascending
+    rank = torch.arange(order.numel(), device=device) - first_pair[slot]  # position within the slot's run
+    sorted_ids[first_row[slot] + rank] = order.to(torch.int32)
+    used = torch.repeat_interleave(torch.arange(num_slots, device=device), blocks)  # [sum(blocks)]
+    block_slot[: used.numel()] = used.to(torch.int32)
+    return AlignedRouting(sorted_ids=sorted_ids, block_slot=block_slot, top_k=k, block_m=block_m)
+
+
+def _routed_rows(aligned: AlignedRouting, num_pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pair index [n], slot [n]) of every real row of an aligned layout, in sorted order."""
+    slots = aligned.block_slot.repeat_interleave(aligned.block_m)  # [P]
+    real = aligned.sorted_ids < num_pairs
+    return aligned.sorted_ids[real].long(), slots[real].long()
+
+
+def grouped_gemm1_reference(hidden: torch.Tensor, w13: torch.Tensor, aligned: AlignedRouting) -> torch.Tensor:
+    """inter[p] = silu(w1[s] @ x[t]) * (w3[s] @ x[t]) for every routed pair p = t * k + j on slot s.
+
+    hidden: [T, H]; w13: [S, 2I, H] gate rows then up rows. Returns [T * k, I] in hidden's dtype,
+    computed in fp32 and rounded once, as the kernel does. Rows of dropped pairs (slot -1) are zero.
+    """
+    T, k, inter_size = hidden.shape[0], aligned.top_k, w13.shape[1] // 2
+    out = torch.zeros(T * k, inter_size, dtype=hidden.dtype, device=hidden.device)
+    pair, slot = _routed_rows(aligned, T * k)
+    for s in torch.unique(slot).tolist():
+        p = pair[slot == s]
+        gate, up = F.linear(hidden[p // k].float(), w13[s].float()).chunk(2, dim=-1)  # [n, I] each
+        out[p] = (F.silu(gate) * up).to(hidden.dtype)
+    return out
+
+
+def grouped_gemm2_reference(
+    inter: torch.Tensor, w2: torch.Tensor, aligned: AlignedRouting, weights: torch.Tensor
+) -> torch.Tensor:
+    """y[t, j] = weights[t, j] * w2[s] @ inter[t * k + j], the top-k rows that the combine sums.
+
+    inter: [T * k, I]; w2: [S, H, I]; weights: [T, k] fp32. Returns [T, k, H] in inter's dtype, computed
+    in fp32 and rounded once; rows of dropped pairs are zero so that summing over k ignores them.
+    """
+    T, k = weights.shape
+    H = w2.shape[1]
+    out = torch.zeros(T * k, H, dtype=inter.dtype, device=inter.device)
+    pair, slot = _routed_rows(aligned, T * k)
+    flat_w = weights.flatten().float()  # [T*k]
+    for s in torch.unique(slot).tolist():
+        p = pair[slot == s]
+        out[p] = (F.linear(inter[p].float(), w2[s].float()) * flat_w[p, None]).to(inter.dtype)
+    return out.view(T, k, H)

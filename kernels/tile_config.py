@@ -1,0 +1,97 @@
+"""Tile configs for the grouped GEMMs: tuned tables as data, nearest-M lookup, a heuristic default.
+
+A table lives in `kernels/tuned/E={E},N={N},device_name={device},dtype={dtype}.json` (N is the
+intermediate size I) and maps M, the number of tokens in the batch, to one `TileConfig`:
+
+    {"1": {"block_m": 16, "block_n": 64, "block_k": 128, "group_m": 1, "num_warps": 4, "num_stages": 4}, ...}
+
+`bench/tune_fused_moe.py` writes these files on a GPU. A lookup takes the entry whose M is nearest to the
+batch's; with no table for the device it falls back to `default_tile_config`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+TUNED_DIR = Path(__file__).parent / "tuned"
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One launch shape for both grouped GEMMs (they share block_m, the alignment of the sorted rows)."""
+
+    block_m: int  # rows (routed pairs) per tile; also the padding unit of `align`
+    block_n: int  # output columns per tile
+    block_k: int  # reduction step
+    group_m: int  # M-blocks per group in the grouped (L2-friendly) program order
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class MoeShape:
+    """What a tuned table is keyed by (besides M)."""
+
+    num_experts: int  # E (resident slots S when offloading)
+    intermediate: int  # I, the N of the tuned file name
+    dtype: torch.dtype
+    device_name: str  # torch.cuda.get_device_name() with spaces as underscores, or "cpu"
+
+
+def table_path(shape: MoeShape, tuned_dir: Path = TUNED_DIR) -> Path:
+    """The file a tuned table for `shape` lives in."""
+    dtype = _DTYPE_NAMES[shape.dtype]
+    return tuned_dir / f"E={shape.num_experts},N={shape.intermediate},device_name={shape.device_name},dtype={dtype}.json"
+
+
+@functools.lru_cache(maxsize=64)
+def load_table(path: Path) -> tuple[tuple[int, TileConfig], ...]:
+    """The (M, config) entries of a tuned file sorted by M, or () when there is none. Read once per path."""
+    if not path.is_file():
+        return ()
+    raw = json.loads(path.read_text())
+    return tuple(sorted((int(m), TileConfig(**cfg)) for m, cfg in raw.items()))
+
+
+def save_table(path: Path, table: dict[int, TileConfig]) -> None:
+    """Write a tuned table (the format `load_table` reads)."""
+    data = {str(m): asdict(cfg) for m, cfg in sorted(table.items())}
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    load_table.cache_clear()
+
+
+def default_tile_config(num_tokens: int, top_k: int, num_experts: int) -> TileConfig:
+    """Heuristic when nothing is tuned: small tiles and more programs while the GEMMs read weights
+    (few rows per expert: decode), bigger tiles once each expert has enough rows to reuse them."""
+    rows_per_expert = num_tokens * top_k / max(num_experts, 1)
+    if rows_per_expert <= 16:
+        return TileConfig(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4)
+    if rows_per_expert <= 128:
+        return TileConfig(block_m=32, block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=4)
+    return TileConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
+
+
+def tile_config_for(num_tokens: int, top_k: int, shape: MoeShape, tuned_dir: Path = TUNED_DIR) -> TileConfig:
+    """The tuned entry with M nearest to num_tokens (ties go to the smaller M), else the heuristic.
+
+    Example: with a table keyed {1, 16, 64}, num_tokens=20 picks the M=16 entry, 50 the M=64 one.
+    """
+    table = load_table(table_path(shape, tuned_dir))
+    if not table:
+        return default_tile_config(num_tokens, top_k, shape.num_experts)
+    _, cfg = min(table, key=lambda entry: (abs(entry[0] - num_tokens), entry[0]))
+    return cfg
+
+
+def device_name(device: torch.device) -> str:
+    """The device part of a tuned file name: "NVIDIA_H100_80GB_HBM3", or "cpu" (interpreter)."""
+    if device.type != "cuda":
+        return device.type
+    return torch.cuda.get_device_name(device).replace(" ", "_")

@@ -1,0 +1,45 @@
+"""The Triton MoE: align -> grouped GEMM 1 (w13, SwiGLU) -> grouped GEMM 2 (w2, routing weight) -> combine.
+
+Four launches per layer whatever the number of experts, with a grid that depends only on shapes (not on
+routing), so a decode step can be captured in a CUDA graph. Reference: `reference.fused_moe_reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+from moe_runtime.kernels.reference import RoutingResult
+from moe_runtime.kernels.tile_config import MoeShape, TileConfig, device_name, tile_config_for
+from moe_runtime.kernels.triton.align import align
+from moe_runtime.kernels.triton.grouped_gemm1 import grouped_gemm1
+from moe_runtime.kernels.triton.grouped_gemm2 import grouped_gemm2
+
+
+def fused_moe_triton(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    routing: RoutingResult,
+    slot_map: torch.Tensor | None = None,
+    config: TileConfig | None = None,
+) -> torch.Tensor:
+    """Same contract as `reference.fused_moe_reference`; config=None looks up the tuned table.
+
+    hidden: [T, H]; w13: [S, 2I, H]; w2: [S, H, I]; routing ids [T, k] in [0, E); slot_map: [E] or None.
+    Returns [T, H] in hidden's dtype (fp32 accumulation inside each GEMM; the k rows are summed by torch,
+    which accumulates 16-bit inputs in fp32).
+    """
+    T, H = hidden.shape
+    S, two_i, _ = w13.shape
+    if w2.shape != (S, H, two_i // 2):
+        raise ValueError(f"w2 must be [S={S}, H={H}, I={two_i // 2}], got {tuple(w2.shape)}")
+    if T == 0:
+        return torch.zeros_like(hidden)
+    k = routing.top_k
+    if config is None:
+        shape = MoeShape(num_experts=S, intermediate=two_i // 2, dtype=hidden.dtype, device_name=device_name(hidden.device))
+        config = tile_config_for(T, k, shape)
+    slots = routing.ids if slot_map is None else slot_map.to(routing.ids.device)[routing.ids.long()]  # [T, k]
+    aligned = align(slots, S, config.block_m)
+    inter = grouped_gemm1(hidden, w13, aligned, config)  # [T*k, I]
+    rows = grouped_gemm2(inter, w2, aligned, routing.weights, config)  # [T, k, H]
+    return rows.sum(dim=1)  # [T, H]

@@ -1,0 +1,131 @@
+"""Grouped GEMM 1: inter = silu(x @ w1[s]^T) * (x @ w3[s]^T) over pairs sorted by slot, SwiGLU fused.
+
+Each program computes a [BLOCK_M, BLOCK_N] tile of the gate and the up projection of the same rows
+(two accumulators over one pass of x), so the [T*k, 2I] pre-activation never reaches memory.
+Reference: `reference.grouped_gemm1_reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from moe_runtime.kernels.reference import AlignedRouting
+from moe_runtime.kernels.tile_config import TileConfig
+
+
+@triton.jit
+def _grouped_gemm1_kernel(
+    # Pointers
+    x_ptr,  # [T, K] hidden states
+    w_ptr,  # [S, 2N, K] gate rows [0, N) then up rows [N, 2N)
+    out_ptr,  # [T * top_k, N] one row per (token, k) pair
+    sorted_ids_ptr,  # [num_blocks * BLOCK_M] flat pair ids sorted by slot; padding = num_pairs
+    block_slot_ptr,  # [num_blocks] slot of each M-block; -1 = unused
+    # Dimensions
+    N,  # I, the intermediate size
+    K,  # H, the hidden size
+    num_pairs,  # T * top_k
+    top_k,
+    num_blocks,
+    # Strides: how far the pointer moves for one step along a dimension, e.g. stride_xt is one token down.
+    stride_xt,
+    stride_xk,
+    stride_ws,
+    stride_wn,
+    stride_wk,
+    stride_op,
+    stride_on,
+    # Meta-parameters
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" keeps fp32 inputs exact-ish; None is the backend default
+):
+    # -----------------------------------------------------------
+    # Map the program id to the (M-block, N-block) it computes, GROUP_M M-blocks at a time so that
+    # neighbouring programs share weight tiles in L2.
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_m = group_id * GROUP_M
+    group_size = min(num_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % num_pid_in_group) % group_size
+    pid_n = (pid % num_pid_in_group) // group_size
+
+    slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
+    if slot < 0:
+        return  # an unused tail block of the static grid
+
+    # -----------------------------------------------------------
+    # Pointers to the first K-tiles: rows of x are gathered through the sorted pair ids (padding rows
+    # are masked), and the up tile sits N rows below the gate tile in the same slot.
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_m)
+    row_mask = pair < num_pairs
+    token = (pair // top_k).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + token[:, None] * stride_xt + offs_k[None, :] * stride_xk
+    g_ptrs = w_ptr + slot * stride_ws + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    u_ptrs = g_ptrs + N * stride_wn
+
+    # -----------------------------------------------------------
+    # Accumulate both projections in fp32, masking the K tail.
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, tl.cdiv(K, BLOCK_K)):
+        k_mask = offs_k < K - kk * BLOCK_K
+        x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        g = tl.load(g_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        u = tl.load(u_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc_gate = tl.dot(x, g, acc_gate, input_precision=DOT_PRECISION)
+        acc_up = tl.dot(x, u, acc_up, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        g_ptrs += BLOCK_K * stride_wk
+        u_ptrs += BLOCK_K * stride_wk
+
+    # -----------------------------------------------------------
+    # SwiGLU epilogue while the accumulators are still fp32, then one rounding to the output dtype.
+    inter = acc_gate * tl.sigmoid(acc_gate) * acc_up
+    out_ptrs = out_ptr + pair[:, None].to(tl.int64) * stride_op + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, inter.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """fp32 inputs use full-precision dot (not TF32); 16-bit inputs keep the backend default."""
+    return "ieee" if dtype == torch.float32 else None
+
+
+def grouped_gemm1(hidden: torch.Tensor, w13: torch.Tensor, aligned: AlignedRouting, config: TileConfig) -> torch.Tensor:
+    """Triton twin of `reference.grouped_gemm1_reference`.
+
+    hidden: [T, H]; w13: [S, 2I, H] same dtype and device; aligned: from `align(..., config.block_m)`.
+    Returns [T * k, I] in hidden's dtype. Rows of dropped pairs are left unwritten (never read later).
+    """
+    T, H = hidden.shape
+    S, two_i, H_w = w13.shape
+    if H_w != H or two_i % 2:
+        raise ValueError(f"w13 must be [S, 2I, H={H}], got {tuple(w13.shape)}")
+    if w13.dtype != hidden.dtype:
+        raise ValueError(f"w13 dtype {w13.dtype} differs from hidden dtype {hidden.dtype}")
+    if aligned.block_m != config.block_m:
+        raise ValueError(f"aligned with block_m={aligned.block_m} but config.block_m={config.block_m}")
+    inter_size = two_i // 2
+    out = torch.empty(T * aligned.top_k, inter_size, dtype=hidden.dtype, device=hidden.device)
+    num_blocks = aligned.block_slot.numel()
+    grid = (num_blocks * triton.cdiv(inter_size, config.block_n),)
+    _grouped_gemm1_kernel[grid](
+        hidden, w13, out, aligned.sorted_ids, aligned.block_slot,
+        inter_size, H, T * aligned.top_k, aligned.top_k, num_blocks,
+        hidden.stride(0), hidden.stride(1),
+        w13.stride(0), w13.stride(1), w13.stride(2),
+        out.stride(0), out.stride(1),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+        DOT_PRECISION=dot_precision(hidden.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out
