@@ -1,0 +1,92 @@
+"""Expert-parallel MoE on one rank: compute the (token, expert) pairs the placement gives this rank, then sum
+every rank's partial output. The building block of the Ray executor's workers; no Ray import.
+
+Every rank runs the whole step on the same flat batch (attention and routers are replicated), so every rank
+sees the same x [T, D] and routing. Per MoE layer:
+  1. `Placement.local_slots(rank, layer, ids)`: the slot of each (token, k) pair this rank computes, -1 for
+     pairs computed elsewhere (a replicated expert's pairs are split by token index).
+  2. One `fused_moe` call, with the model's backend, over the local slots: the routing's ids become local
+     slot ids, and pairs computed elsewhere go to one extra id whose `slot_map` entry is -1 (contributes
+     zero). The output [T, D] is this rank's share, in x's dtype.
+  3. all_reduce(SUM) of the shares over the group.
+Each pair is computed on exactly one rank and the others add exact zeros. The backends that round each pair
+and then add a token's k pairs in x's dtype (`torch`, `triton`) therefore give the local result's bits for
+top-2 routing (Mixtral): a + b == b + a. Equal up to rounding otherwise: the `reference` backend (one fp32
+sum, one rounding), A > 2, or a replicated expert, whose GEMM runs on fewer rows and may be blocked
+differently (on CPU, the torch backend also switches 16-bit groups of >= 32 rows to fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from moe_runtime.cluster.placement import Placement
+from moe_runtime.kernels import RoutingResult, fused_moe
+
+# T tokens, A activated (top-k), D hidden, I intermediate, S_r expert slots on this rank
+
+
+class ShardedExperts:
+    """One MoE layer's experts on one rank; plugs into `SparseMoeBlock.experts` (`run(x, routing, backend)`).
+
+    w13: [S_r, 2I, D] and w2: [S_r, D, I], the local experts in slot order (`placement.local_experts`).
+    group: the expert-parallel process group; None runs alone (the share is the output: tests, one rank).
+    """
+
+    def __init__(
+        self,
+        placement: Placement,
+        rank: int,
+        layer: int,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        group: dist.ProcessGroup | None = None,
+    ):
+        num_local = len(placement.local_experts(rank, layer))
+        if w13.shape[0] != num_local or w2.shape[0] != num_local:
+            raise ValueError(
+                f"rank {rank} layer {layer}: placement gives {num_local} experts, weights hold "
+                f"w13 {list(w13.shape)}, w2 {list(w2.shape)}"
+            )
+        self.placement, self.rank, self.layer, self.group = placement, rank, layer, group
+        self.w13, self.w2 = w13, w2
+        # slot s -> slot s, plus the extra id num_local for "computed elsewhere" -> -1
+        self.slot_map = torch.cat([torch.arange(num_local), torch.tensor([-1])]).to(w13.device)  # [S_r + 1]
+
+    def share(self, x: torch.Tensor, routing: RoutingResult, backend: str) -> torch.Tensor:
+        """This rank's part of the layer output, before the sum over ranks. x: [T, D]. Returns [T, D].
+
+        Example: with expert 1 on ranks (0, 1), rank 1 computes its pairs of odd tokens only:
+            >>> p = Placement(2, (((0,), (0, 1)),))
+            >>> p.local_slots(1, 0, torch.tensor([[1, 0], [0, 1], [1, 0]])).tolist()
+            [[-1, -1], [-1, 0], [-1, -1]]
+        """
+        slots = self.placement.local_slots(self.rank, self.layer, routing.ids)  # [T, A], -1 = elsewhere
+        num_local = self.w13.shape[0]
+        ids = torch.where(slots >= 0, slots, num_local).to(routing.ids.dtype)  # [T, A] in [0, S_r]
+        local = RoutingResult(weights=routing.weights, ids=ids)
+        return fused_moe(x, self.w13, self.w2, local, slot_map=self.slot_map, backend=backend)  # [T, D]
+
+    def run(self, x: torch.Tensor, routing: RoutingResult, backend: str) -> torch.Tensor:
+        """The layer's MoE output, summed over the group. x: [T, D]. Returns [T, D] in x's dtype."""
+        out = self.share(x, routing, backend)  # [T, D]
+        if self.group is not None:
+            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
+        return out
+
+
+def shard_experts(model, placement: Placement, rank: int, group: dist.ProcessGroup | None = None) -> None:
+    """Keep only `rank`'s experts in a loaded `MixtralForCausalLM` (all E experts in w13/w2) and attach a
+    `ShardedExperts` to every MoE block. The blocks' w13/w2 then hold the S_r local experts only.
+    """
+    if placement.num_layers != len(model.layers) or placement.num_experts != model.config.num_local_experts:
+        raise ValueError(
+            f"placement is {placement.num_layers} layers x {placement.num_experts} experts, "
+            f"model {len(model.layers)} x {model.config.num_local_experts}"
+        )
+    for layer, block in enumerate(model.layers):
+        moe = block.block_sparse_moe
+        local = torch.tensor(placement.local_experts(rank, layer), dtype=torch.long, device=moe.w13.device)
+        moe.w13 = torch.nn.Parameter(moe.w13[local].clone(), requires_grad=False)  # [S_r, 2I, D]
+        moe.w2 = torch.nn.Parameter(moe.w2[local].clone(), requires_grad=False)  # [S_r, D, I]
+        moe.experts = ShardedExperts(placement, rank, layer, moe.w13, moe.w2, group)

@@ -1,0 +1,107 @@
+"""Expert-parallel MoE: the sum of every rank's share equals the local `fused_moe` with the same backend.
+
+Bit for bit for top-2 with the `torch` backend (it rounds each pair, then adds a token's pairs), except
+fp32 with a replicated expert, whose GEMM runs on fewer rows and CPU BLAS may block differently (~1e-10).
+Layer level runs the ranks one after another in this process; the model level runs two processes over
+gloo, as the Ray workers will, and compares hidden states with the local model.
+"""
+
+from __future__ import annotations
+
+import doctest
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from moe_runtime.cluster import expert_parallel
+from moe_runtime.cluster.expert_parallel import ShardedExperts, shard_experts
+from moe_runtime.cluster.placement import Placement, build_placement
+from moe_runtime.cluster.planner import round_robin
+from moe_runtime.kernels import fused_moe, route
+
+from moe_runtime.config import PlacementConfig
+from moe_runtime.model.attention import AttentionMetadata
+from moe_runtime.model.loader import load_model
+
+E, D, I = 6, 32, 48  # noqa: E741  experts, hidden, intermediate
+
+# (name, placement of one layer of E=6 experts)
+PLACEMENTS = (
+    ("one_rank", round_robin(1, E, 1)),
+    ("round_robin_2", round_robin(1, E, 2)),
+    ("replicated_3", Placement(3, (((0, 1, 2), (1,), (2,), (0, 2), (0,), (1,)),))),
+    ("every_expert_everywhere_4", Placement(4, (((0, 1, 2, 3),) * E,))),
+)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("T", (1, 33))
+@pytest.mark.parametrize("name, placement", PLACEMENTS, ids=[p[0] for p in PLACEMENTS])
+def test_ranks_sum_to_local(name, placement, T, dtype):
+    g = torch.Generator().manual_seed(T)
+    x = (torch.randn(T, D, generator=g) / 10).to(dtype)
+    w13 = (torch.randn(E, 2 * I, D, generator=g) / 10).to(dtype)
+    w2 = (torch.randn(E, D, I, generator=g) / 10).to(dtype)
+    routing = route(torch.randn(T, E, generator=g), top_k=2)
+    expected = fused_moe(x, w13, w2, routing, backend="torch")  # [T, D]
+    total = torch.zeros(T, D)
+    for rank in range(placement.workers):
+        local = placement.local_experts(rank, 0)
+        experts = ShardedExperts(placement, rank, 0, w13[local], w2[local])
+        total += experts.share(x, routing, "torch").float()  # a sum of two values rounds once, as in dtype
+    if dtype == torch.float32 and int(placement.replica_counts().max()) > 1:
+        torch.testing.assert_close(total, expected, atol=1e-8, rtol=0)
+    else:
+        assert torch.equal(total.to(dtype), expected)
+
+
+def test_weights_must_match_placement():
+    placement = round_robin(1, E, 2)
+    with pytest.raises(ValueError, match="rank 1 layer 0: placement gives 3 experts"):
+        ShardedExperts(placement, 1, 0, torch.zeros(E, 2 * I, D), torch.zeros(E, D, I))
+
+
+PROMPTS = ([1, 17, 245, 3, 99, 870, 12, 5, 640, 33, 7], [5, 6, 7])
+
+
+def _worker(rank: int, world: int, port: int, model_dir: str, placement: Placement, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = load_model(model_dir, "bfloat16", "cpu")
+        shard_experts(model, placement, rank, dist.group.WORLD)
+        hidden = _forward(model)
+        if rank == 0:
+            torch.save(hidden, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _forward(model) -> torch.Tensor:
+    ids = torch.tensor([t for p in PROMPTS for t in p])
+    positions = torch.cat([torch.arange(len(p)) for p in PROMPTS])
+    return model(ids, positions, AttentionMetadata.for_prompts([len(p) for p in PROMPTS]))  # [T, D]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_ranks_match_local_model(tiny_model_dir, tmp_path):
+    model = load_model(tiny_model_dir, "bfloat16", "cpu")
+    expected = _forward(model)
+    cfg = model.config
+    replicas = {"*": {7: [0]}, 1: {0: [1], 2: [1]}}  # round-robin plus a second copy of some experts
+    placement = build_placement(PlacementConfig(workers=2, replicas=replicas), cfg.num_hidden_layers, 8)
+    out = tmp_path / "hidden.pt"
+    mp.spawn(_worker, args=(2, _free_port(), str(tiny_model_dir), placement, str(out)), nprocs=2, join=True)
+    assert torch.equal(torch.load(out), expected)
+
+
+def test_doctests():
+    assert doctest.testmod(expert_parallel).failed == 0
