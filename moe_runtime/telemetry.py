@@ -59,10 +59,14 @@ class LatencyHistogram:
     """Cumulative bucket counts for Prometheus plus the recent values for percentiles (seconds)."""
 
     buckets: tuple[float, ...] = LATENCY_BUCKETS
-    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))  # last: +Inf
+    counts: list[int] = field(default_factory=list)  # per bucket, not cumulative; the last is +Inf
     total: float = 0.0
     count: int = 0
     recent: deque = field(default_factory=lambda: deque(maxlen=_RECENT))
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.buckets) + 1)
 
     def observe(self, value: float) -> None:
         i = next((i for i, b in enumerate(self.buckets) if value <= b), len(self.buckets))
