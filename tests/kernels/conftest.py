@@ -1,0 +1,13 @@
+"""Kernel tests run the Triton kernels on CPU through the interpreter when there is no GPU.
+
+`@triton.jit` reads TRITON_INTERPRET when a kernel is defined, so it is set here, before any test module
+imports a kernel module (moe_runtime.kernels itself imports them lazily, see kernels/backends.py).
+This directory also goes on sys.path (pytest's default import mode), so tests import `moe_cases`.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,52 @@
+"""The public API and the backend registry."""
+
+import pytest
+import torch
+from moe_cases import CASES, make_inputs
+from moe_runtime.kernels import fused_moe, route
+from moe_runtime.kernels.backends import BACKENDS, resolve_backend
+from moe_runtime.kernels.reference import fused_moe_reference, route_reference
+from moe_runtime.kernels.torch_moe import fused_moe_torch
+
+from moe_runtime.errors import ConfigError
+
+
+def test_auto_picks_by_device():
+    assert resolve_backend("auto", torch.device("cpu")) is fused_moe_torch
+    assert resolve_backend("auto", torch.device("cuda")) is BACKENDS["triton"]
+
+
+def test_config_values_are_all_registered():
+    from typing import get_args
+
+    from moe_runtime.config import ModelLoadConfig
+
+    allowed = get_args(ModelLoadConfig.model_fields["moe_backend"].annotation)
+    assert set(allowed) == {"auto", *BACKENDS}
+
+
+def test_unknown_backend_names_the_allowed_ones():
+    with pytest.raises(ConfigError, match="allowed: .*'torch'"):
+        resolve_backend("cuda-magic", torch.device("cpu"))
+
+
+def test_megablocks_says_it_is_unavailable():
+    x = make_inputs(CASES[0], torch.float32)
+    with pytest.raises(ConfigError, match="megablocks"):
+        fused_moe(x.hidden, x.w13, x.w2, x.routing, backend="megablocks")
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
+def test_public_fused_moe(backend):
+    x = make_inputs(CASES[5], torch.float32)
+    got = fused_moe(x.hidden, x.w13, x.w2, x.routing, slot_map=x.slot_map, backend=backend)
+    want = fused_moe_reference(x.hidden, x.w13, x.w2, x.routing, x.slot_map)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_route_on_cpu_is_the_reference(renormalize):
+    logits = torch.randn(7, 8)
+    got, want = route(logits, 2, renormalize), route_reference(logits, 2, renormalize)
+    assert torch.equal(got.ids, want.ids) and torch.equal(got.weights, want.weights)
+    assert got.ids.dtype == torch.int32 and got.weights.dtype == torch.float32
