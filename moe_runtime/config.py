@@ -238,11 +238,13 @@ class OffloadConfig(Section):
 
 
 class RayConfig(Section):
-    """`ray:` how the Ray executor reaches its cluster."""
+    """`ray:` how the Ray executor (`executor: ray`) reaches its cluster; `placement.workers` sets the size."""
 
-    address: str | None = None  # None: start a local cluster
-    placement_timeout_s: float = Field(default=60.0, gt=0)
-    collective_timeout_s: float = Field(default=30.0, gt=0)
+    address: str | None = None  # None: start a local cluster; "auto" or "ray://host:10001" join one
+    placement_timeout_s: float = Field(default=60.0, gt=0)  # wait for the workers' bundles, then fail
+    collective_timeout_s: float = Field(default=30.0, gt=0)  # a step or collective longer than this fails
+    worker_device: Literal["auto", "gpu", "cpu"] = "auto"  # auto: one GPU per worker when the cluster has them
+    num_cpus_per_worker: float = Field(default=1.0, gt=0)
 
 
 LayerKey = int | Literal["*"]  # a layer index, or "*" for every layer without its own entry

@@ -1,0 +1,123 @@
+"""`RayExecutor`: the engine's executor over expert-parallel worker actors (`executor: ray` in the YAML).
+
+Ray owns processes and placement; torch.distributed owns tensors. Start-up:
+  1. Connect to the cluster (`ray.address`) or start a local one.
+  2. Reserve one bundle per worker in a placement group (a GPU each when the cluster has them) and wait
+     with backoff, failing with what is missing after `ray.placement_timeout_s`.
+  3. One `ExpertWorker` actor per bundle; rank 0 publishes its address and a free port.
+  4. Every rank joins the process group and loads its experts concurrently; `ray.get` with a timeout.
+Each step the driver puts the scheduler output (already a diff: new vs cached requests) in the object store
+once, every worker runs it, and rank 0's sampled tokens come back.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+import torch
+from moe_runtime.cluster.placement import resolve_placement
+from moe_runtime.cluster.worker import ExpertWorker
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from moe_runtime.config import ModelConfig, RuntimeConfig
+from moe_runtime.engine.executor import Executor
+from moe_runtime.engine.kv_cache import num_kv_blocks
+from moe_runtime.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from moe_runtime.errors import ConfigError, EngineDeadError
+from moe_runtime.model.loader import resolve_dtype
+
+
+class RayExecutor(Executor):
+    """Runs the model on `placement.workers` Ray actors, experts sharded by the placement plan."""
+
+    def __init__(self, cfg: RuntimeConfig, model_dir: str):
+        self.cfg = cfg
+        self.model_config = ModelConfig.from_pretrained(model_dir)
+        dtype = resolve_dtype(cfg.model.dtype, self.model_config)
+        self.placement = resolve_placement(
+            cfg.placement, self.model_config, str(dtype).removeprefix("torch.")
+        )
+        self.num_kv_blocks = num_kv_blocks(cfg.cache, self.model_config, dtype)
+        self.workers: list = []
+        self._pg = None
+        if not ray.is_initialized():
+            ray.init(address=cfg.ray.address, include_dashboard=False)
+        try:
+            self._start(model_dir)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, model_dir: str) -> None:
+        n, ray_cfg = self.placement.workers, self.cfg.ray
+        use_gpu = ray_cfg.worker_device == "gpu" or (
+            ray_cfg.worker_device == "auto" and ray.cluster_resources().get("GPU", 0) >= n
+        )
+        bundle = {"CPU": ray_cfg.num_cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
+        self._pg = placement_group([bundle] * n, strategy="PACK")
+        _wait_for_placement_group(self._pg, bundle, n, ray_cfg.placement_timeout_s)
+        seed = self.cfg.engine.seed if self.cfg.engine.seed is not None else int(torch.seed() % 2**63)
+        actor = ray.remote(ExpertWorker)
+        self.workers = [
+            actor.options(
+                num_cpus=bundle["CPU"],
+                num_gpus=bundle.get("GPU", 0),
+                max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self._pg, placement_group_bundle_index=rank
+                ),
+            ).remote(rank, self.cfg, model_dir, self.placement, seed)  # the same seed: ranks sample alike
+            for rank in range(n)
+        ]
+        host, port = self._get(self.workers[0].master_address.remote(), ray_cfg.placement_timeout_s)
+        setups = [w.setup.remote(host, port, self.num_kv_blocks) for w in self.workers]
+        self.expert_bytes = self._get(setups, ray_cfg.placement_timeout_s + ray_cfg.collective_timeout_s)
+
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        ref = ray.put(sched)  # one copy in the object store, read by every worker
+        outs = self._get([w.execute.remote(ref) for w in self.workers], self.cfg.ray.collective_timeout_s)
+        return outs[0]
+
+    def _get(self, refs, timeout_s: float):
+        try:
+            return ray.get(refs, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise EngineDeadError(
+                f"Ray workers did not answer within {timeout_s:.0f} s (ray.collective_timeout_s / "
+                "ray.placement_timeout_s); check `ray status` and the worker logs"
+            ) from None
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+            raise EngineDeadError(
+                f"a Ray worker failed: {type(e).__name__}: {str(e).splitlines()[0]}"
+            ) from None
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            try:
+                ray.kill(w)
+            except Exception:  # already dead: nothing to release
+                pass
+        self.workers = []
+        if self._pg is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+
+
+def _wait_for_placement_group(pg, bundle: dict[str, float], count: int, timeout_s: float) -> None:
+    """Wait until every bundle is reserved, backing off; fail with what the cluster lacks."""
+    deadline, delay = time.monotonic() + timeout_s, 0.5
+    while time.monotonic() < deadline:
+        ready, _ = ray.wait([pg.ready()], timeout=min(delay, max(deadline - time.monotonic(), 0.01)))
+        if ready:
+            return
+        delay = min(delay * 2, 10.0)
+    remove_placement_group(pg)
+    have = ray.cluster_resources()
+    need = ", ".join(f"{count} x {v:g} {k}" for k, v in bundle.items())
+    has = ", ".join(f"{have.get(k, 0):g} {k}" for k in bundle)
+    raise ConfigError(
+        f"placement.workers={count}: need bundles of {need}; the cluster has {has} in total "
+        f"(waited {timeout_s:g} s, ray.placement_timeout_s): check `ray status`, or lower placement.workers"
+    )

@@ -1,0 +1,81 @@
+"""One expert-parallel worker: the process behind one Ray actor (one bundle, one GPU on GPU hosts).
+
+Every worker holds the replicated non-expert weights, only its own experts (`Placement`), a full KV cache,
+and a `ModelRunner`; it runs every step SPMD on the whole batch, and the MoE layers sum their shares over the
+process group (`ShardedExperts`). All ranks sample the same tokens (identical logits after the all_reduce,
+and samplers with the same seed), so their request states stay identical without further messages.
+This class is plain Python; `RayExecutor` turns it into an actor with `ray.remote`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+
+import torch
+import torch.distributed as dist
+from moe_runtime.cluster.expert_parallel import shard_experts
+from moe_runtime.cluster.placement import Placement
+
+from moe_runtime.config import RuntimeConfig
+from moe_runtime.engine.kv_cache import allocate_kv_cache
+from moe_runtime.engine.model_runner import ModelRunner
+from moe_runtime.engine.sampler import Sampler
+from moe_runtime.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from moe_runtime.model.loader import load_model
+
+
+class ExpertWorker:
+    """Rank `rank` of `placement.workers`. Construction is cheap; `setup` joins the group and loads."""
+
+    def __init__(self, rank: int, cfg: RuntimeConfig, model_dir: str, placement: Placement, seed: int):
+        self.rank, self.cfg, self.model_dir, self.placement, self.seed = rank, cfg, model_dir, placement, seed
+        self.runner: ModelRunner | None = None
+
+    def master_address(self) -> tuple[str, int]:
+        """This node's address and a free port, for rank 0 to host the process group's store."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return host, s.getsockname()[1]
+
+    def setup(self, host: str, port: int, num_kv_blocks: int) -> int:
+        """Join the process group, load the model keeping only this rank's experts, allocate the KV cache.
+
+        Returns the bytes of the expert weights this rank holds (tests check the sharding).
+        """
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        timeout = datetime.timedelta(seconds=self.cfg.ray.collective_timeout_s)
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{host}:{port}",
+            rank=self.rank,
+            world_size=self.placement.workers,
+            timeout=timeout,
+        )
+        if self.cfg.engine.num_threads is not None:
+            torch.set_num_threads(self.cfg.engine.num_threads)
+        m = self.cfg.model
+        # TODO(cluster): read only this rank's experts from the checkpoint (loader hook); today every worker
+        # reads all of them once and keeps its own, so peak host memory at load is the whole model.
+        model = load_model(self.model_dir, m.dtype, m.device, m.moe_backend)
+        shard_experts(model, self.placement, self.rank, dist.group.WORLD)
+        kv = allocate_kv_cache(
+            model.config, num_kv_blocks, self.cfg.cache.block_size, model.dtype, model.device
+        )
+        self.runner = ModelRunner(model, kv, self.cfg.cache.block_size, Sampler(self.seed))
+        blocks = [layer.block_sparse_moe for layer in model.layers]
+        return sum(b.w13.numel() * b.w13.element_size() + b.w2.numel() * b.w2.element_size() for b in blocks)
+
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
+        """Run one step. Rank 0 returns the output; the others return None (their output is identical)."""
+        assert self.runner is not None, "setup() first"
+        out = self.runner.execute(sched)
+        return out if self.rank == 0 else None
+
+    def shutdown(self) -> None:
+        self.runner = None
+        if dist.is_initialized():
+            dist.destroy_process_group()

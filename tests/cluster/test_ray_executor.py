@@ -1,0 +1,85 @@
+"""RayExecutor on a local Ray cluster with fake GPUs: the same greedy tokens as the local executor.
+
+One cluster for the module (start-up costs seconds and ~300 MB per worker); tests that need workers share
+one executor.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from moe_runtime.cluster.placement import expert_bytes
+
+from moe_runtime.config import load_config
+from moe_runtime.engine.llm_engine import LLMEngine
+from moe_runtime.engine.sampling_params import SamplingParams
+from moe_runtime.errors import ConfigError
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+PROMPTS = ([1, 300, 301, 302], [1, 17], [1, *range(40, 77)], [1, 900, 5, 1200, 33, 7, 7, 7, 2000, 64, 128])
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+# round-robin on 2 workers, plus second copies: expert 0 everywhere, expert 3 in layer 1
+SETS = (
+    "placement.workers=2",
+    'placement.replicas={"*": {0: [1]}, 1: {0: [1], 3: [0]}}',
+    "engine.seed=0",
+    "cache.num_blocks=64",
+    "executor=ray",
+    "ray.collective_timeout_s=120",
+    "ray.placement_timeout_s=120",
+)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)  # fake GPUs: bundles, no CUDA
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_engine(cluster, tiny_model_dir):
+    from moe_runtime.cluster.ray_executor import RayExecutor
+
+    cfg = load_config(overrides=[f"model.path={tiny_model_dir}", *SETS])
+    executor = RayExecutor(cfg, str(tiny_model_dir))
+    yield LLMEngine(cfg, executor=executor)
+    executor.shutdown()
+
+
+def test_greedy_tokens_equal_local(ray_engine, tiny_model_dir):
+    local = LLMEngine(
+        load_config(overrides=[f"model.path={tiny_model_dir}", "engine.seed=0", "cache.num_blocks=64"])
+    )
+    expected = [out.token_ids for out in local.generate(list(PROMPTS), GREEDY)]
+    assert [out.token_ids for out in ray_engine.generate(list(PROMPTS), GREEDY)] == expected
+
+
+def test_workers_hold_only_their_experts(ray_engine):
+    executor = ray_engine.executor
+    per_expert = expert_bytes(executor.model_config, "auto")
+    copies = executor.placement.experts_per_rank().sum(dim=0).tolist()  # [N]
+    assert executor.expert_bytes == [c * per_expert for c in copies]
+    assert sum(copies) < 2 * executor.model_config.num_hidden_layers * executor.model_config.num_local_experts
+
+
+def test_missing_bundles_fail_with_what_is_missing(cluster, tiny_model_dir):
+    from moe_runtime.cluster.ray_executor import RayExecutor
+
+    cfg = load_config(
+        overrides=[
+            f"model.path={tiny_model_dir}",
+            "placement.workers=3",
+            "ray.worker_device=gpu",
+            "ray.placement_timeout_s=1",
+            "executor=ray",
+        ]
+    )
+    with pytest.raises(
+        ConfigError, match=r"placement.workers=3: need bundles of 3 x 1 CPU, 3 x 1 GPU.*ray status"
+    ):
+        RayExecutor(cfg, str(tiny_model_dir))
