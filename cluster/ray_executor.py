@@ -33,7 +33,7 @@ class RayExecutor(Executor):
     """Runs the model on `placement.workers` Ray actors, experts sharded by the placement plan."""
 
     def __init__(self, cfg: RuntimeConfig, model_dir: str):
-        self.cfg = cfg
+        self.cfg, self.model_dir = cfg, model_dir
         self.model_config = ModelConfig.from_pretrained(model_dir)
         dtype = resolve_dtype(cfg.model.dtype, self.model_config)
         self.placement = resolve_placement(
@@ -80,17 +80,33 @@ class RayExecutor(Executor):
         outs = self._get([w.execute.remote(ref) for w in self.workers], self.cfg.ray.collective_timeout_s)
         return outs[0]
 
+    def restart(self) -> None:
+        """Rebuild the worker group after a failure: new placement group, actors, process group and weights.
+
+        The new workers hold no request state: the engine must have failed every in-flight request first.
+        """
+        self.shutdown()
+        self._start(self.model_dir)
+
     def _get(self, refs, timeout_s: float):
+        """`ray.get` that fails as soon as any worker fails (the others may be stuck in a collective
+        waiting for it) and never waits longer than `timeout_s`. Raises `EngineDeadError`."""
+        single = not isinstance(refs, list)
+        pending, deadline = [refs] if single else list(refs), time.monotonic() + timeout_s
         try:
-            return ray.get(refs, timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise EngineDeadError(
-                f"Ray workers did not answer within {timeout_s:.0f} s (ray.collective_timeout_s / "
-                "ray.placement_timeout_s); check `ray status` and the worker logs"
-            ) from None
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
+                if not ready:
+                    raise EngineDeadError(
+                        f"Ray workers did not answer within {timeout_s:g} s (ray.collective_timeout_s / "
+                        "ray.placement_timeout_s); check `ray status` and the worker logs"
+                    )
+                ray.get(ready[0])  # raises now if that worker failed
+            return ray.get(refs)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise EngineDeadError(
-                f"a Ray worker failed: {type(e).__name__}: {str(e).splitlines()[0]}"
+                f"a Ray worker failed ({type(e).__name__}: {first}); restart the executor"
             ) from None
 
     def shutdown(self) -> None:

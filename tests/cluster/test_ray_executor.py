@@ -7,6 +7,7 @@ one executor.
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 from moe_runtime.cluster.placement import expert_bytes
@@ -14,7 +15,7 @@ from moe_runtime.cluster.placement import expert_bytes
 from moe_runtime.config import load_config
 from moe_runtime.engine.llm_engine import LLMEngine
 from moe_runtime.engine.sampling_params import SamplingParams
-from moe_runtime.errors import ConfigError
+from moe_runtime.errors import ConfigError, EngineDeadError
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -83,3 +84,19 @@ def test_missing_bundles_fail_with_what_is_missing(cluster, tiny_model_dir):
         ConfigError, match=r"placement.workers=3: need bundles of 3 x 1 CPU, 3 x 1 GPU.*ray status"
     ):
         RayExecutor(cfg, str(tiny_model_dir))
+
+
+def test_killed_worker_fails_fast_and_restart_recovers(ray_engine, tiny_model_dir):
+    executor = ray_engine.executor
+    before = [out.token_ids for out in ray_engine.generate(list(PROMPTS[:2]), GREEDY)]
+    ray.kill(executor.workers[1])
+    ray_engine.add_request("doomed", PROMPTS[0], GREEDY)
+    t0 = time.monotonic()
+    with pytest.raises(EngineDeadError, match="a Ray worker failed"):
+        while ray_engine.has_unfinished():
+            ray_engine.step()
+    assert time.monotonic() - t0 < 30
+    ray_engine.abort("doomed")
+    executor.restart()
+    fresh = LLMEngine(ray_engine.config, executor=executor)  # the old engine's scheduler holds dead state
+    assert [out.token_ids for out in fresh.generate(list(PROMPTS[:2]), GREEDY)] == before
