@@ -16,7 +16,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -120,16 +120,20 @@ class ServerApp:
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def wait_for_stop(self) -> None:
-        """Serve until SIGTERM/SIGINT or `request_stop()`."""
+    @contextlib.contextmanager
+    def stop_on_signals(self) -> Iterator[None]:
+        """SIGTERM/SIGINT set the stop event (installed before loading, so an early SIGTERM drains too)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         try:
-            await self._stop.wait()
+            yield
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+
+    async def wait_for_stop(self) -> None:
+        await self._stop.wait()
 
     async def drain_and_stop(self) -> None:
         """Refuse new requests, give in-flight ones `drain_grace_s`, then stop everything."""
@@ -162,9 +166,19 @@ def _default_engine_factory(cfg: RuntimeConfig, on_stats: Callable[[Any], None])
 
 
 async def serve(cfg: RuntimeConfig, auth_token: str | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then drain and stop."""
     app = ServerApp(cfg, auth_token)
-    try:
-        await app.start()
-        await app.wait_for_stop()
-    finally:
-        await app.drain_and_stop()
+    with app.stop_on_signals():
+        try:
+            start = asyncio.create_task(app.start())
+            stop = asyncio.create_task(app.wait_for_stop())
+            await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if start.done():
+                start.result()  # raise a start-up error
+                await stop
+            else:  # stopped while loading
+                start.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await start
+        finally:
+            await app.drain_and_stop()
