@@ -47,10 +47,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--logprobs", type=int, default=None, metavar="N", help="also the top N alternatives")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default=None)
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    remote = p.add_argument_group("remote (a running `moe-runtime serve`; token from MOE_RUNTIME_AUTH_TOKEN)")
+    remote.add_argument("--server", default=None, metavar="HOST:PORT", help="generate on this server over gRPC")
+    remote.add_argument("--tls-ca", default=None, help="PEM CA certificate: connect with TLS")
+    remote.add_argument("--timeout", type=float, default=None, help="seconds per request (default: none)")
     p.set_defaults(run=run, parser=p)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.server is not None:
+        from moe_runtime.server.client import run_generate
+
+        if args.model is not None or args.config is not None or args.dtype is not None:
+            args.parser.error("--server generates on the server's model; drop --model/--config/--dtype")
+        return run_generate(args, collect_prompts(args))
     return run_offline(args)
 
 

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -124,3 +126,49 @@ def accumulate(chunks: Iterator[pb.GenerateResponse]) -> Iterator[tuple[pb.Gener
             total.usage.CopyFrom(chunk.usage)
             total.timings.CopyFrom(chunk.timings)
         yield chunk, total
+
+
+def offline_record(resp: pb.GenerateResponse) -> dict[str, Any]:
+    """The record `moe-runtime generate --json` prints offline, from a final response (same keys)."""
+    reason = FINISH_REASON_NAMES.get(resp.finish_reason, "")
+    record: dict[str, Any] = {
+        "token_ids": list(resp.token_ids),
+        "text": resp.text,
+        "finish_reason": "stop" if reason == "eos" else reason,
+        "num_prompt_tokens": resp.usage.prompt_tokens,
+        "num_output_tokens": resp.usage.completion_tokens,
+    }
+    if resp.logprobs:
+        record["logprobs"] = [{"token_id": lp.token_id, "logprob": lp.logprob,
+                               "top": [[t.token_id, t.logprob] for t in lp.top]} for lp in resp.logprobs]
+    return record
+
+
+def run_generate(args: Any, prompts: list[str | list[int]]) -> int:
+    """`moe-runtime generate --server HOST:PORT ...`: the offline flags, over gRPC, one prompt after another.
+
+    Streams each completion's text to stdout as it arrives; with `--json` prints one record per prompt.
+    """
+    sampling = {
+        "max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+        "min_p": args.min_p, "seed": args.seed, "stop": list(args.stop), "stop_token_ids": list(args.stop_token_ids),
+        "ignore_eos": args.ignore_eos, "logprobs": args.logprobs is not None, "top_logprobs": args.logprobs or 0,
+    }
+    timeout = getattr(args, "timeout", None)
+    with GenerationClient(args.server, args.env.get("auth_token"), getattr(args, "tls_ca", None), timeout) as client:
+        for prompt in prompts:
+            text_prompt = prompt if isinstance(prompt, str) else None
+            ids = None if isinstance(prompt, str) else prompt
+            total = pb.GenerateResponse()
+            try:
+                for chunk, running in accumulate(client.generate_stream(make_request(text_prompt, ids, sampling))):
+                    total = running
+                    if not args.json:
+                        print(chunk.text, end="", flush=True)
+            except ClientError as e:
+                if e.code != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                print(f"moe-runtime generate: error: {e}", file=sys.stderr)
+                return 2  # a bad request, as offline
+            print(json.dumps(offline_record(total), ensure_ascii=False) if args.json else "", flush=True)
+    return 0
