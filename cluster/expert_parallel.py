@@ -23,6 +23,11 @@ import torch.distributed as dist
 from moe_runtime.cluster.placement import Placement
 from moe_runtime.kernels import RoutingResult, fused_moe
 
+from moe_runtime.config import ModelConfig
+from moe_runtime.model.loader import CheckpointFiles
+from moe_runtime.offload.host_tier import expert_names
+from moe_runtime.offload.safetensors_reader import SafetensorsReader
+
 # T tokens, A activated (top-k), D hidden, I intermediate, S_r expert slots on this rank
 
 
@@ -90,3 +95,31 @@ def shard_experts(model, placement: Placement, rank: int, group: dist.ProcessGro
         moe.w13 = torch.nn.Parameter(moe.w13[local].clone(), requires_grad=False)  # [S_r, 2I, D]
         moe.w2 = torch.nn.Parameter(moe.w2[local].clone(), requires_grad=False)  # [S_r, D, I]
         moe.experts = ShardedExperts(placement, rank, layer, moe.w13, moe.w2, group)
+
+
+class ExpertReader:
+    """Reads single experts from a checkpoint's safetensors files (for experts a rank gains on re-placement).
+
+    Use as a context manager: `read(layer, expert, w13 [2I, D], w2 [D, I], I)` fills the two tensors.
+    """
+
+    def __init__(self, model_dir: str, cfg: ModelConfig):
+        with CheckpointFiles(model_dir, cfg) as ckpt:
+            location = {n: f for n, f in ckpt.location.items() if ".block_sparse_moe.experts." in n}
+        self.reader = SafetensorsReader(model_dir, location)
+
+    def read(self, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor, inter: int) -> None:
+        w1_name, w3_name, w2_name = expert_names(layer, expert)
+        host13 = torch.empty(w13.shape, dtype=w13.dtype)  # [2I, D] on the host, then one copy
+        host2 = torch.empty(w2.shape, dtype=w2.dtype)  # [D, I]
+        self.reader.read_into(w1_name, host13[:inter])  # gate rows
+        self.reader.read_into(w3_name, host13[inter:])  # up rows
+        self.reader.read_into(w2_name, host2)
+        w13.copy_(host13)
+        w2.copy_(host2)
+
+    def __enter__(self) -> ExpertReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.reader.close()

@@ -16,7 +16,7 @@ import time
 
 import ray
 import torch
-from moe_runtime.cluster.placement import resolve_placement
+from moe_runtime.cluster.placement import Placement, check_memory, resolve_placement
 from moe_runtime.cluster.worker import ExpertWorker
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -36,9 +36,8 @@ class RayExecutor(Executor):
         self.cfg, self.model_dir = cfg, model_dir
         self.model_config = ModelConfig.from_pretrained(model_dir)
         dtype = resolve_dtype(cfg.model.dtype, self.model_config)
-        self.placement = resolve_placement(
-            cfg.placement, self.model_config, str(dtype).removeprefix("torch.")
-        )
+        self.dtype_name = str(dtype).removeprefix("torch.")  # "bfloat16", as ModelConfig spells dtypes
+        self.placement = resolve_placement(cfg.placement, self.model_config, self.dtype_name)
         self.num_kv_blocks = num_kv_blocks(cfg.cache, self.model_config, dtype)
         self.workers: list = []
         self._pg = None
@@ -79,6 +78,27 @@ class RayExecutor(Executor):
         ref = ray.put(sched)  # one copy in the object store, read by every worker
         outs = self._get([w.execute.remote(ref) for w in self.workers], self.cfg.ray.collective_timeout_s)
         return outs[0]
+
+    def apply_placement(self, placement: Placement) -> None:
+        """Move experts between workers to follow `placement` (same number of workers). Call between steps:
+        requests keep running, and outputs do not change (each pair is still computed exactly once)."""
+        if placement.workers != self.placement.workers:
+            raise ConfigError(
+                f"placement.workers={placement.workers}: the running group has {self.placement.workers} workers; "
+                "changing the number of workers needs a restart"
+            )
+        cfg = self.model_config
+        if (placement.num_layers, placement.num_experts) != (cfg.num_hidden_layers, cfg.num_local_experts):
+            raise ConfigError(
+                f"placement: {placement.num_layers} layers x {placement.num_experts} experts; the model has "
+                f"{cfg.num_hidden_layers} x {cfg.num_local_experts}"
+            )
+        check_memory(placement, cfg, self.cfg.placement.memory_per_rank, self.dtype_name)
+        refs = [w.apply_placement.remote(placement) for w in self.workers]
+        self.expert_bytes = self._get(
+            refs, self.cfg.ray.placement_timeout_s + self.cfg.ray.collective_timeout_s
+        )
+        self.placement = placement
 
     def restart(self) -> None:
         """Rebuild the worker group after a failure: new placement group, actors, process group and weights.

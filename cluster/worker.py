@@ -14,7 +14,7 @@ import socket
 
 import torch
 import torch.distributed as dist
-from moe_runtime.cluster.expert_parallel import shard_experts
+from moe_runtime.cluster.expert_parallel import ExpertReader, ShardedExperts, shard_experts
 from moe_runtime.cluster.placement import Placement
 
 from moe_runtime.config import RuntimeConfig
@@ -66,7 +66,34 @@ class ExpertWorker:
             model.config, num_kv_blocks, self.cfg.cache.block_size, model.dtype, model.device
         )
         self.runner = ModelRunner(model, kv, self.cfg.cache.block_size, Sampler(self.seed))
-        blocks = [layer.block_sparse_moe for layer in model.layers]
+        return self._expert_bytes()
+
+    def apply_placement(self, placement: Placement) -> int:
+        """Hold `placement`'s experts from now on: keep the ones already here, read the others from the
+        checkpoint. Call between steps, on every rank. Returns the bytes of expert weights now held."""
+        assert self.runner is not None and placement.workers == self.placement.workers
+        model = self.runner.model
+        I = model.config.intermediate_size  # noqa: E741
+        with ExpertReader(self.model_dir, model.config) as reader:
+            for layer, block in enumerate(model.layers):
+                moe = block.block_sparse_moe
+                have = {e: s for s, e in enumerate(self.placement.local_experts(self.rank, layer))}
+                want = placement.local_experts(self.rank, layer)
+                w13 = torch.empty(len(want), *moe.w13.shape[1:], dtype=moe.w13.dtype, device=moe.w13.device)
+                w2 = torch.empty(len(want), *moe.w2.shape[1:], dtype=moe.w2.dtype, device=moe.w2.device)
+                for slot, e in enumerate(want):
+                    if e in have:
+                        w13[slot], w2[slot] = moe.w13[have[e]], moe.w2[have[e]]
+                    else:
+                        reader.read(layer, e, w13[slot], w2[slot], I)
+                moe.w13 = torch.nn.Parameter(w13, requires_grad=False)  # [S_r, 2I, D]
+                moe.w2 = torch.nn.Parameter(w2, requires_grad=False)  # [S_r, D, I]
+                moe.experts = ShardedExperts(placement, self.rank, layer, w13, w2, dist.group.WORLD)
+        self.placement = placement
+        return self._expert_bytes()
+
+    def _expert_bytes(self) -> int:
+        blocks = [layer.block_sparse_moe for layer in self.runner.model.layers]
         return sum(b.w13.numel() * b.w13.element_size() + b.w2.numel() * b.w2.element_size() for b in blocks)
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:

@@ -10,7 +10,9 @@ import os
 import time
 
 import pytest
+import torch
 from moe_runtime.cluster.placement import expert_bytes
+from moe_runtime.cluster.planner import plan_placement
 
 from moe_runtime.config import load_config
 from moe_runtime.engine.llm_engine import LLMEngine
@@ -66,6 +68,32 @@ def test_workers_hold_only_their_experts(ray_engine):
     copies = executor.placement.experts_per_rank().sum(dim=0).tolist()  # [N]
     assert executor.expert_bytes == [c * per_expert for c in copies]
     assert sum(copies) < 2 * executor.model_config.num_hidden_layers * executor.model_config.num_local_experts
+
+
+def test_rebalancing_mid_stream_changes_nothing(ray_engine):
+    executor = ray_engine.executor
+    expected = [out.token_ids for out in ray_engine.generate(list(PROMPTS), GREEDY)]
+    cfg = executor.model_config
+    load = torch.rand(
+        cfg.num_hidden_layers, cfg.num_local_experts, generator=torch.Generator().manual_seed(1)
+    )
+    plan, _ = plan_placement(load**4, workers=2, redundant=3)  # [L, E] skewed
+    assert plan != executor.placement
+    for i, prompt in enumerate(PROMPTS):
+        ray_engine.add_request(f"r{i}", prompt, GREEDY)
+    final = {}
+    for step in range(40):
+        if step == 3:
+            executor.apply_placement(plan)  # between steps, requests in flight
+        for out in ray_engine.step():
+            if out.finished:
+                final[out.request_id] = out.token_ids
+        if not ray_engine.has_unfinished():
+            break
+    assert [final[f"r{i}"] for i in range(len(PROMPTS))] == expected
+    assert executor.placement == plan
+    per_expert = expert_bytes(cfg, "auto")
+    assert executor.expert_bytes == [c * per_expert for c in plan.experts_per_rank().sum(dim=0).tolist()]
 
 
 def test_missing_bundles_fail_with_what_is_missing(cluster, tiny_model_dir):
