@@ -20,7 +20,7 @@ from moe_runtime.cluster.placement import (
     shared_bytes,
 )
 
-from moe_runtime.config import ModelConfig, PlacementConfig, load_config
+from moe_runtime.config import ModelConfig, PlacementConfig, RuntimeConfig, load_config
 from moe_runtime.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,3 +197,13 @@ def test_every_pair_computed_exactly_once(seed):
             here = slots[r] >= 0
             local = torch.tensor(PLAN.local_experts(r, layer))
             assert (local[slots[r][here]] == topk_ids[here]).all()  # the slot holds the routed expert
+
+
+def test_ray_preset_and_deploy_config(mixtral):
+    assert load_config(ROOT / "configs" / "tiny-ray-2-workers.yaml").placement.workers == 2
+    docs = list(yaml.safe_load_all((ROOT / "cluster" / "deploy" / "kuberay-raycluster.yaml").read_text()))
+    serve = yaml.safe_load(docs[0]["data"]["serve.yaml"])
+    cfg = RuntimeConfig.model_validate(serve)
+    assert cfg.executor == "ray"
+    resolve_placement(cfg.placement, mixtral)  # Mixtral-8x7B fits the stated per-rank budget
+    assert yaml.safe_load((ROOT / "cluster" / "deploy" / "ray-cluster.yaml").read_text())["provider"]
