@@ -13,7 +13,7 @@ Each pair is computed on exactly one rank and the others add exact zeros. The ba
 and then add a token's k pairs in x's dtype (`torch`, `triton`) therefore give the local result's bits for
 top-2 routing (Mixtral): a + b == b + a. Equal up to rounding otherwise: the `reference` backend (one fp32
 sum, one rounding), A > 2, or a replicated expert, whose GEMM runs on fewer rows and may be blocked
-differently (on CPU, the torch backend also switches 16-bit groups of >= 32 rows to fp32).
+differently (on CPU, the torch backend also runs 16-bit groups above a row threshold in fp32).
 """
 
 from __future__ import annotations
