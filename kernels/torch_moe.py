@@ -23,8 +23,8 @@ from moe_runtime.kernels.reference import RoutingResult
 
 # Rows per expert from which a 16-bit expert runs in fp32 on CPU. Measured on a 2-core AVX2 EPYC: bf16
 # [n, 1024] x [1024, 7168] costs ~1.5 ms per row, the fp32 one ~0.5 ms per row plus ~6 ms to convert
-# the weights; the crossover is between 16 and 32 rows.
-UPCAST_MIN_ROWS = 32
+# the weights; the crossover moved between 8 and 32 rows with the load from other processes.
+UPCAST_MIN_ROWS = 16
 
 
 def _compute_dtype(rows: torch.Tensor) -> torch.dtype:

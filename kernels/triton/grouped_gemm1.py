@@ -112,6 +112,9 @@ def grouped_gemm1(hidden: torch.Tensor, w13: torch.Tensor, aligned: AlignedRouti
         raise ValueError(f"w13 must be [S, 2I, H={H}], got {tuple(w13.shape)}")
     if w13.dtype != hidden.dtype:
         raise ValueError(f"w13 dtype {w13.dtype} differs from hidden dtype {hidden.dtype}")
+    if not hidden.is_cuda and hidden.dtype == torch.bfloat16:
+        # The interpreter holds bf16 as raw uint16 bits, so its arithmetic is wrong (see issue 4).
+        raise ValueError("bf16 needs a GPU; under TRITON_INTERPRET=1 use fp32 or fp16")
     if aligned.block_m != config.block_m:
         raise ValueError(f"aligned with block_m={aligned.block_m} but config.block_m={config.block_m}")
     inter_size = two_i // 2

@@ -107,6 +107,9 @@ def grouped_gemm2(
         raise ValueError(f"inter must be [T*k={T * k}, I={inter_size}], got {tuple(inter.shape)}")
     if w2.dtype != inter.dtype:
         raise ValueError(f"w2 dtype {w2.dtype} differs from inter dtype {inter.dtype}")
+    if not inter.is_cuda and inter.dtype == torch.bfloat16:
+        # The interpreter holds bf16 as raw uint16 bits, so its arithmetic is wrong (see issue 4).
+        raise ValueError("bf16 needs a GPU; under TRITON_INTERPRET=1 use fp32 or fp16")
     if aligned.block_m != config.block_m or aligned.top_k != k:
         raise ValueError(f"aligned (block_m={aligned.block_m}, top_k={aligned.top_k}) does not match "
                          f"config.block_m={config.block_m}, weights top_k={k}")  # fmt: skip

@@ -12,7 +12,7 @@ from moe_cases import CASES, make_inputs
 from moe_runtime.kernels import fused_moe, route
 from moe_runtime.kernels.reference import RoutingResult, fused_moe_reference, route_reference
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 MIXTRAL = dict(H=4096, I=14336, E=8, k=2)
 BACKENDS = ("triton", "torch")

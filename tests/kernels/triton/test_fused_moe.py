@@ -35,3 +35,10 @@ def test_no_tokens():
     x = make_inputs(CASES[0], torch.float32, DEVICE)
     empty = fused_moe_triton(x.hidden[:0], x.w13, x.w2, type(x.routing)(x.routing.weights[:0], x.routing.ids[:0]))
     assert empty.shape == (0, CASES[0].H)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter only")
+def test_bf16_is_refused_by_the_interpreter():
+    x = make_inputs(CASES[0], torch.bfloat16)
+    with pytest.raises(ValueError, match="bf16 needs a GPU"):
+        fused_moe_triton(x.hidden, x.w13, x.w2, x.routing, None, TEST_TILES)

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The one GPU check: environment, the GPU tests, then the kernel benchmark, in under 8 minutes.
+#
+#   bash bench/gpu_check.sh            # from the repo root on a CUDA machine
+#   OUT=/some/dir bash bench/gpu_check.sh   # also writes env.txt, pytest_gpu.txt, kernels_bench.md there
+#   BENCH_ARGS='--shapes mini --m 1,16' bash bench/gpu_check.sh   # a shorter benchmark
+#
+# Works without installing anything: the lent GPU machine has torch and triton (2.11 / 3.6 there) but
+# no network and not every runtime dependency, so the package is put on PYTHONPATH through a shadow
+# tree that maps moe_runtime.kernels -> kernels/ (the same mapping as pyproject's package-dir), and the
+# kernel tests run with --noconftest (the suite-wide conftest imports the whole runtime).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+OUTDIR=${OUT:-}
+[ -n "$OUTDIR" ] && mkdir -p "$OUTDIR"
+tee_out() { if [ -n "$OUTDIR" ]; then tee "$OUTDIR/$1"; else cat; fi; }
+status=0
+
+# 1. Import path: a shadow moe_runtime/ whose entries link to the repo's, plus kernels/ and cluster/.
+SHADOW=$(mktemp -d)
+mkdir "$SHADOW/moe_runtime"
+for entry in moe_runtime/*; do ln -s "$ROOT/$entry" "$SHADOW/moe_runtime/"; done
+ln -s "$ROOT/kernels" "$SHADOW/moe_runtime/kernels"
+[ -d cluster ] && ln -s "$ROOT/cluster" "$SHADOW/moe_runtime/cluster"
+export PYTHONPATH="$SHADOW:$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # ROOT for `tests.*` imports
+export PYTHONSAFEPATH=1  # never put the cwd (the repo root, whose moe_runtime/ lacks kernels/) first
+export PYTHONUNBUFFERED=1
+
+# 2. Environment.
+{
+  echo "== $(date -u +%FT%TZ) $(hostname)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv 2>&1
+  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')"
+  $PY -c "import moe_runtime.kernels as k; print('moe_runtime.kernels from', k.__file__)"
+} 2>&1 | tee_out env.txt
+
+# 3. GPU tests: the kernels' own (no conftest needed), then the rest of the suite's gpu tests if it imports.
+echo "== pytest -m gpu tests/kernels"
+timeout 240 $PY -m pytest -m gpu tests/kernels --noconftest -p no:cacheprovider -q -rfE 2>&1 | tee_out pytest_gpu.txt
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+echo "== pytest -m gpu (rest of the suite; needs the full runtime's dependencies)"
+timeout 90 $PY -m pytest -m gpu --ignore=tests/kernels -p no:cacheprovider -q -rfE 2>&1 | tail -n 15 | tee_out pytest_gpu_rest.txt
+
+# 4. Benchmark: Mixtral-8x7B and mini shapes, bf16, the issue's M list (BENCH_ARGS overrides).
+echo "== bench/kernels.py"
+BENCH_OUT=${OUTDIR:+$OUTDIR/kernels_bench.md}
+# shellcheck disable=SC2086
+timeout 240 $PY bench/kernels.py ${BENCH_ARGS:---shapes mixtral,mini --dtype bf16 --repeats 25} ${BENCH_OUT:+--out "$BENCH_OUT"}
+[ $? -eq 0 ] || status=1
+
+rm -rf "$SHADOW"
+echo "== gpu_check done, status $status"
+exit $status

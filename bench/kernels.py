@@ -1,0 +1,206 @@
+"""Fused MoE benchmark: ours vs a naive per-expert loop, and vs torch._grouped_mm (CUDA) or the reference (CPU).
+
+    .venv/bin/python bench/kernels.py                                  # CUDA if present, else CPU
+    .venv/bin/python bench/kernels.py --shapes mini --m 1,16,128 --repeats 3 --out table.md
+
+Ours is `fused_moe(backend="auto")`: the Triton kernels on CUDA, the torch backend on CPU. Routing is fixed
+before timing (random router logits, top-2) and every method gets the same inputs. Per row it prints time,
+TFLOP/s (6 * M * k * H * I flops), GB/s and % of the HBM roofline, where the bytes are the active experts'
+weights plus the hidden states in and out, and the roofline is those bytes at the device's peak bandwidth.
+CUDA times are triton.testing.do_bench medians (L2 flushed between runs); CPU times are the best of
+`--repeats` interleaved rounds (the methods take turns, so load from other processes hits them alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from moe_runtime.kernels import fused_moe, route
+from moe_runtime.kernels.reference import RoutingResult, fused_moe_reference
+
+# Mixtral-8x7B-v0.1 (../shared/fixtures config.json) and the embedded `mini` preset.
+SHAPES = {
+    "mixtral": dict(H=4096, I=14336, E=8, k=2),
+    "mini": dict(H=1024, I=3584, E=8, k=2),
+}
+ISSUE_M = (1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 4096)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Peak HBM bandwidth, bytes/s, by a substring of torch.cuda.get_device_name() (vendor datasheets).
+PEAK_BANDWIDTH = {
+    "H200": 4.8e12,
+    "H100 NVL": 3.9e12,
+    "H100 PCIe": 2.0e12,
+    "H100": 3.35e12,  # SXM5, HBM3
+    "A100-SXM4-80GB": 2.039e12,
+    "A100": 1.555e12,
+}
+
+
+def naive_loop(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing: RoutingResult) -> torch.Tensor:
+    """The baseline everyone writes first: for each expert, find its tokens, two GEMMs, index_add.
+    hidden [T, H], w13 [E, 2I, H], w2 [E, H, I] -> [T, H]."""
+    out = torch.zeros_like(hidden)
+    for e in range(w13.shape[0]):
+        token, kpos = torch.where(routing.ids == e)
+        if token.numel() == 0:
+            continue
+        gate, up = F.linear(hidden[token], w13[e]).chunk(2, dim=-1)
+        y = F.linear(F.silu(gate) * up, w2[e]) * routing.weights[token, kpos, None]
+        out.index_add_(0, token, y.to(out.dtype))
+    return out
+
+
+def grouped_mm_baseline(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing: RoutingResult):
+    """torch._grouped_mm over tokens already sorted by expert (the sort is not timed, only the GEMMs and
+    the SwiGLU between them). Returns the timed closure."""
+    k = routing.top_k
+    flat = routing.ids.flatten().long()
+    order = torch.argsort(flat, stable=True)
+    offs = torch.bincount(flat, minlength=w13.shape[0]).cumsum(0).to(torch.int32)
+    rows = hidden[order // k].contiguous()  # [T*k, H] sorted by expert
+    w13_t, w2_t = w13.transpose(1, 2), w2.transpose(1, 2)
+
+    def run():
+        gate, up = torch._grouped_mm(rows, w13_t, offs=offs).chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(gate) * up, w2_t, offs=offs)
+
+    return run
+
+
+@dataclass(frozen=True)
+class Row:
+    shape: str
+    dtype: str
+    M: int
+    times_ms: dict[str, float]  # method -> time
+    flops: float
+    bytes: float
+
+
+def time_cpu(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best of `repeats` interleaved rounds after one warm-up, in ms."""
+    best = {name: float("inf") for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
+    return best
+
+
+def time_cuda(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    import triton.testing
+
+    out = {}
+    for name, fn in fns.items():
+        try:
+            out[name] = triton.testing.do_bench(fn, warmup=10, rep=max(repeats, 20))
+        except (RuntimeError, NotImplementedError) as err:  # e.g. _grouped_mm unsupported on this GPU
+            print(f"  {name}: skipped ({str(err).splitlines()[0][:80]})")
+            out[name] = float("nan")
+    return out
+
+
+def bench_one(shape_name: str, dtype_name: str, M: int, device: torch.device, repeats: int, weights) -> Row:
+    s = SHAPES[shape_name]
+    dtype = DTYPES[dtype_name]
+    w13, w2 = weights
+    g = torch.Generator().manual_seed(M)
+    hidden = torch.randn(M, s["H"], generator=g).to(device, dtype)
+    routing = route(torch.randn(M, s["E"], generator=g).to(device), s["k"])
+    fns: dict[str, Callable[[], object]] = {
+        "ours": lambda: fused_moe(hidden, w13, w2, routing),
+        "naive": lambda: naive_loop(hidden, w13, w2, routing),
+    }
+    if device.type == "cuda":
+        try:
+            fns["grouped_mm"] = grouped_mm_baseline(hidden, w13, w2, routing)
+        except (RuntimeError, AttributeError) as err:
+            print(f"  grouped_mm: skipped ({str(err).splitlines()[0][:80]})")
+        times = time_cuda(fns, repeats)
+    else:
+        fns["reference"] = lambda: fused_moe_reference(hidden, w13, w2, routing)
+        times = time_cpu(fns, repeats)
+    active = int(torch.unique(routing.ids).numel())
+    elem = hidden.element_size()
+    return Row(
+        shape=shape_name,
+        dtype=dtype_name,
+        M=M,
+        times_ms=times,
+        flops=6.0 * M * s["k"] * s["H"] * s["I"],
+        bytes=float(active * 3 * s["H"] * s["I"] * elem + 2 * M * s["H"] * elem),
+    )
+
+
+def format_table(rows: list[Row], peak_bw: float | None) -> str:
+    methods = list(rows[0].times_ms)
+    baselines = [m for m in methods if m != "ours"]
+    head = ["shape", "dtype", "M", *[f"{m} ms" for m in methods], *[f"{m} / ours" for m in baselines],
+            "ours TFLOP/s", "ours GB/s", "% HBM roofline"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ours_s = r.times_ms["ours"] / 1e3
+        cells = [r.shape, r.dtype, str(r.M)]
+        cells += [f"{r.times_ms[m]:.3f}" for m in methods]
+        cells += [f"{r.times_ms[m] / r.times_ms['ours']:.2f}x" for m in baselines]
+        cells += [f"{r.flops / ours_s / 1e12:.3f}", f"{r.bytes / ours_s / 1e9:.1f}"]
+        cells += [f"{100 * r.bytes / peak_bw / ours_s:.0f}%" if peak_bw else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def describe_device(device: torch.device) -> tuple[str, float | None]:
+    if device.type != "cuda":
+        import os
+        import platform
+
+        return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}", None
+    name = torch.cuda.get_device_name(device)
+    peak = next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
+    return f"{name} (peak HBM {peak / 1e12:.2f} TB/s)" if peak else name, peak
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="mixtral,mini", help="comma list of " + ",".join(SHAPES))
+    p.add_argument("--m", default=",".join(map(str, ISSUE_M)), help="comma list of token counts")
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--repeats", type=int, default=3, help="CPU: rounds; CUDA: do_bench ms budget (>= 20)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="also write the markdown table to this file")
+    args = p.parse_args()
+
+    device = torch.device(args.device)
+    desc, peak_bw = describe_device(device)
+    header = f"fused MoE, {desc}, torch {torch.__version__}"
+    print(header, flush=True)
+    rows: list[Row] = []
+    for shape_name in args.shapes.split(","):
+        s = SHAPES[shape_name]
+        g = torch.Generator(device=device).manual_seed(0)
+        kw = dict(generator=g, dtype=DTYPES[args.dtype], device=device)
+        w13 = torch.randn(s["E"], 2 * s["I"], s["H"], **kw) / s["H"] ** 0.5  # [E, 2I, H]
+        w2 = torch.randn(s["E"], s["H"], s["I"], **kw) / s["I"] ** 0.5  # [E, H, I]
+        for M in map(int, args.m.split(",")):
+            row = bench_one(shape_name, args.dtype, M, device, args.repeats, (w13, w2))
+            rows.append(row)
+            print(format_table([row], peak_bw).splitlines()[-1], flush=True)
+        del w13, w2
+    table = format_table(rows, peak_bw)
+    print("\n" + header + "\n" + table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(header + "\n\n" + table + "\n")
+
+
+if __name__ == "__main__":
+    main()
