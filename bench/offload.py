@@ -1,0 +1,212 @@
+"""Expert offloading: tokens/s and cache behaviour against the all-resident run, same checkpoint, same process.
+
+    .venv/bin/python bench/offload.py                                   # tiny-trained and mini, CPU, mmap tier
+    .venv/bin/python bench/offload.py --models tiny-trained --batches 1 --miss auto --prefetch on,off
+    .venv/bin/python bench/offload.py --device cuda --tier pinned        # on a lent GPU (bench/gpu_check.sh)
+
+Workload: B prompts (Python snippets through the model's tokenizer), greedy, `--tokens` new tokens each,
+through the engine (KV cache, batching). For each resident budget S in {E, 3E/4, E/2, E/4} x prefetch x
+miss policy it reports tokens/s (prefill + decode), the ratio to the all-resident engine, the hit rate,
+prefetch accuracy (guessed experts used / guessed), seconds stalled on weights, MB moved, and whether the
+greedy tokens equal the all-resident run's. Each configuration is timed `--repeats` times after a warm-up
+generate and the best time is kept (stats cover the timed runs).
+With `--rss` (CPU, mmap tier, E/4, mini) a fresh process also reports peak RSS (VmHWM) against the issue's
+bound: non-expert weights + resident experts + KV + 300 MB, and the interpreter floor (no weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import moe_runtime.engine.executor as executor_module
+from moe_runtime.cli import env_defaults
+from moe_runtime.config import load_config
+from moe_runtime.engine.llm_engine import LLMEngine
+from moe_runtime.engine.sampling_params import SamplingParams
+
+SNIPPETS = (
+    "def __init__(self, name, value=None):\n    self.name = name\n",
+    "import os\nimport sys\n\nfor path in sys.argv[1:]:\n    print(os.path",
+    "class Error(Exception):\n    \"\"\"Base class for errors in this module.\"\"\"\n",
+    "    if not isinstance(key, str):\n        raise TypeError(f\"key must be",
+    "with open(filename, 'rb') as f:\n    data = f.read()\n    return",
+    "    try:\n        return self._cache[key]\n    except KeyError:\n",
+)
+MB = 1024 * 1024
+
+
+def model_dir(name: str, cache: Path) -> Path:
+    path = cache / name
+    if not (path / "config.json").exists():
+        if name == "tiny-trained":
+            from moe_runtime.model.tiny_trained import write_tiny_trained
+
+            write_tiny_trained(path)
+        else:
+            from moe_runtime.model.init_model import init_model
+
+            print(f"creating {name} checkpoint in {path} ...", flush=True)
+            init_model(name, path, seed=0)
+    return path
+
+
+def make_engine(path: Path, args, batch: int, offload: list[str]) -> LLMEngine:
+    blocks = batch * ((64 + args.tokens) // 16 + 2)  # enough KV for every request at once, no more
+    sets = [f"model.path={path}", f"model.device={args.device}", f"model.dtype={args.dtype}",
+            f"cache.num_blocks={blocks}", f"engine.max_num_seqs={batch}", f"engine.num_threads={args.threads}",
+            *offload]
+    cfg = load_config(overrides=sets)
+    real = executor_module.load_model
+    # Until LocalExecutor passes offload=cfg.offload itself (a no-op once it does).
+    executor_module.load_model = lambda *a, **kw: real(*a, **{**kw, "offload": cfg.offload})
+    try:
+        return LLMEngine(cfg)
+    finally:
+        executor_module.load_model = real
+
+
+def run(engine: LLMEngine, prompts: list[list[int]], tokens: int, repeats: int = 1) -> tuple[float, list[list[int]]]:
+    """Best wall time of `repeats` greedy generates after a warm-up (store stats cover the timed runs)."""
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm-up
+    store = engine.executor.model.expert_store
+    if store is not None:
+        store.reset_stats()
+    cuda = engine.executor.model.device.type == "cuda"
+    best = float("inf")
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        outs = engine.generate(prompts, params)
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best, [o.token_ids for o in outs]
+
+
+def bench_model(name: str, args, cache: Path) -> list[str]:
+    path = model_dir(name, cache)
+    E = json.loads((path / "config.json").read_text())["num_local_experts"]
+    budgets = sorted({max(2, round(E * f)) for f in args.fractions}, reverse=True)
+    rows = []
+    for batch in args.batches:
+        base = make_engine(path, args, batch, [])
+        prompts = [base.tokenizer.encode(SNIPPETS[i % len(SNIPPETS)]) for i in range(batch)]
+        base_s, base_tokens = run(base, prompts, args.tokens, args.repeats)
+        base.shutdown()
+        base_tps = batch * args.tokens / base_s
+        rows.append(f"| {name} | {batch} | {E}/{E} (all resident) | - | - | {base_tps:.1f} | 1.00 | - | - | - | - | - |")
+        print(rows[-1], flush=True)
+        for S in budgets:
+            for prefetch in args.prefetch:
+                for miss in args.miss:
+                    offload = ["offload.enabled=true", f"offload.resident_experts_per_layer={S}",
+                               f"offload.prefetch={prefetch == 'on'}", f"offload.miss={miss}",
+                               f"offload.host_tier={args.tier}", f"offload.policy={args.policy}"]
+                    engine = make_engine(path, args, batch, offload)
+                    secs, tokens = run(engine, prompts, args.tokens, args.repeats)
+                    st = engine.executor.model.expert_store.stats()
+                    engine.executor.model.expert_store.close()
+                    engine.shutdown()
+                    tps = batch * args.tokens / secs
+                    acc = f"{st.prefetch_accuracy:.2f}" if prefetch == "on" else "-"
+                    rows.append(f"| {name} | {batch} | {S}/{E} | {prefetch} | {miss} | {tps:.1f} | {tps / base_tps:.2f} "
+                                f"| {st.hit_rate:.2f} | {acc} | {st.stall_s:.2f} | {st.bytes_moved / MB:.0f} "
+                                f"| {'yes' if tokens == base_tokens else 'NO'} |")
+                    print(rows[-1], flush=True)
+    return rows
+
+
+RSS_PROBE = r"""
+import json, sys, torch
+def hwm():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+sys.path.insert(0, sys.argv[4])
+from offload import make_engine, run, SNIPPETS
+import argparse
+args = argparse.Namespace(device="cpu", dtype="auto", threads=1, tokens=int(sys.argv[3]))
+path, S = sys.argv[1], int(sys.argv[2])
+if S == 0:  # the floor: imports and the model skeleton on the meta device, no weights
+    from moe_runtime.config import ModelConfig
+    from moe_runtime.model.mixtral import MixtralForCausalLM
+    with torch.device("meta"):
+        MixtralForCausalLM(ModelConfig.from_pretrained(path))
+    print(json.dumps({"hwm": hwm()})); sys.exit(0)
+engine = make_engine(path, args, 1, ["offload.enabled=true", f"offload.resident_experts_per_layer={S}",
+                                     "offload.host_tier=mmap", "offload.miss=fetch"])
+run(engine, [engine.tokenizer.encode(SNIPPETS[0])], args.tokens)
+model, store = engine.executor.model, engine.executor.model.expert_store
+nonexpert = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".w13" not in n and ".w2" not in n)
+kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in engine.executor.runner.kv_caches)
+print(json.dumps({"hwm": hwm(), "nonexpert": nonexpert, "resident": store.device_bytes(), "kv": kv,
+                  "hit_rate": store.stats().hit_rate}))
+"""
+
+
+def rss_rows(name: str, args, cache: Path) -> list[str]:
+    path = model_dir(name, cache)
+    E = json.loads((path / "config.json").read_text())["num_local_experts"]
+    here = str(Path(__file__).resolve().parent)
+
+    def probe(S: int) -> dict:
+        out = subprocess.run([sys.executable, "-c", RSS_PROBE, str(path), str(S), str(args.tokens), here],
+                             capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    floor, p = probe(0)["hwm"], probe(max(2, E // 4))
+    bound = p["nonexpert"] + p["resident"] + p["kv"] + 300 * MB
+    return [f"| {name} | {max(2, E // 4)}/{E} | {p['hwm'] / MB:.0f} | {bound / MB:.0f} | {floor / MB:.0f} "
+            f"| {p['nonexpert'] / MB:.0f} | {p['resident'] / MB:.0f} | {p['kv'] / MB:.1f} "
+            f"| {'yes' if p['hwm'] <= bound else 'no'} | {(p['hwm'] - floor) / MB:.0f} |"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="expert offloading vs all-resident")
+    ap.add_argument("--models", default="tiny-trained,mini")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--tier", default=None, help="pinned | mmap (default: mmap on CPU, pinned on CUDA)")
+    ap.add_argument("--policy", default="lru")
+    ap.add_argument("--fractions", default="1,0.75,0.5,0.25")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--miss", default="fetch,host_compute,auto")
+    ap.add_argument("--prefetch", default="on,off")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per configuration; the best is kept")
+    ap.add_argument("--rss", action="store_true", help="also measure peak RSS on mini (mmap, E/4) in a subprocess")
+    ap.add_argument("--out", type=Path, default=None, help="write the markdown tables here too")
+    args = ap.parse_args()
+    args.tier = args.tier or ("pinned" if args.device.startswith("cuda") else "mmap")
+    args.fractions = [float(f) for f in args.fractions.split(",") if float(f) < 1.0]
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.miss, args.prefetch = args.miss.split(","), args.prefetch.split(",")
+    cache = Path(env_defaults()["cache_dir"]) / "bench"
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    lines = [f"Machine: {device}, {args.threads} torch thread(s), torch {torch.__version__}; tier {args.tier}, "
+             f"policy {args.policy}, {args.tokens} new tokens per request, greedy, best of {args.repeats}.", "",
+             "| model | batch | resident/E | prefetch | miss | tok/s | vs all-resident | hit rate | prefetch acc "
+             "| stall s | MB moved | same tokens |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for name in args.models.split(","):
+        lines += bench_model(name, args, cache)
+    if args.rss:
+        lines += ["", "| model | resident/E | peak RSS MB | bound MB (non-expert + resident + KV + 300) | floor MB "
+                  "| non-expert MB | resident MB | KV MB | within bound | above floor MB |",
+                  "|---|---|---|---|---|---|---|---|---|---|", *rss_rows("mini", args, cache)]
+        print("\n".join(lines[-3:]), flush=True)
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
