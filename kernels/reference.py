@@ -164,15 +164,15 @@ def grouped_gemm2_reference(
 ) -> torch.Tensor:
     """y[t, j] = weights[t, j] * w2[s] @ inter[t * k + j], the top-k rows that the combine sums.
 
-    inter: [T * k, I]; w2: [S, H, I]; weights: [T, k] fp32. Returns [T, k, H] in inter's dtype, computed
-    in fp32 and rounded once; rows of dropped pairs are zero so that summing over k ignores them.
+    inter: [T * k, I]; w2: [S, H, I]; weights: [T, k] fp32. Returns [T, k, H] fp32 (the combine sums
+    over k, then rounds once); rows of dropped pairs are zero so that summing over k ignores them.
     """
     T, k = weights.shape
     H = w2.shape[1]
-    out = torch.zeros(T * k, H, dtype=inter.dtype, device=inter.device)
+    out = torch.zeros(T * k, H, dtype=torch.float32, device=inter.device)
     pair, slot = _routed_rows(aligned, T * k)
     flat_w = weights.flatten().float()  # [T*k]
     for s in torch.unique(slot).tolist():
         p = pair[slot == s]
-        out[p] = (F.linear(inter[p].float(), w2[s].float()) * flat_w[p, None]).to(inter.dtype)
+        out[p] = F.linear(inter[p].float(), w2[s].float()) * flat_w[p, None]
     return out.view(T, k, H)

@@ -4,7 +4,8 @@
    active expert sees one contiguous slice: no per-expert `where` scans and no index_add chains.
 2. Per active expert: one GEMM against the fused w13 (gate and up in one pass over x), SwiGLU in place,
    one GEMM against w2, routing weight applied in fp32 as the reference does.
-3. Scatter the rows back to (token, k) order and sum over k (the same combine as the Triton backend).
+3. Scatter the fp32 rows back to (token, k) order, sum over k in fp32 and round once (the reference's
+   combine, and the Triton backend's).
 
 Why a loop over active experts and not `torch.nn.functional.grouped_mm`: on CPU (torch 2.13) grouped_mm
 runs the same per-group GEMMs (measured equal within noise, bench/kernels.py), and the loop lets each
@@ -54,9 +55,9 @@ def fused_moe_torch(
     """Same contract as `reference.fused_moe_reference`.
 
     hidden: [T, H]; w13: [S, 2I, H]; w2: [S, H, I]; routing ids/weights [T, k]; slot_map: [E] int or None
-    (-1 = not resident: contributes zero). Returns [T, H] in hidden's dtype. fp32 matches the reference
-    to rounding (bit-exact for k <= 2); 16-bit agrees within a few ulps of the output (groups of
-    >= UPCAST_MIN_ROWS rows on CPU are computed in fp32, i.e. more accurately than the reference).
+    (-1 = not resident: contributes zero). Returns [T, H] in hidden's dtype. Bit-identical to the
+    reference (same ops in the same order) except for 16-bit groups of >= UPCAST_MIN_ROWS rows on CPU,
+    which are computed in fp32: more accurate than the reference, and within a few output ulps of it.
     """
     T, H = hidden.shape
     S, k = w13.shape[0], routing.top_k
@@ -66,7 +67,7 @@ def fused_moe_torch(
     counts = torch.bincount(flat + 1, minlength=S + 1).tolist()  # [S+1], counts[0] = dropped
     weights = routing.weights.reshape(-1)[order]  # [T*k] fp32, sorted like the rows
     rows = hidden[order // k]  # [T*k, H] sorted by slot
-    sorted_out = torch.empty_like(rows)  # [T*k, H]
+    sorted_out = torch.empty(T * k, H, dtype=torch.float32, device=hidden.device)  # [T*k, H]
     sorted_out[: counts[0]] = 0
     start = counts[0]
     for s, n in enumerate(counts[1:]):
@@ -74,8 +75,8 @@ def fused_moe_torch(
             continue
         end = start + n
         y = _expert_mlp(rows[start:end], w13[s], w2[s])  # [n, H]
-        sorted_out[start:end] = y * weights[start:end, None]  # fp32 weight, rounded once on the copy
+        torch.mul(y, weights[start:end, None], out=sorted_out[start:end])  # fp32, as the reference keeps it
         start = end
-    out = torch.empty_like(sorted_out)
-    out[order] = sorted_out  # back to (token, k) order
-    return out.view(T, k, H).sum(dim=1)  # [T, H]
+    pairs = torch.empty_like(sorted_out)
+    pairs[order] = sorted_out  # back to (token, k) order
+    return pairs.view(T, k, H).sum(dim=1).to(hidden.dtype)  # [T, H], one rounding

@@ -25,8 +25,8 @@ def fused_moe_triton(
     """Same contract as `reference.fused_moe_reference`; config=None looks up the tuned table.
 
     hidden: [T, H]; w13: [S, 2I, H]; w2: [S, H, I]; routing ids [T, k] in [0, E); slot_map: [E] or None.
-    Returns [T, H] in hidden's dtype (fp32 accumulation inside each GEMM; the k rows are summed by torch,
-    which accumulates 16-bit inputs in fp32).
+    Returns [T, H] in hidden's dtype (fp32 accumulation inside each GEMM, the k rows summed in fp32 and
+    rounded once).
     """
     T, H = hidden.shape
     S, two_i, _ = w13.shape
@@ -41,5 +41,5 @@ def fused_moe_triton(
     slots = routing.ids if slot_map is None else slot_map.to(routing.ids.device)[routing.ids.long()]  # [T, k]
     aligned = align(slots, S, config.block_m)
     inter = grouped_gemm1(hidden, w13, aligned, config)  # [T*k, I]
-    rows = grouped_gemm2(inter, w2, aligned, routing.weights, config)  # [T, k, H]
-    return rows.sum(dim=1)  # [T, H]
+    rows = grouped_gemm2(inter, w2, aligned, routing.weights, config)  # [T, k, H] fp32
+    return rows.sum(dim=1).to(hidden.dtype)  # [T, H], one rounding

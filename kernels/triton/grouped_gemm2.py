@@ -1,10 +1,11 @@
 """Grouped GEMM 2: y[p] = weight[p] * inter[p] @ w2[s]^T over pairs sorted by slot, routing weight fused.
 
-The output keeps one row per (token, k) pair, [T, k, H], and the top-k combine is a separate sum over k.
+The output keeps one fp32 row per (token, k) pair, [T, k, H], and the top-k combine is a separate sum over
+k followed by one rounding to the activation dtype (the reference's order of operations).
 Why not atomics into [T, H]: bf16 atomic adds are unsupported in the interpreter and slow or missing on
 some GPUs, fp32 atomics would need a zeroed fp32 buffer plus a cast pass (the same traffic as the sum),
 and the order of atomic adds changes run to run, which breaks bit-reproducible serving. The k-row sum reads
-T*k*H values once, which is small next to the expert weights this GEMM streams.
+T*k*H fp32 values once, which is small next to the expert weights this GEMM streams.
 Reference: `reference.grouped_gemm2_reference`.
 """
 
@@ -24,7 +25,7 @@ def _grouped_gemm2_kernel(
     a_ptr,  # [T * top_k, K] SwiGLU output, one row per pair
     w_ptr,  # [S, N, K] down projection
     weights_ptr,  # [T * top_k] fp32 routing weight of each pair
-    out_ptr,  # [T * top_k, N] weighted rows, zero-initialised (dropped pairs stay zero)
+    out_ptr,  # [T * top_k, N] fp32 weighted rows, zero-initialised (dropped pairs stay zero)
     sorted_ids_ptr,  # [num_blocks * BLOCK_M] flat pair ids sorted by slot; padding = num_pairs
     block_slot_ptr,  # [num_blocks] slot of each M-block; -1 = unused
     # Dimensions
@@ -86,7 +87,7 @@ def _grouped_gemm2_kernel(
         w_ptrs += BLOCK_K * stride_wk
 
     # -----------------------------------------------------------
-    # Routing weight epilogue in fp32, one rounding, rows written back to their pair position.
+    # Routing weight epilogue; rows stay fp32 (the combine rounds once) at their pair position.
     weight = tl.load(weights_ptr + pair, mask=row_mask, other=0.0)
     acc = acc * weight[:, None]
     out_ptrs = out_ptr + pair64[:, None] * stride_op + offs_n[None, :] * stride_on
@@ -99,7 +100,8 @@ def grouped_gemm2(
     """Triton twin of `reference.grouped_gemm2_reference`.
 
     inter: [T * k, I] from grouped GEMM 1; w2: [S, H, I] same dtype; weights: [T, k] fp32.
-    Returns [T, k, H] in inter's dtype; `.sum(dim=1)` of it is the MoE output.
+    Returns [T, k, H] fp32; `.sum(dim=1).to(dtype)` of it is the MoE output (one rounding, as the
+    reference does).
     """
     T, k = weights.shape
     S, H, inter_size = w2.shape
@@ -114,7 +116,7 @@ def grouped_gemm2(
         raise ValueError(f"aligned (block_m={aligned.block_m}, top_k={aligned.top_k}) does not match "
                          f"config.block_m={config.block_m}, weights top_k={k}")  # fmt: skip
     flat_w = weights.reshape(-1).to(torch.float32).contiguous()  # [T*k]
-    out = torch.zeros(T * k, H, dtype=inter.dtype, device=inter.device)
+    out = torch.zeros(T * k, H, dtype=torch.float32, device=inter.device)
     num_blocks = aligned.block_slot.numel()
     grid = (num_blocks * triton.cdiv(H, config.block_n),)
     _grouped_gemm2_kernel[grid](
