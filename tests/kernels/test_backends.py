@@ -50,3 +50,21 @@ def test_route_on_cpu_is_the_reference(renormalize):
     got, want = route(logits, 2, renormalize), route_reference(logits, 2, renormalize)
     assert torch.equal(got.ids, want.ids) and torch.equal(got.weights, want.weights)
     assert got.ids.dtype == torch.int32 and got.weights.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_tiny_model_forward_with_each_backend(tiny_model_dir, backend):
+    """The model's MoE blocks through each backend give the reference backend's logits (fp32)."""
+    from moe_runtime.model.attention import AttentionMetadata
+    from moe_runtime.model.loader import load_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton on CPU = the interpreter
+    prompt = torch.tensor([1, 17, 245, 3, 99, 870, 12, 5, 640, 33, 7], device=device)
+    positions = torch.arange(len(prompt), device=device)
+    meta = AttentionMetadata.for_prompts([len(prompt)])
+    logits = {}
+    for name in ("reference", backend):
+        model = load_model(tiny_model_dir, dtype="float32", device=device, moe_backend=name)
+        logits[name] = model.compute_logits(model(prompt, positions, meta))
+    torch.testing.assert_close(logits[backend], logits["reference"], atol=1e-4, rtol=0)
+    assert torch.equal(logits[backend].argmax(-1), logits["reference"].argmax(-1))
