@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import signal
 import subprocess
@@ -60,6 +61,14 @@ def _ms(values: list[float], q: float) -> float:
         return 0.0
     s = sorted(values)
     return round(1000 * s[min(len(s) - 1, int(q * len(s)))], 2)
+
+
+def _median_row(runs: list[Run]) -> dict:
+    """The run with the median throughput (the machine is shared: single runs are noisy)."""
+    rows = sorted((r.row() for r in runs), key=lambda row: row["tok_per_s"])
+    row = rows[len(rows) // 2]
+    row["tok_per_s_all"] = [r["tok_per_s"] for r in rows]
+    return row
 
 
 def _record(run: Run, t0: float, stamps: list[float], cancelled: bool) -> None:
@@ -154,13 +163,13 @@ def start_server(model_dir: Path, overrides: list[str]) -> tuple[subprocess.Pope
     return proc, found[0]
 
 
-async def in_process(model_dir: Path, levels: list[int], load: tuple[int, int, int],
+async def in_process(model_dir: Path, levels: list[int], load: tuple[int, int, int, int],
                      overrides: list[str]) -> dict[int, dict]:
     engine = AsyncEngine(LLMEngine(load_config(overrides=[f"model.path={model_dir}", *overrides])))
     await engine.start()
     try:
         await engine_load(engine, 2, 1, 4, 10**9)  # warm-up
-        return {n: (await engine_load(engine, n, *load)).row() for n in levels}
+        return {n: _median_row([await engine_load(engine, n, *load[:3]) for _ in range(load[3])]) for n in levels}
     finally:
         await engine.shutdown()
 
@@ -169,7 +178,7 @@ def run_in_process_worker(model_dir: Path, args: argparse.Namespace) -> dict[int
     """The in-process baseline in a fresh interpreter too, so both sides start from the same process state."""
     cmd = [sys.executable, __file__, "--in-process-worker", "--model", str(model_dir), "--clients", args.clients,
            "--rounds", str(args.rounds), "--max-tokens", str(args.max_tokens), "--cancel-every",
-           str(args.cancel_every)]
+           str(args.cancel_every), "--repeat", str(args.repeat)]
     for item in args.set:
         cmd += ["--set", item]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -194,13 +203,14 @@ def main() -> None:
     ap.add_argument("--cancel-every", type=int, default=8, help="cancel every k-th request at half its tokens")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="config overrides for both runs (after cache.num_blocks=2048, engine.max_num_seqs=64)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per level; the median-throughput run is shown")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--in-process-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.set = ["cache.num_blocks=2048", "engine.max_num_seqs=64", *args.set]
     levels = [int(n) for n in args.clients.split(",")]
     if args.in_process_worker:
-        load = (args.rounds, args.max_tokens, args.cancel_every)
+        load = (args.rounds, args.max_tokens, args.cancel_every, args.repeat)
         print(json.dumps(asyncio.run(in_process(args.model, levels, load, args.set))))
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -213,7 +223,8 @@ def main() -> None:
         proc, address = start_server(model_dir, args.set)
         try:
             asyncio.run(grpc_load(address, 2, 1, 4, 10**9))  # warm-up
-            served = {n: asyncio.run(grpc_load(address, n, *load)).row() for n in levels}
+            served = {n: _median_row([asyncio.run(grpc_load(address, n, *load[:3])) for _ in range(args.repeat)])
+                      for n in levels}
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
@@ -224,6 +235,9 @@ def main() -> None:
         served[n]["vs_in_process"] = round(served[n]["tok_per_s"] / local[n]["tok_per_s"], 2) if local[n][
             "tok_per_s"] else ""
         rows += [local[n], served[n]]
+    print(f"# {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; {args.rounds} requests x "
+          f"{args.max_tokens} tokens per client, every {args.cancel_every}th cancelled at half; median of "
+          f"{args.repeat} runs")
     print_table(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

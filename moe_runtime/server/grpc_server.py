@@ -10,6 +10,7 @@ blocks. Each request ends with one JSON log line (id, tokens, timings, finish re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -45,19 +46,17 @@ class _Call:
     last: Any = None  # the engine's last RequestOutput
 
     def finish(self, telemetry: Telemetry | None, started: float) -> None:
+        """Count the call in telemetry (latencies only for requests that ran to a finish) and log its line."""
         out = self.last
         m = out.metrics if out is not None else None
-        reason = (out.finish_reason if out is not None and out.finished else None) or self.status.lower()
-        if telemetry is None:
-            pass
-        elif out is not None and (out.finished or self.status != "OK"):
-            telemetry.observe_request(reason, m.queue_time_s, m.ttft_s, m.e2e_s or time.monotonic() - m.arrival_time,
-                                      out.num_output_tokens)
-        elif self.status != "OK":
-            telemetry.observe_request(reason)
+        finished = out is not None and out.finished
+        if telemetry is not None and finished:
+            telemetry.observe_request(out.finish_reason, m.queue_time_s, m.ttft_s, m.e2e_s, out.num_output_tokens)
+        elif telemetry is not None and self.status != "OK":
+            telemetry.observe_request(self.status.lower())
         request_log.info(json.dumps({
             "event": "request", "rpc": self.rpc, "request_id": self.request_id, "status": self.status,
-            "finish_reason": out.finish_reason if out is not None else None,
+            "finish_reason": out.finish_reason if finished else None,
             "prompt_tokens": out.num_prompt_tokens if out is not None else 0,
             "completion_tokens": out.num_output_tokens if out is not None else 0,
             "queue_s": _round(m.queue_time_s if m else None), "ttft_s": _round(m.ttft_s if m else None),
@@ -100,21 +99,26 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     # -- generation ---------------------------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         resp = pb.GenerateResponse()
-        async for out in self._generate(request, context, "Generate"):
-            resp.request_id = out.request_id
-            resp.token_ids.extend(out.new_token_ids)
-            resp.logprobs.extend(logprobs_to_proto(out.logprobs))
-            if out.finished:
-                resp.text = out.text
-                resp.finish_reason = final_fields(out)["finish_reason"]
-                resp.usage.CopyFrom(final_fields(out)["usage"])
-                resp.timings.CopyFrom(final_fields(out)["timings"])
+        async with contextlib.aclosing(self._generate(request, context, "Generate")) as outputs:
+            async for out in outputs:
+                resp.request_id = out.request_id
+                resp.token_ids.extend(out.new_token_ids)
+                resp.logprobs.extend(logprobs_to_proto(out.logprobs))
+                if out.finished:
+                    resp.text = out.text
+                    final = final_fields(out)
+                    resp.finish_reason = final["finish_reason"]
+                    resp.usage.CopyFrom(final["usage"])
+                    resp.timings.CopyFrom(final["timings"])
         return resp
 
     async def GenerateStream(self, request: pb.GenerateRequest,
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
-        async for out in self._generate(request, context, "GenerateStream"):
-            yield chunk_to_proto(out)
+        # aclosing: when grpc drops this stream (cancel, deadline), the engine request is aborted now, not
+        # whenever the garbage collector finalizes the inner generator.
+        async with contextlib.aclosing(self._generate(request, context, "GenerateStream")) as outputs:
+            async for out in outputs:
+                yield chunk_to_proto(out)
 
     async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
                         rpc: str) -> AsyncIterator[Any]:
@@ -133,7 +137,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             async for out in stream:
                 call.last = out
                 yield out
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
             call.status = "CANCELLED"  # client cancel or deadline: the engine request is aborted below
             raise
         except EngineDeadError as e:

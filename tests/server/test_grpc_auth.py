@@ -43,7 +43,7 @@ def test_rejected_without_token(server, stub_for, request_for, rpc, metadata, wo
 
 def test_right_token_and_open_health(server):
     with GenerationClient(server.address, auth_token=TOKEN, timeout_s=10) as client:
-        assert len(client.generate(make_request("hi", sampling={"max_tokens": 2})).token_ids) == 2
+        assert len(client.generate(make_request("hi", sampling={"max_tokens": 2, "ignore_eos": True})).token_ids) == 2
     with GenerationClient(server.address, timeout_s=10) as client:
         with pytest.raises(ClientError, match="UNAUTHENTICATED"):
             client.model_info()
@@ -67,7 +67,7 @@ def test_tls_with_token(start_server, tls_files):
     cert, key = tls_files
     with start_server(f"server.tls_cert={cert}", f"server.tls_key={key}", auth_token=TOKEN) as srv:
         with GenerationClient(srv.address, auth_token=TOKEN, tls_ca=str(cert), timeout_s=10) as client:
-            assert len(client.generate(make_request("hi", sampling={"max_tokens": 2})).token_ids) == 2
+            assert len(client.generate(make_request("hi", sampling={"max_tokens": 2, "ignore_eos": True})).token_ids) == 2
         with GenerationClient(srv.address, auth_token=TOKEN, timeout_s=5) as plaintext:
             with pytest.raises(ClientError, match="UNAVAILABLE"):
                 plaintext.model_info()

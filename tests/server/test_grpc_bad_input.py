@@ -55,7 +55,8 @@ def _request(prompt, sampling: dict) -> pb.GenerateRequest:
 
 
 def _still_serving(stub) -> None:
-    resp = stub.Generate(pb.GenerateRequest(prompt="ok", sampling_params=pb.SamplingParams(max_tokens=2)), timeout=10)
+    ok = pb.GenerateRequest(prompt="ok", sampling_params=pb.SamplingParams(max_tokens=2, ignore_eos=True))
+    resp = stub.Generate(ok, timeout=10)
     assert len(resp.token_ids) == 2
 
 
@@ -88,7 +89,8 @@ def test_duplicate_request_id_in_flight(server, stub_for, request_for):
 
 def test_unknown_fields_are_ignored(server):
     """proto3 skips unknown fields: a newer client's extra field must not break an older server."""
-    known = pb.GenerateRequest(prompt="hi", sampling_params=pb.SamplingParams(max_tokens=2)).SerializeToString()
+    sampling = pb.SamplingParams(max_tokens=2, ignore_eos=True)
+    known = pb.GenerateRequest(prompt="hi", sampling_params=sampling).SerializeToString()
     unknown = bytes([0xC0, 0x3E, 0x01]) + bytes([0xCA, 0x3E, 0x03]) + b"abc"  # field 1000 varint, 1001 bytes
     with grpc.insecure_channel(server.address) as channel:
         call = channel.unary_unary("/moe_runtime.v1.GenerationService/Generate",

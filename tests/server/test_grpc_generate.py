@@ -12,10 +12,11 @@ from grpc_reflection.v1alpha import reflection_pb2 as rpb
 from moe_runtime.config import load_config
 from moe_runtime.engine import LLMEngine, SamplingParams
 from moe_runtime.server.client import accumulate
+from moe_runtime.server.convert import FINISH_REASONS
 from moe_runtime.v1 import generation_pb2 as pb
 
 CASES = (  # (prompt, sampling): greedy, seeded sampling with filters, token-id prompt with logprobs
-    ("Hello world", {"max_tokens": 8, "temperature": 0.0}),
+    ("Hello world", {"max_tokens": 8, "temperature": 0.0, "ignore_eos": False}),
     ("The experts route", {"max_tokens": 12, "temperature": 0.8, "top_k": 50, "top_p": 0.9, "seed": 1234}),
     ([1, 17, 300, 42, 9], {"max_tokens": 6, "temperature": 1.0, "seed": 7, "logprobs": True, "top_logprobs": 3}),
 )
@@ -35,7 +36,7 @@ def offline(tiny_model_dir):
 
 
 def _offline_params(sampling: dict) -> SamplingParams:
-    kw = {k: v for k, v in sampling.items() if k not in ("logprobs", "top_logprobs")}
+    kw = {"ignore_eos": True, **{k: v for k, v in sampling.items() if k not in ("logprobs", "top_logprobs")}}
     return SamplingParams(**kw, logprobs=sampling.get("top_logprobs") if sampling.get("logprobs") else None)
 
 
@@ -48,11 +49,11 @@ def test_unary_and_stream_equal_offline(server, offline, stub_for, request_for, 
     for got in (unary, streamed):
         assert list(got.token_ids) == want.token_ids
         assert got.text == want.text
-        assert got.finish_reason == pb.FINISH_REASON_LENGTH
+        assert got.finish_reason == FINISH_REASONS[want.finish_reason]
         assert got.usage.prompt_tokens == want.num_prompt_tokens
         assert got.usage.completion_tokens == len(want.token_ids)
         assert got.timings.total_s >= got.timings.time_to_first_token_s > 0
-    assert last.finish_reason == pb.FINISH_REASON_LENGTH  # only the last chunk carries it
+    assert last.finish_reason == FINISH_REASONS[want.finish_reason]  # only the last chunk carries it
     if sampling.get("logprobs"):
         for got in (unary, streamed):
             assert [lp.token_id for lp in got.logprobs] == want.token_ids
@@ -77,7 +78,7 @@ def test_request_id_generated_when_empty(server, stub_for, request_for):
 
 
 def test_stop_string_and_stop_token(server, offline, stub_for, request_for):
-    (free,) = offline.generate(["Hello world"], SamplingParams(max_tokens=8, temperature=0))
+    (free,) = offline.generate(["Hello world"], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     stub = stub_for(server)
     by_token = stub.Generate(request_for(max_tokens=8, temperature=0, stop_token_ids=[free.token_ids[2]]))
     assert list(by_token.token_ids) == free.token_ids[:3]

@@ -38,7 +38,7 @@ def test_list_and_describe(server):
 
 
 def test_stream_generation_and_stats_as_json(server):
-    body = json.dumps({"prompt": "Hello world", "sampling_params": {"max_tokens": 4, "temperature": 0}})
+    body = json.dumps({"prompt": "Hello world", "sampling_params": {"max_tokens": 4, "temperature": 0, "ignore_eos": True}})
     out = _grpcurl("-d", body, server.address, "moe_runtime.v1.GenerationService/GenerateStream")
     chunks = [json.loads(c) for c in out.replace("}\n{", "}\x00{").split("\x00")]
     assert sum(len(c.get("token_ids", [])) for c in chunks) == 4
