@@ -1,7 +1,8 @@
 """`moe-runtime stats --server HOST:PORT [--json]`: per-layer, per-expert load of a running server.
 
-The table is a heatmap of each expert's share of its layer's routed tokens over the telemetry window,
-with the layer's imbalance (max/mean, 1 = balanced) and normalized router entropy (1 = uniform). `--json`
+The table is a heatmap of each expert's share (%) of its layer's routed tokens over the telemetry window
+(green near the fair share 1/E, red at twice it), with the layer's imbalance (max/mean, 1 = balanced) and
+normalized router entropy (1 = uniform). `--json`
 prints the snapshot that `moe-runtime plan-placement --stats` reads.
 """
 
@@ -35,26 +36,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 def render(stats: dict[str, Any], key: str) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    rows = stats[key]
     span = "since start" if key.startswith("total") else f"last {stats['window_steps']} steps"
-    title = f"Expert load ({span}; {stats['tokens_processed']} tokens, top-{stats['top_k']})"
-    table = Table(title=title)
+    table = Table(title=f"% of each layer's routed tokens per expert ({span}; {stats['tokens_processed']} tokens, "
+                        f"top-{stats['top_k']})", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("layer", justify="right")
     for e in range(stats["experts"]):
         table.add_column(f"e{e}", justify="right")
-    table.add_column("imbalance", justify="right")
+    table.add_column("max/mean", justify="right")
     table.add_column("entropy", justify="right")
-    for layer, row in enumerate(rows):
+    for layer, row in enumerate(stats[key]):
         total = sum(row) or 1
         cells = [_heat(c / total, stats["experts"]) for c in row]
         table.add_row(str(layer), *cells, f"{stats['imbalance'][layer]:.2f}", f"{stats['entropy'][layer]:.3f}")
     console = Console()
     console.print(table)
-    console.print(f"mean imbalance {stats['mean_imbalance']:.2f}, mean entropy {stats['mean_entropy']:.3f}; "
-                  f"running {stats['num_running']}, waiting {stats['num_waiting']}, KV blocks "
+    console.print(f"mean max/mean {stats['mean_imbalance']:.2f}, mean entropy {stats['mean_entropy']:.3f} "
+                  f"(1 = uniform); running {stats['num_running']}, waiting {stats['num_waiting']}, KV blocks "
                   f"{stats['kv_blocks_used']}/{stats['kv_blocks_total']}")
 
 
@@ -62,4 +63,4 @@ def _heat(share: float, num_experts: int) -> str:
     """A share of the layer's tokens, coloured by how far it is from the fair share 1/E."""
     ratio = share * num_experts
     style = "green" if ratio < 1.25 else "yellow" if ratio < 2 else "bold red"
-    return f"[{style}]{share * 100:.1f}%[/]"
+    return f"[{style}]{share * 100:.0f}[/]"
