@@ -9,11 +9,11 @@ sees the same x [T, D] and routing. Per MoE layer:
      slot ids, and pairs computed elsewhere go to one extra id whose `slot_map` entry is -1 (contributes
      zero). The output [T, D] is this rank's share, in x's dtype.
   3. all_reduce(SUM) of the shares over the group.
-Each pair is computed on exactly one rank and the others add exact zeros. The backends that round each pair
-and then add a token's k pairs in x's dtype (`torch`, `triton`) therefore give the local result's bits for
-top-2 routing (Mixtral): a + b == b + a. Equal up to rounding otherwise: the `reference` backend (one fp32
-sum, one rounding), A > 2, or a replicated expert, whose GEMM runs on fewer rows and may be blocked
-differently (on CPU, the torch backend also runs 16-bit groups above a row threshold in fp32).
+Each pair is computed on exactly one rank and the others add exact zeros. In fp32 the result therefore has
+the local run's bits for top-2 routing (Mixtral; a + b == b + a) unless an expert is replicated, whose GEMM
+runs on fewer rows and may be blocked differently. In 16-bit dtypes the kernels sum a token's k pairs in fp32
+and round once, while each rank's share is rounded before the sum: within an ulp or two of the local run.
+TODO(cluster): ask `fused_moe` for its fp32 share (an out dtype), all_reduce that, round once: exact again.
 """
 
 from __future__ import annotations
