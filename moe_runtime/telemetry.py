@@ -9,7 +9,8 @@ which does the one host copy of the counts and keeps:
 - per-layer imbalance (max / mean over experts) and normalized router entropy (H(p) / log E) of the window;
 - latency histograms (queue time, time to first token, time per output token) fed once per finished
   request by the server;
-- expert-store counters (hits, misses, bytes moved) when the stats carry them (offloading, issue 6).
+- expert-store counters (hits, misses, bytes moved, prefetch accuracy) when the stats carry the store's
+  `OffloadStats` as `stats.offload` (offloading on; cumulative counters, copied as they are).
 
 `snapshot()` returns an `ExpertStatsSnapshot` (JSON-able via `to_dict()`; the placement planner reads the
 `tokens_per_expert` / `layers` / `experts` keys). A per-rank view (issue 7) slots in as one more field
@@ -109,14 +110,20 @@ class LatencySummary:
 class CacheCounters:
     """Expert-store counters since start (offloading); zero when offloading is off."""
 
-    hits: int = 0
-    misses: int = 0
-    bytes_moved: int = 0
+    hits: int = 0  # expert uses served by a resident slot
+    misses: int = 0  # expert uses that had to fetch or compute on the host
+    bytes_moved: int = 0  # expert weight bytes moved between tiers
+    prefetch_guessed: int = 0  # experts the look-ahead guessed
+    prefetch_used: int = 0  # guessed experts the layer then used
 
     @property
     def hit_rate(self) -> float:
         lookups = self.hits + self.misses
         return self.hits / lookups if lookups else 0.0
+
+    @property
+    def prefetch_accuracy(self) -> float:
+        return self.prefetch_used / self.prefetch_guessed if self.prefetch_guessed else 0.0
 
 
 @dataclass
@@ -148,6 +155,7 @@ class ExpertStatsSnapshot:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["cache"]["hit_rate"] = self.cache.hit_rate
+        out["cache"]["prefetch_accuracy"] = self.cache.prefetch_accuracy
         return out
 
 
@@ -178,6 +186,9 @@ def _add_into(acc: list[list[int]], counts: list[list[int]], sign: int) -> None:
     for acc_row, row in zip(acc, counts, strict=True):
         for e, c in enumerate(row):
             acc_row[e] += sign * c
+
+
+_CACHE_FIELDS = ("hits", "misses", "bytes_moved", "prefetch_guessed", "prefetch_used")
 
 
 def _counts_as_lists(counts: Any) -> list[list[int]]:
@@ -218,11 +229,9 @@ class Telemetry:
                 self.tokens_computed += int(getattr(stats, "step_num_tokens", 0) or 0)
                 self._last_step = steps
             self.last_stats = stats
-            self.cache = CacheCounters(
-                hits=int(getattr(stats, "cache_hits", 0) or 0),
-                misses=int(getattr(stats, "cache_misses", 0) or 0),
-                bytes_moved=int(getattr(stats, "cache_bytes_moved", 0) or 0),
-            )
+            offload = getattr(stats, "offload", None)
+            if offload is not None:
+                self.cache = CacheCounters(**{f: int(getattr(offload, f, 0)) for f in _CACHE_FIELDS})
 
     def observe_request(self, status: str, queue_s: float | None = None, ttft_s: float | None = None,
                         total_s: float | None = None, num_output_tokens: int = 0) -> None:

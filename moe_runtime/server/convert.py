@@ -68,7 +68,7 @@ def snapshot_to_proto(s: ExpertStatsSnapshot) -> pb.ExpertStats:
         num_preemptions=s.num_preemptions, time_to_first_token=_latency(s.time_to_first_token),
         time_per_output_token=_latency(s.time_per_output_token), queue_time=_latency(s.queue_time),
         cache=pb.CacheStats(hits=s.cache.hits, misses=s.cache.misses, bytes_moved=s.cache.bytes_moved,
-                            hit_rate=s.cache.hit_rate),
+                            hit_rate=s.cache.hit_rate, prefetch_accuracy=s.cache.prefetch_accuracy),
         tokens_processed=s.tokens_processed,
     )
 
@@ -101,5 +101,5 @@ def stats_to_dict(m: pb.ExpertStats) -> dict[str, Any]:
         "time_per_output_token": lat(m.time_per_output_token),
         "queue_time": lat(m.queue_time),
         "cache": {"hits": m.cache.hits, "misses": m.cache.misses, "bytes_moved": m.cache.bytes_moved,
-                  "hit_rate": m.cache.hit_rate},
+                  "hit_rate": m.cache.hit_rate, "prefetch_accuracy": m.cache.prefetch_accuracy},
     }

@@ -77,6 +77,10 @@ class TelemetryCollector(Collector):
                                   value=cache.misses)
         yield CounterMetricFamily(P + "expert_cache_bytes_moved", "Expert weight bytes moved between tiers",
                                   value=cache.bytes_moved)
+        yield CounterMetricFamily(P + "expert_prefetch_guessed", "Experts guessed by the look-ahead prefetch",
+                                  value=cache.prefetch_guessed)
+        yield CounterMetricFamily(P + "expert_prefetch_used", "Prefetch guesses the layer then used",
+                                  value=cache.prefetch_used)
 
 
 def _engine_families(stats: Any, snap: Any) -> Iterator[Metric]:

@@ -193,16 +193,18 @@ class LatencySummary(_message.Message):
     def __init__(self, count: _Optional[int] = ..., p50: _Optional[float] = ..., p99: _Optional[float] = ..., mean: _Optional[float] = ...) -> None: ...
 
 class CacheStats(_message.Message):
-    __slots__ = ("hits", "misses", "bytes_moved", "hit_rate")
+    __slots__ = ("hits", "misses", "bytes_moved", "hit_rate", "prefetch_accuracy")
     HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
     BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
     HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    PREFETCH_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     hits: int
     misses: int
     bytes_moved: int
     hit_rate: float
-    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., hit_rate: _Optional[float] = ...) -> None: ...
+    prefetch_accuracy: float
+    def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., hit_rate: _Optional[float] = ..., prefetch_accuracy: _Optional[float] = ...) -> None: ...
 
 class ExpertStats(_message.Message):
     __slots__ = ("num_layers", "num_experts", "top_k", "steps", "window_steps", "layers", "mean_imbalance", "mean_entropy", "num_running", "num_waiting", "kv_blocks_total", "kv_blocks_used", "num_preemptions", "time_to_first_token", "time_per_output_token", "queue_time", "cache", "tokens_processed")

@@ -63,3 +63,14 @@ def test_observe_step_counts_each_step_once_and_snapshot_is_json_shaped():
     assert snap["layers"] == 2 and snap["experts"] == 2 and snap["kv_blocks_used"] == 2
     assert snap["time_per_output_token"]["p50"] == pytest.approx(0.1)  # (0.5 - 0.1) / 4
     assert t.tokens_computed == 4 and t.finished_counts() == {"length": 1}
+
+
+def test_offload_counters_reach_the_snapshot():
+    from moe_runtime.offload.stats import OffloadStats
+
+    t = Telemetry(num_layers=1, num_experts=2, top_k=1)
+    offload = OffloadStats(hits=3, misses=1, bytes_moved=4096, prefetch_guessed=4, prefetch_used=3)
+    t.observe_step(SimpleNamespace(steps=1, router_counts=[[1, 0]], offload=offload))
+    cache = t.snapshot().to_dict()["cache"]
+    assert cache == {"hits": 3, "misses": 1, "bytes_moved": 4096, "prefetch_guessed": 4, "prefetch_used": 3,
+                     "hit_rate": 0.75, "prefetch_accuracy": 0.75}
