@@ -23,6 +23,7 @@ class OffloadStats:
     prefetch_guessed: int = 0  # experts guessed for a layer by the previous layer's look-ahead
     prefetch_used: int = 0  # guessed experts that the layer then actually used
     prefetch_loaded: int = 0  # guessed experts that were not resident and were copied ahead
+    prefetch_useful: int = 0  # of those loaded ahead, the ones the layer then used (misses avoided)
 
     @property
     def uses(self) -> int:

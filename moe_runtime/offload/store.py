@@ -58,11 +58,12 @@ class ExpertStore:
             for e in range(S):
                 tier.copy_into(layer, e, slots.w13[e], slots.w2[e])
                 slots.place(e, e)
-        self.mover = make_mover(self.device)
+        self.mover = make_mover(self.device, self._expert_bytes(self.layers[0]))
         if cost is None and offload.miss == "auto":
             cost = CostModel.calibrate(cfg, tier, self.device, dtype)
         self.cost = cost
-        self._guesses: list[list[int] | None] = [None] * cfg.num_hidden_layers  # look-ahead per layer
+        # per layer: the previous layer's (guess, guessed experts it loaded), scored when the layer runs
+        self._guesses: list[tuple[list[int], list[int]] | None] = [None] * cfg.num_hidden_layers
         self._stats = OffloadStats()
 
     # -----------------------------------------------------------------------------------------------------
@@ -164,31 +165,36 @@ class ExpertStore:
         """Guess `layer`'s experts from its gate on x [T, D] and start loading those not resident."""
         slots, st = self.layers[layer], self._stats
         guess = self._guess(layer, x)
-        self._guesses[layer] = guess
         st.prefetch_guessed += len(guess)
-        keep = set(guess)
-        for e in guess:
+        keep, loaded = set(guess), []
+        for e in guess:  # at most S guesses, so a slot outside `keep` always exists
             if slots.slot_of[e] >= 0:
                 continue
             slot = self._free_slot(slots, keep)
             w13, w2 = slots.w13[slot], slots.w2[slot]
             slots.pending[slot] = self.mover.submit(lambda e=e, w13=w13, w2=w2: self.tier.copy_into(layer, e, w13, w2))
             slots.place(e, slot)
+            loaded.append(e)
             st.prefetch_loaded += 1
             st.bytes_moved += self._expert_bytes(slots)
+        self._guesses[layer] = (guess, loaded)
 
     def _guess(self, layer: int, x: torch.Tensor) -> list[int]:
         """The experts layer `layer`'s gate picks most often for x [T, D], at most min(prefetch_experts, S)."""
         A = self.cfg.num_experts_per_tok
+        n = min(self.offload.prefetch_experts or A, self.num_slots)
         ids = torch.topk(self.gates[layer](x), A, dim=-1).indices  # [T, A] (softmax keeps the order)
-        counts = torch.bincount(ids.flatten(), minlength=self.cfg.num_local_experts)  # [E]
-        n = min(self.offload.prefetch_experts or A, self.num_slots, int((counts > 0).sum()))
-        return torch.topk(counts, n).indices.tolist()
+        if x.shape[0] == 1:  # decode of one sequence: its top-A, best first
+            return ids[0].tolist()[:n]
+        counts = torch.bincount(ids.flatten(), minlength=self.cfg.num_local_experts).tolist()  # [E]
+        ranked = sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e])
+        return ranked[:n]
 
     def _score_guess(self, layer: int, needed: list[int]) -> None:
         guess, self._guesses[layer] = self._guesses[layer], None
         if guess is not None:
-            self._stats.prefetch_used += len(set(guess).intersection(needed))
+            self._stats.prefetch_used += len(set(guess[0]).intersection(needed))
+            self._stats.prefetch_useful += len(set(guess[1]).intersection(needed))
 
     def _wait_ready(self, slots: LayerSlots, experts: list[int]) -> None:
         for e in experts:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moe_runtime.kernels import RoutingResult
 
 from moe_runtime.config import ModelConfig, OffloadConfig
+from moe_runtime.kernels import RoutingResult
 from moe_runtime.model.presets import preset_config
 from moe_runtime.offload import ExpertStore, LFUPolicy, LRUPolicy
 

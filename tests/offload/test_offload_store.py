@@ -8,10 +8,10 @@ from unittest import mock
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from moe_runtime.kernels import RoutingResult, fused_moe
 
 import moe_runtime.offload.store as store_module
 from moe_runtime.config import ModelConfig, OffloadConfig
+from moe_runtime.kernels import RoutingResult, fused_moe
 from moe_runtime.model.presets import preset_config
 from moe_runtime.offload import CostModel, ExpertStore
 
@@ -76,7 +76,7 @@ def test_needed_experts_are_never_evicted(slots, policy, miss, prefetch, steps, 
     s = store.stats()
     assert s.hits + s.misses == uses
     assert s.fetched + s.host_computed == s.misses
-    assert s.prefetch_used <= s.prefetch_guessed
+    assert s.prefetch_used <= s.prefetch_guessed and s.prefetch_useful <= s.prefetch_loaded <= s.prefetch_guessed
     assert (s.prefetch_guessed > 0) == (prefetch and True)
     if miss == "fetch":
         assert s.host_computed == 0
