@@ -43,6 +43,49 @@ class AttentionMetadata:
     def num_seqs(self) -> int:
         return len(self.context_lens)
 
+    def decode_batch(self, block_size: int) -> DecodeBatch | None:
+        """The sequences with exactly one new token and a cached context, batched for one SDPA call.
+
+        Built on the first layer's call and reused by the others (the metadata is shared by every layer
+        of a step). None without a cache or when fewer than two sequences decode.
+        """
+        memo = self.__dict__.setdefault("_decode_batch", {})  # frozen dataclass: memo outside the fields
+        if block_size not in memo:
+            memo[block_size] = self._make_decode_batch(block_size)
+        return memo[block_size]
+
+    def _make_decode_batch(self, block_size: int) -> DecodeBatch | None:
+        if self.block_tables is None:
+            return None
+        qsl = self.query_start_loc
+        seqs = [b for b in range(self.num_seqs) if qsl[b + 1] - qsl[b] == 1 and self.context_lens[b] > 1]
+        if len(seqs) < 2:
+            return None
+        ctx = [self.context_lens[b] for b in seqs]
+        width = -(-max(ctx) // block_size)
+        dev = self.block_tables.device
+        index = torch.tensor(seqs, device=dev)
+        ctx_t = torch.tensor(ctx, device=dev)
+        key_pos = torch.arange(width * block_size, device=dev)  # [C]
+        return DecodeBatch(
+            seqs=seqs,
+            rows=torch.tensor([qsl[b] for b in seqs], device=dev),
+            tables=self.block_tables[index, :width],
+            context_lens=ctx_t,
+            valid=(key_pos[None, :] < ctx_t[:, None])[:, None, None, :],  # [Bd, 1, 1, C]
+        )
+
+
+@dataclass(frozen=True)
+class DecodeBatch:
+    """Sequences that add one token to a cached context: one padded, masked SDPA call per layer."""
+
+    seqs: list[int]  # [Bd] their indices in the step's batch
+    rows: torch.Tensor  # [Bd] int64: their rows in the flat batch
+    tables: torch.Tensor  # [Bd, W] int64: block tables trimmed to the longest context
+    context_lens: torch.Tensor  # [Bd] int64
+    valid: torch.Tensor  # [Bd, 1, 1, C] bool, C = W * block_size: key position < context length
+
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each [num_blocks, block_size, KVH, Dh]
 
@@ -67,11 +110,15 @@ def attention(
         v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
     qsl = meta.query_start_loc
+    batched = meta.decode_batch(block_size) if kv_cache is not None else None
+    if batched is not None:
+        out[batched.rows] = _attend_decode(q[batched.rows], k_cache, v_cache, batched, sliding_window)
+    skip = set(batched.seqs) if batched is not None else ()
     for b, ctx in enumerate(meta.context_lens):
         start, end = qsl[b], qsl[b + 1]
-        if end == start:
+        if end == start or b in skip:
             continue
-        if kv_cache is None:
+        if kv_cache is None or ctx == end - start:  # no cache, or a first prompt chunk: nothing cached yet
             kb, vb = k[start:end], v[start:end]  # [C, KVH, Dh], C = q_len
         else:
             n_blocks = (ctx + block_size - 1) // block_size
@@ -104,3 +151,28 @@ def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_windo
             mask &= k_pos > q_pos - sliding_window
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=True)
     return o[0].transpose(0, 1)  # [Q, H, Dh]
+
+
+def _attend_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch, sliding_window: int | None
+) -> torch.Tensor:
+    """One new token for each of Bd sequences: q [Bd, H, Dh] against their paged contexts -> [Bd, H, Dh].
+
+    Contexts are gathered page by page into [Bd, C] (C = the longest, rounded up to whole blocks) and the
+    padding is masked, so one SDPA call serves the whole batch instead of one call per sequence.
+    """
+    Bd, W = batch.tables.shape
+    kb = k_cache[batch.tables].flatten(1, 2)  # [Bd, C, KVH, Dh]
+    vb = v_cache[batch.tables].flatten(1, 2)  # [Bd, C, KVH, Dh]
+    mask = batch.valid  # [Bd, 1, 1, C]
+    if sliding_window is not None:
+        key_pos = torch.arange(kb.shape[1], device=q.device)  # [C]
+        mask = mask & (key_pos[None, :] >= batch.context_lens[:, None] - sliding_window)[:, None, None, :]
+    o = F.scaled_dot_product_attention(
+        q[:, :, None, :],  # [Bd, H, 1, Dh]
+        kb.transpose(1, 2),  # [Bd, KVH, C, Dh]
+        vb.transpose(1, 2),
+        attn_mask=mask,
+        enable_gqa=True,
+    )  # [Bd, H, 1, Dh]
+    return o[:, :, 0, :]
