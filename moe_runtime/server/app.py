@@ -21,8 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from moe_runtime.config import ModelConfig, RuntimeConfig
-from moe_runtime.errors import MoeRuntimeError
-from moe_runtime.server.grpc_server import SERVICE_NAME, Backend, GenerationServicer, build_server
+from moe_runtime.server.grpc_server import (
+    SERVICE_NAME,
+    Backend,
+    GenerationServicer,
+    ServerError,
+    build_server,
+)
 from moe_runtime.server.health import Phase, ServingState
 from moe_runtime.server.metrics import MetricsServer, StatsTap
 from moe_runtime.server.validation import Limits
@@ -31,10 +36,6 @@ from moe_runtime.tokenizer import Tokenizer
 from moe_runtime.v1 import generation_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-
-class ServerError(MoeRuntimeError):
-    """The server cannot start (port taken, TLS files unreadable)."""
 
 
 def model_info(cfg: ModelConfig, tokenizer: Tokenizer, model_dir: Path, max_context: int, dtype: str) -> pb.ModelInfo:

@@ -16,13 +16,14 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from moe_runtime.config import ServerConfig
 from moe_runtime.engine.sampling_params import SamplingParams
-from moe_runtime.errors import EngineDeadError, RequestError
+from moe_runtime.errors import EngineDeadError, MoeRuntimeError, RequestError
 from moe_runtime.server.auth import BearerTokenInterceptor
 from moe_runtime.server.convert import chunk_to_proto, final_fields, logprobs_to_proto, snapshot_to_proto
 from moe_runtime.server.health import ServingState
@@ -31,6 +32,11 @@ from moe_runtime.server.validation import Limits, RequestRejected, validate_requ
 from moe_runtime.telemetry import Telemetry
 from moe_runtime.v1 import generation_pb2 as pb
 from moe_runtime.v1 import generation_pb2_grpc as pb_grpc
+
+
+class ServerError(MoeRuntimeError):
+    """The server cannot start (port taken, TLS files unreadable)."""
+
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 request_log = logging.getLogger("moe_runtime.server.requests")
@@ -218,9 +224,14 @@ def build_server(servicer: GenerationServicer, cfg: ServerConfig, auth_token: st
     enable_reflection(server, [SERVICE_NAME, "grpc.health.v1.Health"])
     address = f"{cfg.host}:{cfg.port}"
     if cfg.tls_cert or cfg.tls_key:
-        with open(cfg.tls_cert, "rb") as f_cert, open(cfg.tls_key, "rb") as f_key:
-            creds = grpc.ssl_server_credentials([(f_key.read(), f_cert.read())])
-        port = server.add_secure_port(address, creds)
+        pem = {}
+        for name in ("tls_cert", "tls_key"):
+            try:
+                pem[name] = Path(getattr(cfg, name)).read_bytes()
+            except OSError as e:
+                raise ServerError(f"server.{name}={getattr(cfg, name)!r}: cannot read ({e.strerror}); "
+                                  "give a readable PEM file") from None
+        port = server.add_secure_port(address, grpc.ssl_server_credentials([(pem["tls_key"], pem["tls_cert"])]))
     else:
         port = server.add_insecure_port(address)
     return server, port
