@@ -8,41 +8,57 @@
    combine, and the Triton backend's).
 
 Why a loop over active experts and not `torch.nn.functional.grouped_mm`: on CPU (torch 2.13) grouped_mm
-runs the same per-group GEMMs (measured equal within noise, bench/kernels.py), and the loop lets each
-expert choose its compute dtype. That choice matters on CPUs without native bf16 GEMMs (AVX2, no
-AVX512-BF16/AMX): a bf16 GEMM there takes about 3-5x as long per row as fp32, so once an expert has
-`UPCAST_MIN_ROWS` rows it is cheaper to convert its weights to fp32 on the fly (~2x the weight bytes,
-read once) and run the fp32 GEMM. Decode-sized groups stay in the weights' dtype, where a GEMV streams
-the weights once. Numbers: docs/benchmarks.md ("Kernels").
+runs the same per-group GEMMs (measured equal within noise), and the loop lets each expert choose how to
+multiply. That choice matters on CPUs without native bf16 GEMMs (AVX2, no AVX512-BF16/AMX): there a bf16
+GEMM converts the weights again for every row, so n rows cost n GEMVs (~1.5 ms per row for a 7168 x 1024
+matrix on one core). Once an expert has `UPCAST_MIN_ROWS` rows, converting its weights to fp32 once, a
+cache-sized chunk at a time, and running fp32 GEMMs on the chunks is cheaper (one core: 1.3x at 4 rows,
+2x at 8, 3.6x at 16, 6x at 64). One-row groups (decode) stay a bf16 GEMV, which reads the weights once.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from moe_runtime.kernels.reference import RoutingResult
 
-# Rows per expert from which a 16-bit expert runs in fp32 on CPU. Measured on a 2-core AVX2 EPYC: bf16
-# [n, 1024] x [1024, 7168] costs ~1.5 ms per row, the fp32 one ~0.5 ms per row plus ~6 ms to convert
-# the weights; the crossover moved between 8 and 32 rows with the load from other processes.
+# Rows per expert from which a 16-bit expert runs in fp32 on CPU. Measured on one core of a shared 2-core
+# AVX2 EPYC (process CPU time, [n, 1024] x [1024, 7168]): bf16 1.5 / 2.9 / 5.8 / 11.5 / 22.6 ms for n = 1 /
+# 2 / 4 / 8 / 16; chunked fp32 2.3 / 3.0 / 4.6 / 5.4 / 6.3 ms. The single-core crossover is ~3 rows, but
+# with two threads the chunk loop's parallel regions cost more, and below 16 rows the 16-bit path is the
+# reference's arithmetic bit for bit (the bf16 parity tests with transformers rely on that; see
+# docs/benchmarks.md, Kernels).
 UPCAST_MIN_ROWS = 16
+# Weight elements converted per chunk: 4 MB in fp32, so the chunk is still in cache when the GEMM reads it.
+UPCAST_CHUNK = 1 << 20
 
 
-def _compute_dtype(rows: torch.Tensor) -> torch.dtype:
-    """fp32 for large 16-bit groups on CPU (see module docstring); otherwise the input dtype."""
-    if rows.device.type == "cpu" and rows.dtype != torch.float32 and rows.shape[0] >= UPCAST_MIN_ROWS:
-        return torch.float32
-    return rows.dtype
+def _upcast_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T in fp32 without an fp32 copy of all of w. x: [n, K] fp32; w: [N, K] 16-bit -> [n, N] fp32."""
+    N, K = w.shape
+    out = torch.empty(x.shape[0], N, dtype=torch.float32, device=x.device)
+    step = max(1, UPCAST_CHUNK // K)
+    buf = torch.empty(min(step, N), K, dtype=torch.float32, device=w.device)  # reused for every chunk
+    for start in range(0, N, step):
+        end = min(start + step, N)
+        chunk = buf[: end - start]
+        chunk.copy_(w[start:end])
+        torch.mm(x, chunk.T, out=out[:, start:end])
+    return out
 
 
 def _expert_mlp(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """w2 @ (silu(w1 @ x) * (w3 @ x)) for one expert. rows: [n, H]; w13: [2I, H]; w2: [H, I] -> [n, H]."""
-    dtype = _compute_dtype(rows)
+    """w2 @ (silu(w1 @ x) * (w3 @ x)) for one expert. rows: [n, H]; w13: [2I, H]; w2: [H, I] -> [n, H].
+
+    In rows' dtype, except 16-bit groups of >= UPCAST_MIN_ROWS rows on CPU: fp32 (see module docstring).
+    """
     inter_size = w2.shape[1]
-    h13 = F.linear(rows.to(dtype), w13.to(dtype))  # [n, 2I]
+    upcast = rows.device.type == "cpu" and rows.dtype != torch.float32 and rows.shape[0] >= UPCAST_MIN_ROWS
+    h13 = _upcast_linear(rows.float(), w13) if upcast else F.linear(rows, w13)  # [n, 2I]
     gate, up = h13[:, :inter_size], h13[:, inter_size:]  # [n, I] each
     h = F.silu(gate, inplace=True).mul_(up)  # [n, I], in place over the gate half
-    return F.linear(h, w2.to(dtype))  # [n, H]
+    return _upcast_linear(h, w2) if upcast else F.linear(h, w2)  # [n, H]
 
 
 def fused_moe_torch(

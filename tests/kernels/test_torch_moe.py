@@ -3,6 +3,7 @@
 import pytest
 import torch
 from moe_cases import CASES, MoeCase, make_inputs
+
 from moe_runtime.kernels.reference import fused_moe_reference
 from moe_runtime.kernels.torch_moe import UPCAST_MIN_ROWS, fused_moe_torch
 
@@ -56,3 +57,13 @@ def test_dropped_pairs_contribute_zero():
     x.routing.ids[:] = torch.tensor([0, 1], dtype=torch.int32)  # only experts 0 and 1: neither resident
     got = fused_moe_torch(x.hidden, x.w13, x.w2, x.routing, x.slot_map)
     assert torch.equal(got, torch.zeros_like(got))
+
+
+def test_upcast_linear_over_several_chunks(monkeypatch):
+    import moe_runtime.kernels.torch_moe as torch_moe
+
+    monkeypatch.setattr(torch_moe, "UPCAST_CHUNK", 7 * 40)  # 7 rows of K=40 per chunk; N=45 leaves a tail
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 40, generator=g), torch.randn(45, 40, generator=g).to(torch.bfloat16)
+    got = torch_moe._upcast_linear(x, w)
+    torch.testing.assert_close(got, x @ w.float().T, atol=1e-5, rtol=0)
