@@ -1,0 +1,1 @@
+"""Triton kernels, one per file with its launcher. Import them lazily (see kernels/backends.py)."""

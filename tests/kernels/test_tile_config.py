@@ -1,0 +1,45 @@
+"""Tuned tile configs as data: file naming, nearest-M lookup, heuristic default."""
+
+import torch
+
+from moe_runtime.kernels.tile_config import (
+    MoeShape,
+    TileConfig,
+    default_tile_config,
+    load_table,
+    save_table,
+    table_path,
+    tile_config_for,
+)
+
+SHAPE = MoeShape(num_experts=8, intermediate=14336, dtype=torch.bfloat16, device_name="NVIDIA_H100_80GB_HBM3")
+SMALL = TileConfig(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4)
+MID = TileConfig(block_m=32, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3)
+BIG = TileConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
+
+
+def test_file_name_follows_the_convention(tmp_path):
+    assert table_path(SHAPE, tmp_path).name == "E=8,N=14336,device_name=NVIDIA_H100_80GB_HBM3,dtype=bf16.json"
+
+
+def test_nearest_m_with_ties_to_the_smaller(tmp_path):
+    save_table(table_path(SHAPE, tmp_path), {1: SMALL, 16: MID, 64: BIG})
+    picks = {m: tile_config_for(m, 2, SHAPE, tmp_path) for m in (1, 8, 9, 20, 40, 50, 4096)}
+    assert picks == {1: SMALL, 8: SMALL, 9: MID, 20: MID, 40: MID, 50: BIG, 4096: BIG}
+
+
+def test_round_trip(tmp_path):
+    path = table_path(SHAPE, tmp_path)
+    save_table(path, {512: BIG, 2: SMALL})
+    assert load_table(path) == ((2, SMALL), (512, BIG))
+
+
+def test_no_table_falls_back_to_the_heuristic(tmp_path):
+    assert tile_config_for(1, 2, SHAPE, tmp_path) == default_tile_config(1, 2, 8)
+
+
+def test_heuristic_grows_tiles_with_rows_per_expert():
+    decode, mid, prefill = (default_tile_config(m, 2, 8) for m in (1, 256, 4096))
+    assert decode.block_m == 16 and decode.block_m <= mid.block_m <= prefill.block_m
+    for cfg in (decode, mid, prefill):  # tl.dot needs every block dimension >= 16, powers of two
+        assert all(v >= 16 and v & (v - 1) == 0 for v in (cfg.block_m, cfg.block_n, cfg.block_k))
