@@ -37,6 +37,7 @@ class LocalExecutor(Executor):
         if cfg.engine.num_threads is not None:
             torch.set_num_threads(cfg.engine.num_threads)
         self.model = load_model(model_dir, cfg.model.dtype, cfg.model.device, cfg.model.moe_backend, progress)
+        self.model.keep_fp32_copies()  # large batches on CPU without native bf16 GEMMs (no-op elsewhere)
         self.model_config = self.model.config
         self.num_kv_blocks = num_kv_blocks(cfg.cache, self.model_config, self.model.dtype)
         kv = allocate_kv_cache(self.model_config, self.num_kv_blocks, cfg.cache.block_size, self.model.dtype,

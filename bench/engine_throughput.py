@@ -1,0 +1,195 @@
+"""Engine throughput: our engine vs transformers' `generate`, same checkpoint, same process, same run.
+
+    .venv/bin/python bench/engine_throughput.py                       # mini, batches 1, 16, 64
+    .venv/bin/python bench/engine_throughput.py --batches 1,16 --repeats 3 --out table.md
+
+Workload (issue 3): prompts of 128 random token ids, 64 new tokens, greedy, `ignore_eos`. Prefill tok/s is
+prompt tokens / time until every request has its first token; decode tok/s is the remaining tokens / the
+remaining time. transformers runs `generate` with its best CPU experts implementation (`grouped_mm`),
+bf16; its prefill time is `generate(max_new_tokens=1)`, its decode time the difference to the full run.
+
+The bandwidth floor: decode is bound by reading weights. Bytes per decode step = the non-expert weights
+plus, per layer, the experts that got at least one token in that step (from our router counts); the read
+bandwidth is measured in the same run (sum over a 512 MiB buffer); floor tok/s = batch * bandwidth / bytes.
+Each measurement is repeated `--repeats` times, ours and theirs taking turns; the best time is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moe_runtime.cli import env_defaults
+from moe_runtime.config import load_config
+from moe_runtime.engine.llm_engine import LLMEngine
+from moe_runtime.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class Timing:
+    prefill_s: float
+    decode_s: float
+    bytes_per_step: float = 0.0  # weights read per decode step (ours only; from the router counts)
+
+
+def ensure_checkpoint(path: Path, preset: str) -> Path:
+    if not (path / "config.json").exists():
+        from moe_runtime.model.init_model import init_model
+
+        print(f"creating the {preset} checkpoint in {path} (once)")
+        init_model(preset, path, seed=0)
+    return path
+
+
+def read_bandwidth(repeats: int = 5) -> float:
+    """Bytes/s of a streaming read (a sum over 512 MiB that no cache holds), best of `repeats`."""
+    buf = torch.ones(128 * 1024 * 1024, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * buf.element_size() / best
+
+
+def make_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(3, vocab, (length - 1,), generator=gen).tolist() for _ in range(batch)]
+
+
+def weight_bytes(model) -> tuple[int, int]:
+    """(bytes of the weights every step reads, bytes of one expert of one layer)."""
+    layer0 = model.layers[0].block_sparse_moe
+    expert = (layer0.w13[0].numel() + layer0.w2[0].numel()) * layer0.w13.element_size()
+    dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                if "w13" not in n and "w2" not in n and "embed_tokens" not in n)
+    return dense, expert
+
+
+def run_ours(engine: LLMEngine, prompts: list[list[int]], new_tokens: int) -> Timing:
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    dense, expert = weight_bytes(engine.executor.model)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"bench-{i}", p, params)
+    started = set()
+    t0 = time.perf_counter()
+    while len(started) < len(prompts):
+        started.update(out.request_id for out in engine.step())
+    t1 = time.perf_counter()
+    step_bytes = []
+    while engine.has_unfinished():
+        engine.step()
+        counts = engine.make_stats().router_counts  # [L, E]
+        step_bytes.append(dense + expert * int((counts > 0).sum()))
+    t2 = time.perf_counter()
+    return Timing(t1 - t0, t2 - t1, sum(step_bytes) / max(1, len(step_bytes)))
+
+
+def run_hf(model, prompts: list[list[int]], new_tokens: int) -> Timing:
+    ids = torch.tensor(prompts)
+    mask = torch.ones_like(ids)
+    kw = dict(attention_mask=mask, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        t1 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        t2 = time.perf_counter()
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return Timing(t1 - t0, (t2 - t1) - (t1 - t0))
+
+
+def load_hf(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
+                                                     experts_implementation="grouped_mm")
+        impl = "grouped_mm"
+    except (TypeError, ValueError):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        impl = "default"
+    return model.eval(), impl
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=Path(env_defaults()["cache_dir"]) / "models" / "mini")
+    ap.add_argument("--preset", default="mini")
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--no-baseline", action="store_true", help="skip transformers (ours only)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ap.add_argument("--out", type=Path, default=None, help="also write the table as markdown")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = ensure_checkpoint(args.model, args.preset)
+    batches = [int(b) for b in args.batches.split(",")]
+    sets = [f"model.path={model_dir}", "model.device=cpu", f"engine.max_num_seqs={max(batches)}", *args.overrides]
+    engine = LLMEngine(load_config(overrides=sets))
+    vocab = engine.model_config.vocab_size
+    hf, impl = (None, "-") if args.no_baseline else load_hf(model_dir)
+    warm = make_prompts(2, 16, vocab, seed=99)
+    run_ours(engine, warm, 4)
+    if hf is not None:
+        run_hf(hf, warm, 4)
+    bandwidth = read_bandwidth()
+    rows = []
+    for batch in batches:
+        prompts = make_prompts(batch, args.prompt_len, vocab)
+        ours, theirs = [], []
+        for _ in range(args.repeats):
+            gc.collect()
+            ours.append(run_ours(engine, prompts, args.new_tokens))
+            if hf is not None:
+                gc.collect()
+                theirs.append(run_hf(hf, prompts, args.new_tokens))
+        bandwidth = max(bandwidth, read_bandwidth(2))
+        rows.append(_row(batch, args, ours, theirs, bandwidth))
+    _print(rows, bandwidth, impl, args)
+
+
+def _row(batch, args, ours: list[Timing], theirs: list[Timing], bandwidth: float) -> dict:
+    prompt_tokens, decode_tokens = batch * args.prompt_len, batch * (args.new_tokens - 1)
+    o_pre = prompt_tokens / min(t.prefill_s for t in ours)
+    o_dec = decode_tokens / min(t.decode_s for t in ours)
+    step_bytes = sum(t.bytes_per_step for t in ours) / len(ours)
+    floor = batch * bandwidth / step_bytes
+    row = dict(batch=batch, o_pre=o_pre, o_dec=o_dec, floor=floor, gb=step_bytes / 1e9)
+    if theirs:
+        row.update(t_pre=prompt_tokens / min(t.prefill_s for t in theirs),
+                   t_dec=decode_tokens / max(1e-9, min(t.decode_s for t in theirs)))
+    return row
+
+
+def _print(rows, bandwidth, impl, args) -> None:
+    head = ("| batch | prefill tok/s ours | transformers | ratio | decode tok/s ours | transformers | ratio "
+            "| GB/step | floor tok/s | ours % of floor |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        t_pre, t_dec = r.get("t_pre"), r.get("t_dec")
+        lines.append(
+            f"| {r['batch']} | {r['o_pre']:.0f} | {t_pre or 0:.0f} | {r['o_pre'] / t_pre if t_pre else 0:.2f}x "
+            f"| {r['o_dec']:.1f} | {t_dec or 0:.1f} | {r['o_dec'] / t_dec if t_dec else 0:.2f}x "
+            f"| {r['gb']:.2f} | {r['floor']:.0f} | {100 * r['o_dec'] / r['floor']:.0f}% |"
+        )
+    info = (f"model {args.model.name}, prompts {args.prompt_len} tokens, {args.new_tokens} new, greedy; "
+            f"threads {torch.get_num_threads()}; read bandwidth {bandwidth / 1e9:.1f} GB/s; "
+            f"transformers experts_implementation={impl}; best of {args.repeats}")
+    text = "\n".join([info, "", *lines])
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
