@@ -28,7 +28,7 @@ from moe_runtime.config import ModelConfig, OffloadConfig
 from moe_runtime.kernels import RoutingResult, fused_moe
 from moe_runtime.offload.cost_model import CostModel
 from moe_runtime.offload.host_tier import HostTier
-from moe_runtime.offload.pairs import add_expert, finish, new_pairs
+from moe_runtime.offload.pairs import ExpertMlp, add_expert, expert_mlp_for, finish, new_pairs
 from moe_runtime.offload.policy import POLICIES
 from moe_runtime.offload.slots import LayerSlots
 from moe_runtime.offload.stats import OffloadStats
@@ -89,9 +89,9 @@ class ExpertStore:
             self._make_resident(layer, hits, to_fetch)
             return fused_moe(x, slots.w13, slots.w2, routing, slot_map=slots.slot_map(), backend=backend)
         pairs = new_pairs(x, routing.top_k)  # [T, A, D] fp32
-        self._run_waves(layer, x, routing, pairs, hits, to_fetch)
+        self._run_waves(layer, x, routing, pairs, hits, to_fetch, expert_mlp_for(backend, x.device))
         if on_host:
-            self._run_on_host(layer, x, routing, pairs, on_host)
+            self._run_on_host(layer, x, routing, pairs, on_host, expert_mlp_for(backend, torch.device("cpu")))
         return finish(pairs, x.dtype)  # [T, D]
 
     def _make_resident(self, layer: int, hits: list[int], to_fetch: list[int]) -> None:
@@ -104,7 +104,7 @@ class ExpertStore:
         self._wait_ready(slots, hits)
 
     def _run_waves(self, layer: int, x: torch.Tensor, routing: RoutingResult, pairs: torch.Tensor,
-                   hits: list[int], to_fetch: list[int]) -> None:
+                   hits: list[int], to_fetch: list[int], mlp: ExpertMlp) -> None:
         """Device experts in waves of at most S: the resident ones first, then the rest S at a time."""
         slots = self.layers[layer]
         wave, todo = list(hits), list(to_fetch)
@@ -114,11 +114,11 @@ class ExpertStore:
             wave, todo = wave + todo[:free], todo[free:]
             for e in wave:
                 s = slots.slot_of[e]
-                add_expert(pairs, x, routing, e, slots.w13[s], slots.w2[s])
+                add_expert(pairs, x, routing, e, slots.w13[s], slots.w2[s], mlp)
             wave = []
 
     def _run_on_host(self, layer: int, x: torch.Tensor, routing: RoutingResult, pairs: torch.Tensor,
-                     experts: list[int]) -> None:
+                     experts: list[int], mlp: ExpertMlp) -> None:
         """Compute `experts` on the host: tokens go to the CPU, pair outputs come back into `pairs`."""
         st = self._stats
         st.host_computed += len(experts)
@@ -129,7 +129,7 @@ class ExpertStore:
             st.stall_s += time.perf_counter() - t0
             st.bytes_moved += len(experts) * self._expert_bytes(self.layers[layer])
         for e, (w13, w2) in weights.items():
-            add_expert(pairs, x_cpu, routing_cpu, e, w13, w2)
+            add_expert(pairs, x_cpu, routing_cpu, e, w13, w2, mlp)
 
     # -----------------------------------------------------------------------------------------------------
     # Misses, eviction, prefetch

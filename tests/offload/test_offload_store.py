@@ -54,10 +54,10 @@ def test_needed_experts_are_never_evicted(slots, policy, miss, prefetch, steps, 
             assert torch.equal(w2[s], tier.w2[layer_now[0]][e])
         return fused_moe(x, w13, w2, routing, slot_map=slot_map, backend=backend)
 
-    def checked_add_expert(pairs, x, routing, expert, w13, w2):
+    def checked_add_expert(pairs, x, routing, expert, w13, w2, mlp):
         assert torch.equal(w13, tier.w13[layer_now[0]][expert]), f"expert {expert} computed with other weights"
         assert torch.equal(w2, tier.w2[layer_now[0]][expert])
-        return add_expert(pairs, x, routing, expert, w13, w2)
+        return add_expert(pairs, x, routing, expert, w13, w2, mlp)
 
     add_expert = store_module.add_expert
     uses = 0
