@@ -25,10 +25,10 @@ from moe_runtime.kernels.reference import RoutingResult
 
 # Rows per expert from which a 16-bit expert runs in fp32 on CPU. Measured on one core of a shared 2-core
 # AVX2 EPYC (process CPU time, [n, 1024] x [1024, 7168]): bf16 1.5 / 2.9 / 5.8 / 11.5 / 22.6 ms for n = 1 /
-# 2 / 4 / 8 / 16; chunked fp32 2.3 / 3.0 / 4.6 / 5.4 / 6.3 ms. The single-core crossover is ~3 rows, but
-# with two threads the chunk loop's parallel regions cost more, and below 16 rows the 16-bit path is the
-# reference's arithmetic bit for bit (the bf16 parity tests with transformers rely on that; see
-# docs/benchmarks.md, Kernels).
+# 2 / 4 / 8 / 16; chunked fp32 2.3 / 3.0 / 4.6 / 5.4 / 6.3 ms. Speed alone says 4 (the whole MoE at
+# M = 16 / 32 / 64 then runs 1.25x / 2x / 3.1x the naive loop). It stays 16 because below it the 16-bit
+# path is the reference's arithmetic bit for bit, which the bf16 parity tests with transformers (greedy
+# tokens of tiny random models, prompts < 16 tokens) rely on through `auto`; see docs/benchmarks.md.
 UPCAST_MIN_ROWS = 16
 # Weight elements converted per chunk: 4 MB in fp32, so the chunk is still in cache when the GEMM reads it.
 UPCAST_CHUNK = 1 << 20
