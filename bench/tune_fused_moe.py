@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from moe_runtime.kernels import route
 from moe_runtime.kernels.tile_config import (
     TUNED_DIR,

@@ -12,6 +12,7 @@ path), "reference" (transformers' eager arithmetic, bit for bit), "megablocks" (
 from __future__ import annotations
 
 import torch
+
 from moe_runtime.kernels.backends import resolve_backend
 from moe_runtime.kernels.reference import RoutingResult, route_reference
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from moe_runtime.kernels.reference import RoutingResult, fused_moe_reference
-from moe_runtime.kernels.torch_moe import fused_moe_torch
 
 from moe_runtime.errors import ConfigError
+from moe_runtime.kernels.reference import RoutingResult, fused_moe_reference
+from moe_runtime.kernels.torch_moe import fused_moe_torch
 
 FusedMoeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, RoutingResult, "torch.Tensor | None"], torch.Tensor]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from moe_runtime.kernels.reference import AlignedRouting, max_blocks
 
 

@@ -7,6 +7,7 @@ routing), so a decode step can be captured in a CUDA graph. Reference: `referenc
 from __future__ import annotations
 
 import torch
+
 from moe_runtime.kernels.reference import RoutingResult
 from moe_runtime.kernels.tile_config import MoeShape, TileConfig, device_name, tile_config_for
 from moe_runtime.kernels.triton.align import align

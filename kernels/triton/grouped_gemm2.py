@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from moe_runtime.kernels.reference import AlignedRouting
 from moe_runtime.kernels.tile_config import TileConfig
 from moe_runtime.kernels.triton.grouped_gemm1 import dot_precision

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from moe_runtime.kernels.reference import RoutingResult, route_reference
 from moe_runtime.kernels.tile_config import TileConfig
 

@@ -3,12 +3,12 @@
 import pytest
 import torch
 from moe_cases import CASES, make_inputs
+
+from moe_runtime.errors import ConfigError
 from moe_runtime.kernels import fused_moe, route
 from moe_runtime.kernels.backends import BACKENDS, resolve_backend
 from moe_runtime.kernels.reference import fused_moe_reference, route_reference
 from moe_runtime.kernels.torch_moe import fused_moe_torch
-
-from moe_runtime.errors import ConfigError
 
 
 def test_auto_picks_by_device():

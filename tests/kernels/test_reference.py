@@ -2,12 +2,13 @@
 
 import doctest
 
-import moe_runtime.kernels.reference as reference
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from moe_cases import CASES, make_inputs, num_slots
+
+import moe_runtime.kernels.reference as reference
 from moe_runtime.kernels.reference import (
     align_reference,
     fused_moe_reference,

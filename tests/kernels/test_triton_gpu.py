@@ -9,6 +9,7 @@ Run with `pytest -m gpu tests/kernels` (bench/gpu_check.sh does).
 import pytest
 import torch
 from moe_cases import CASES, make_inputs
+
 from moe_runtime.kernels import fused_moe, route
 from moe_runtime.kernels.reference import RoutingResult, fused_moe_reference, route_reference
 

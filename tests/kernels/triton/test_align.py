@@ -3,6 +3,7 @@
 import pytest
 import torch
 from moe_cases import CASES, make_inputs, num_slots
+
 from moe_runtime.kernels.reference import align_reference
 from moe_runtime.kernels.triton.align import align
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from moe_cases import CASES, TEST_TILES, make_inputs
+
 from moe_runtime.kernels import fused_moe
 from moe_runtime.kernels.reference import fused_moe_reference
 from moe_runtime.kernels.triton.fused_moe import fused_moe_triton

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from moe_cases import CASES, TEST_TILES, make_inputs, num_slots
+
 from moe_runtime.kernels.reference import align_reference, grouped_gemm1_reference, grouped_gemm2_reference
 from moe_runtime.kernels.triton.grouped_gemm2 import grouped_gemm2
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from moe_runtime.kernels.reference import route_reference
 from moe_runtime.kernels.triton.topk_softmax import topk_softmax
 
