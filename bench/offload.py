@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -155,6 +156,8 @@ warm(engine, prompts)
 timed(engine, prompts, args.tokens)
 model, store = engine.executor.model, engine.executor.model.expert_store
 nonexpert = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".w13" not in n and ".w2" not in n)
+# the engine keeps fp32 copies of 16-bit attention/head weights on CPU (MixtralForCausalLM.keep_fp32_copies)
+nonexpert += sum(m.weight_fp32.numel() * 4 for m in model.modules() if getattr(m, "weight_fp32", None) is not None)
 kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in engine.executor.runner.kv_caches)
 print(json.dumps({"hwm": hwm(), "nonexpert": nonexpert, "resident": store.device_bytes(), "kv": kv,
                   "hit_rate": store.stats().hit_rate}))
@@ -173,9 +176,17 @@ def rss_rows(name: str, args, cache: Path) -> list[str]:
 
     floor, p = probe(0)["hwm"], probe(max(2, E // 4))
     bound = p["nonexpert"] + p["resident"] + p["kv"] + 300 * MB
+    held = p["nonexpert"] + p["resident"] + p["kv"]
     return [f"| {name} | {max(2, E // 4)}/{E} | {p['hwm'] / MB:.0f} | {bound / MB:.0f} | {floor / MB:.0f} "
             f"| {p['nonexpert'] / MB:.0f} | {p['resident'] / MB:.0f} | {p['kv'] / MB:.1f} "
-            f"| {'yes' if p['hwm'] <= bound else 'no'} | {(p['hwm'] - floor) / MB:.0f} |"]
+            f"| {'yes' if p['hwm'] <= bound else 'no'} | {(p['hwm'] - floor - held) / MB:.0f} |"]
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores visible)"
+    return platform.processor() or "cpu"
 
 
 def main() -> None:
@@ -200,7 +211,7 @@ def main() -> None:
     args.batches = [int(b) for b in args.batches.split(",")]
     args.miss, args.prefetch = args.miss.split(","), args.prefetch.split(",")
     cache = Path(env_defaults()["cache_dir"]) / "bench"
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
     lines = [f"Machine: {device}, {args.threads} torch thread(s), torch {torch.__version__}; tier {args.tier}, "
              f"policy {args.policy}, {args.tokens} new tokens per request, greedy, best of {args.repeats}.", "",
              "| model | batch | resident/E | prefetch | miss | tok/s | all-resident tok/s | ratio (wall) "
@@ -211,7 +222,8 @@ def main() -> None:
         lines += bench_model(name, args, cache)
     if args.rss:
         lines += ["", "| model | resident/E | peak RSS MB | bound MB (non-expert + resident + KV + 300) | floor MB "
-                  "| non-expert MB | resident MB | KV MB | within bound | above floor MB |",
+                  "| non-expert MB (incl. fp32 copies) | resident MB | KV MB | within bound "
+                  "| peak - floor - weights - KV, MB |",
                   "|---|---|---|---|---|---|---|---|---|---|", *rss_rows("mini", args, cache)]
         print("\n".join(lines[-3:]), flush=True)
     if args.out:

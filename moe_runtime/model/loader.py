@@ -185,8 +185,16 @@ def load_model(
             model.lm_head.weight = model.embed_tokens.weight
         with torch.no_grad():
             targets = dict(_assignments(model, ckpt, experts=not offloaded))
+            read, reader = ckpt.get, None
+            if offloaded:  # pread, not the mmap: touched mmap pages would stay in RSS (offload/safetensors_reader)
+                from moe_runtime.offload.safetensors_reader import SafetensorsReader
+
+                reader = SafetensorsReader(model_dir, {n: ckpt.location[n] for n in targets})
+                read = reader.get
             for name, copy in _progress(iter(targets.items()), len(targets), progress):
-                copy(ckpt.get(name))
+                copy(read(name))
+            if reader is not None:
+                reader.close()
         if offloaded:
             from moe_runtime.offload.attach import attach_expert_store
 

@@ -85,7 +85,20 @@ class SafetensorsReader:
             dst.copy_(raw)
         return loc.nbytes
 
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor `name` in a new CPU tensor of its stored dtype and shape."""
+        loc = self.locations[name]
+        out = torch.empty(loc.shape, dtype=loc.dtype)
+        self.read_into(name, out)
+        return out
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
