@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from moe_cases import CASES, make_inputs, num_slots
 
 from moe_runtime.kernels.reference import align_reference
@@ -37,3 +39,11 @@ def test_more_pairs_than_one_chunk():
 def test_rejects_block_m_not_a_power_of_two():
     with pytest.raises(ValueError, match="block_m=24"):
         align(torch.zeros(2, 1, dtype=torch.int32, device=DEVICE), 4, 24)
+
+
+@settings(max_examples=12, deadline=None)
+@given(T=st.integers(1, 40), k=st.integers(1, 3), S=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_random_routings_match_reference(T, k, S, seed):
+    ids = torch.randint(-1, S, (T, k), generator=torch.Generator().manual_seed(seed)).to(DEVICE)  # -1 = dropped
+    got, want = align(ids, S, 16), align_reference(ids, S, 16)
+    assert torch.equal(got.sorted_ids, want.sorted_ids) and torch.equal(got.block_slot, want.block_slot)
