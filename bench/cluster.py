@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import torch
+
 from moe_runtime.cluster.placement import Placement
 from moe_runtime.cluster.planner import imbalance, plan_placement
-
 from moe_runtime.config import load_config
 from moe_runtime.engine.llm_engine import LLMEngine
 from moe_runtime.engine.sampling_params import SamplingParams
@@ -95,6 +95,7 @@ def main() -> None:
     local_step_ms = {r[2]: r[4] for r in rows}
 
     import ray
+
     from moe_runtime.cluster.ray_executor import RayExecutor
 
     ray.init(

@@ -5,25 +5,24 @@ Every rank runs the whole step on the same flat batch (attention and routers are
 sees the same x [T, D] and routing. Per MoE layer:
   1. `Placement.local_slots(rank, layer, ids)`: the slot of each (token, k) pair this rank computes, -1 for
      pairs computed elsewhere (a replicated expert's pairs are split by token index).
-  2. One `fused_moe` call, with the model's backend, over the local slots: the routing's ids become local
-     slot ids, and pairs computed elsewhere go to one extra id whose `slot_map` entry is -1 (contributes
-     zero). The output [T, D] is this rank's share, in x's dtype.
-  3. all_reduce(SUM) of the shares over the group.
-Each pair is computed on exactly one rank and the others add exact zeros. In fp32 the result therefore has
-the local run's bits for top-2 routing (Mixtral; a + b == b + a) unless an expert is replicated, whose GEMM
-runs on fewer rows and may be blocked differently. In 16-bit dtypes the kernels sum a token's k pairs in fp32
-and round once, while each rank's share is rounded before the sum: within an ulp or two of the local run.
-TODO(cluster): ask `fused_moe` for its fp32 share (an out dtype), all_reduce that, round once: exact again.
+  2. One `fused_moe_fp32` call, with the model's backend, over the local slots: the routing's ids become
+     local slot ids, and pairs computed elsewhere go to one extra id whose `slot_map` entry is -1
+     (contributes zero). The output [T, D] is this rank's share, in fp32, not rounded yet.
+  3. all_reduce(SUM) of the fp32 shares over the group, then one rounding to x's dtype.
+Each pair is computed on exactly one rank and the others add exact zeros, so for top-2 routing (Mixtral)
+each token's sum is the local run's single fp32 addition (a + b == b + a) and the rounded result has the
+local run's bits in every dtype, unless an expert is replicated: its GEMM then runs on fewer rows and may
+be blocked differently (or cross the torch backend's 16-bit upcast threshold), within the dtype's tolerance.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from moe_runtime.cluster.placement import Placement
-from moe_runtime.kernels import RoutingResult, fused_moe
 
+from moe_runtime.cluster.placement import Placement
 from moe_runtime.config import ModelConfig
+from moe_runtime.kernels import RoutingResult, fused_moe_fp32
 from moe_runtime.model.loader import CheckpointFiles
 from moe_runtime.offload.host_tier import expert_names
 from moe_runtime.offload.safetensors_reader import SafetensorsReader
@@ -59,7 +58,7 @@ class ShardedExperts:
         self.slot_map = torch.cat([torch.arange(num_local), torch.tensor([-1])]).to(w13.device)  # [S_r + 1]
 
     def share(self, x: torch.Tensor, routing: RoutingResult, backend: str) -> torch.Tensor:
-        """This rank's part of the layer output, before the sum over ranks. x: [T, D]. Returns [T, D].
+        """This rank's part of the layer output, before the sum over ranks. x: [T, D]. Returns fp32 [T, D].
 
         Example: with expert 1 on ranks (0, 1), rank 1 computes its pairs of odd tokens only:
             >>> p = Placement(2, (((0,), (0, 1)),))
@@ -70,14 +69,14 @@ class ShardedExperts:
         num_local = self.w13.shape[0]
         ids = torch.where(slots >= 0, slots, num_local).to(routing.ids.dtype)  # [T, A] in [0, S_r]
         local = RoutingResult(weights=routing.weights, ids=ids)
-        return fused_moe(x, self.w13, self.w2, local, slot_map=self.slot_map, backend=backend)  # [T, D]
+        return fused_moe_fp32(x, self.w13, self.w2, local, slot_map=self.slot_map, backend=backend)  # [T, D]
 
     def run(self, x: torch.Tensor, routing: RoutingResult, backend: str) -> torch.Tensor:
-        """The layer's MoE output, summed over the group. x: [T, D]. Returns [T, D] in x's dtype."""
-        out = self.share(x, routing, backend)  # [T, D]
+        """The layer's MoE output, summed over the group in fp32. x: [T, D]. Returns [T, D] in x's dtype."""
+        out = self.share(x, routing, backend)  # [T, D] fp32
         if self.group is not None:
             dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
-        return out
+        return out.to(x.dtype)  # one rounding, as the local kernels do
 
 
 def shard_experts(model, placement: Placement, rank: int, group: dist.ProcessGroup | None = None) -> None:

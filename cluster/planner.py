@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from moe_runtime.cluster.placement import Placement
 
+from moe_runtime.cluster.placement import Placement
 from moe_runtime.errors import ConfigError
 
 

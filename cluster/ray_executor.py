@@ -16,11 +16,11 @@ import time
 
 import ray
 import torch
-from moe_runtime.cluster.placement import Placement, check_memory, resolve_placement
-from moe_runtime.cluster.worker import ExpertWorker
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from moe_runtime.cluster.placement import Placement, check_memory, resolve_placement
+from moe_runtime.cluster.worker import ExpertWorker
 from moe_runtime.config import ModelConfig, RuntimeConfig
 from moe_runtime.engine.executor import Executor
 from moe_runtime.engine.kv_cache import num_kv_blocks

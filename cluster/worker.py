@@ -14,9 +14,9 @@ import socket
 
 import torch
 import torch.distributed as dist
+
 from moe_runtime.cluster.expert_parallel import ExpertReader, ShardedExperts, shard_experts
 from moe_runtime.cluster.placement import Placement
-
 from moe_runtime.config import RuntimeConfig
 from moe_runtime.engine.kv_cache import allocate_kv_cache
 from moe_runtime.engine.model_runner import ModelRunner

@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 
 from moe_runtime.errors import ConfigError
-from moe_runtime.kernels.reference import RoutingResult, fused_moe_reference
-from moe_runtime.kernels.torch_moe import fused_moe_torch
+from moe_runtime.kernels.reference import RoutingResult, fused_moe_reference, fused_moe_reference_fp32
+from moe_runtime.kernels.torch_moe import fused_moe_torch, fused_moe_torch_fp32
 
 FusedMoeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, RoutingResult, "torch.Tensor | None"], torch.Tensor]
 
@@ -23,6 +23,12 @@ def _triton(hidden, w13, w2, routing, slot_map):
     from moe_runtime.kernels.triton.fused_moe import fused_moe_triton
 
     return fused_moe_triton(hidden, w13, w2, routing, slot_map)
+
+
+def _triton_fp32(hidden, w13, w2, routing, slot_map):
+    from moe_runtime.kernels.triton.fused_moe import fused_moe_triton_fp32
+
+    return fused_moe_triton_fp32(hidden, w13, w2, routing, slot_map)
 
 
 def _megablocks(hidden, w13, w2, routing, slot_map):
@@ -40,16 +46,25 @@ BACKENDS: dict[str, FusedMoeFn] = {
     "megablocks": _megablocks,
 }
 
+# The same backends before the final rounding: [T, H] fp32 (`moe_runtime.kernels.fused_moe_fp32`).
+FP32_BACKENDS: dict[str, FusedMoeFn] = {
+    "reference": fused_moe_reference_fp32,
+    "torch": fused_moe_torch_fp32,
+    "triton": _triton_fp32,
+    "megablocks": _megablocks,
+}
+
 # What `auto` means on each device type.
 AUTO: dict[str, str] = {"cuda": "triton", "cpu": "torch"}
 
 
-def resolve_backend(name: str, device: torch.device) -> FusedMoeFn:
-    """The fused MoE function for backend `name` on `device` ("auto" picks by device type)."""
+def resolve_backend(name: str, device: torch.device, table: dict[str, FusedMoeFn] = BACKENDS) -> FusedMoeFn:
+    """The fused MoE function for backend `name` on `device` ("auto" picks by device type), from `table`
+    (`BACKENDS`, or `FP32_BACKENDS` for the unrounded variants)."""
     if name == "auto":
         name = AUTO.get(device.type, "torch")
     try:
-        return BACKENDS[name]
+        return table[name]
     except KeyError:
         allowed = ["auto", *BACKENDS]
         raise ConfigError(f"moe_backend={name!r} is not known; allowed: {allowed}") from None

@@ -67,6 +67,22 @@ def fused_moe_reference(
     kept in fp32 and the k pairs of a token are summed in fp32 in k order, with one rounding at the end.
     That is what transformers' default (`grouped_mm`) experts do, so bf16 outputs match it bit for bit.
     """
+    return fused_moe_reference_fp32(hidden, w13, w2, routing, slot_map).to(hidden.dtype)  # one rounding
+
+
+def fused_moe_reference_fp32(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    routing: RoutingResult,
+    slot_map: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`fused_moe_reference` before its final rounding: the fp32 sum over k of the weighted pairs.
+
+    Same arguments; returns [T, H] float32. Expert-parallel ranks each compute the pairs they own (the
+    others dropped through `slot_map`), sum these fp32 partials and round once: for top-2 routing that is
+    exactly `fused_moe_reference`'s result, since each token's sum then has one nonzero addition.
+    """
     T, H = hidden.shape
     S = w13.shape[0]
     ids = routing.ids.long()  # [T, k]
@@ -78,7 +94,7 @@ def fused_moe_reference(
         gate, up = F.linear(hidden[token_idx], w13[s]).chunk(2, dim=-1)  # [n, I] each
         y = F.linear(F.silu(gate) * up, w2[s])  # [n, H]
         pairs[token_idx, kpos] = y * routing.weights[token_idx, kpos, None]  # fp32 weights promote
-    return pairs.sum(dim=1).to(hidden.dtype)  # [T, H]
+    return pairs.sum(dim=1)  # [T, H] fp32
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,20 @@ def fused_moe_torch(
     reference (same ops in the same order) except for 16-bit groups of >= UPCAST_MIN_ROWS rows on CPU,
     which are computed in fp32: more accurate than the reference, and within a few output ulps of it.
     """
+    return fused_moe_torch_fp32(hidden, w13, w2, routing, slot_map).to(hidden.dtype)  # one rounding
+
+
+def fused_moe_torch_fp32(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    routing: RoutingResult,
+    slot_map: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`fused_moe_torch` before its final rounding (see `reference.fused_moe_reference_fp32`).
+
+    Same arguments; returns [T, H] float32, the k weighted pairs of each token summed in fp32.
+    """
     T, H = hidden.shape
     S, k = w13.shape[0], routing.top_k
     slots = routing.ids if slot_map is None else slot_map.to(routing.ids.device)[routing.ids.long()]  # [T, k]
@@ -95,4 +109,4 @@ def fused_moe_torch(
         start = end
     pairs = torch.empty_like(sorted_out)
     pairs[order] = sorted_out  # back to (token, k) order
-    return pairs.view(T, k, H).sum(dim=1).to(hidden.dtype)  # [T, H], one rounding
+    return pairs.view(T, k, H).sum(dim=1)  # [T, H] fp32, not rounded yet

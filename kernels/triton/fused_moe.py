@@ -29,12 +29,27 @@ def fused_moe_triton(
     Returns [T, H] in hidden's dtype (fp32 accumulation inside each GEMM, the k rows summed in fp32 and
     rounded once).
     """
+    return fused_moe_triton_fp32(hidden, w13, w2, routing, slot_map, config).to(hidden.dtype)  # one rounding
+
+
+def fused_moe_triton_fp32(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    routing: RoutingResult,
+    slot_map: torch.Tensor | None = None,
+    config: TileConfig | None = None,
+) -> torch.Tensor:
+    """`fused_moe_triton` before its final rounding (see `reference.fused_moe_reference_fp32`).
+
+    Same arguments; returns [T, H] float32, the k fp32 rows of each token summed, not rounded.
+    """
     T, H = hidden.shape
     S, two_i, _ = w13.shape
     if w2.shape != (S, H, two_i // 2):
         raise ValueError(f"w2 must be [S={S}, H={H}, I={two_i // 2}], got {tuple(w2.shape)}")
     if T == 0:
-        return torch.zeros_like(hidden)
+        return torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
     k = routing.top_k
     if config is None:
         shape = MoeShape(num_experts=S, intermediate=two_i // 2, dtype=hidden.dtype, device_name=device_name(hidden.device))
@@ -43,4 +58,4 @@ def fused_moe_triton(
     aligned = align(slots, S, config.block_m)
     inter = grouped_gemm1(hidden, w13, aligned, config)  # [T*k, I]
     rows = grouped_gemm2(inter, w2, aligned, routing.weights, config)  # [T, k, H] fp32
-    return rows.sum(dim=1).to(hidden.dtype)  # [T, H], one rounding
+    return rows.sum(dim=1)  # [T, H] fp32

@@ -1,8 +1,8 @@
 """Expert-parallel MoE: the sum of every rank's share equals the local `fused_moe` with the same backend.
 
-fp32 without replicas: bit for bit (top-2: a + b == b + a). A replicated expert runs its GEMM on fewer rows,
-and in bf16 each rank's share is rounded before the sum (the kernels round once after an fp32 combine):
-equal within the dtype's tolerance then, with the same greedy tokens. Layer level runs the ranks one after
+Shares are fp32 (`fused_moe_fp32`) and rounded once after the sum, so without replicas the result is bit
+for bit the local one in fp32 and bf16 alike (top-2: a + b == b + a). A replicated expert runs its GEMM on
+fewer rows: equal within the dtype's tolerance then, with the same greedy tokens. Layer level runs the ranks one after
 another in this process; the model level runs two processes over gloo, as the Ray workers will.
 """
 
@@ -15,13 +15,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from moe_runtime.cluster import expert_parallel
 from moe_runtime.cluster.expert_parallel import ShardedExperts, shard_experts
 from moe_runtime.cluster.placement import Placement, build_placement
 from moe_runtime.cluster.planner import round_robin
-from moe_runtime.kernels import fused_moe, route
-
 from moe_runtime.config import PlacementConfig
+from moe_runtime.kernels import fused_moe, route
 from moe_runtime.model.attention import AttentionMetadata
 from moe_runtime.model.loader import load_model
 
@@ -50,9 +50,10 @@ def test_ranks_sum_to_local(name, placement, T, dtype):
     for rank in range(placement.workers):
         local = placement.local_experts(rank, 0)
         experts = ShardedExperts(placement, rank, 0, w13[local], w2[local])
-        total += experts.share(x, routing, "torch").float()  # a sum of two values rounds once, as in dtype
-    if dtype == torch.float32 and int(placement.replica_counts().max()) == 1:
-        assert torch.equal(total, expected)
+        total += experts.share(x, routing, "torch")  # fp32, rounded once below as the kernels do
+    assert experts.share(x, routing, "torch").dtype == torch.float32
+    if int(placement.replica_counts().max()) == 1:
+        assert torch.equal(total.to(dtype), expected)  # bf16 too: one rounding after the fp32 sum
     else:
         torch.testing.assert_close(total.to(dtype), expected)  # dtype's default tolerances
 

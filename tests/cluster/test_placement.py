@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
 from moe_runtime.cluster import placement as placement_module
 from moe_runtime.cluster.placement import (
     Placement,
@@ -19,7 +20,6 @@ from moe_runtime.cluster.placement import (
     resolve_placement,
     shared_bytes,
 )
-
 from moe_runtime.config import ModelConfig, PlacementConfig, RuntimeConfig, load_config
 from moe_runtime.errors import ConfigError
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from moe_runtime.cluster import planner as planner_module
 from moe_runtime.cluster.placement import Placement
 from moe_runtime.cluster.planner import (
@@ -20,7 +21,6 @@ from moe_runtime.cluster.planner import (
     replicate_experts,
     round_robin,
 )
-
 from moe_runtime.commands import plan_placement as command
 from moe_runtime.config import ModelConfig, load_config
 from moe_runtime.errors import ConfigError

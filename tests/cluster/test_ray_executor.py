@@ -11,9 +11,9 @@ import time
 
 import pytest
 import torch
+
 from moe_runtime.cluster.placement import expert_bytes
 from moe_runtime.cluster.planner import plan_placement
-
 from moe_runtime.config import load_config
 from moe_runtime.engine.llm_engine import LLMEngine
 from moe_runtime.engine.sampling_params import SamplingParams

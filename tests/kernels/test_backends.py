@@ -5,8 +5,8 @@ import torch
 from moe_cases import CASES, make_inputs
 
 from moe_runtime.errors import ConfigError
-from moe_runtime.kernels import fused_moe, route
-from moe_runtime.kernels.backends import BACKENDS, resolve_backend
+from moe_runtime.kernels import fused_moe, fused_moe_fp32, route
+from moe_runtime.kernels.backends import BACKENDS, FP32_BACKENDS, resolve_backend
 from moe_runtime.kernels.reference import fused_moe_reference, route_reference
 from moe_runtime.kernels.torch_moe import fused_moe_torch
 
@@ -23,6 +23,7 @@ def test_config_values_are_all_registered():
 
     allowed = get_args(ModelLoadConfig.model_fields["moe_backend"].annotation)
     assert set(allowed) == {"auto", *BACKENDS}
+    assert set(FP32_BACKENDS) == set(BACKENDS)
 
 
 def test_unknown_backend_names_the_allowed_ones():
@@ -42,6 +43,26 @@ def test_public_fused_moe(backend):
     got = fused_moe(x.hidden, x.w13, x.w2, x.routing, slot_map=x.slot_map, backend=backend)
     want = fused_moe_reference(x.hidden, x.w13, x.w2, x.routing, x.slot_map)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_fused_moe_fp32_is_fused_moe_before_rounding(backend, dtype):
+    """fused_moe == fused_moe_fp32 rounded, bit for bit; and fp32 partials over disjoint pair subsets (the
+    expert-parallel shares), summed then rounded once, give fused_moe's bits too (top-2)."""
+    x = make_inputs(CASES[5], dtype)
+    kw = {"slot_map": x.slot_map, "backend": backend}
+    full = fused_moe_fp32(x.hidden, x.w13, x.w2, x.routing, **kw)
+    assert full.dtype == torch.float32
+    want = fused_moe(x.hidden, x.w13, x.w2, x.routing, **kw)
+    assert torch.equal(full.to(dtype), want)
+    S = x.w13.shape[0]
+    parts = torch.zeros_like(full)
+    for keep in (0, 1):  # even slots, then odd slots, as two ranks would own them
+        slot_map = x.slot_map if x.slot_map is not None else torch.arange(S)
+        slot_map = torch.where(slot_map % 2 == keep, slot_map, -1)
+        parts += fused_moe_fp32(x.hidden, x.w13, x.w2, x.routing, slot_map=slot_map, backend=backend)
+    assert torch.equal(parts.to(dtype), want)
 
 
 @pytest.mark.parametrize("renormalize", [True, False])
