@@ -29,7 +29,7 @@ class HostTier(Protocol):
 
     def copy_into(self, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor) -> int: ...
 
-    def host_weights(self, layer: int, experts: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]: ...
+    def host_weights(self, layer: int, experts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
     def close(self) -> None: ...
 
@@ -56,9 +56,12 @@ class PinnedTier:
         w2.copy_(self.w2[layer][expert], non_blocking=True)
         return (w13.numel() + w2.numel()) * w13.element_size()
 
-    def host_weights(self, layer: int, experts: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """expert -> (w13 [2I, D], w2 [D, I]) in CPU memory, for computing on the host (views, no copy)."""
-        return {e: (self.w13[layer][e], self.w2[layer][e]) for e in experts}
+    def host_weights(self, layer: int, experts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w13 [E, 2I, D], w2 [E, D, I], slot_map [E]) in CPU memory for `fused_moe` on the host: the whole
+        layer (no copy), with only `experts` mapped (e -> e; the others -1)."""
+        slot_map = torch.full((self.w13[layer].shape[0],), -1, dtype=torch.int32)  # [E]
+        slot_map[experts] = torch.tensor(experts, dtype=torch.int32)
+        return self.w13[layer], self.w2[layer], slot_map
 
     def close(self) -> None:
         self.w13.clear()
@@ -90,15 +93,16 @@ class MmapTier:
             w2.copy_(h2)
         return (w13.numel() + w2.numel()) * w13.element_size()
 
-    def host_weights(self, layer: int, experts: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """expert -> (w13 [2I, D], w2 [D, I]) read into fresh CPU buffers, for computing on the host."""
-        out = {}
-        for e in experts:
-            w13 = torch.empty(2 * self.I, self.D, dtype=self.dtype)  # [2I, D]
-            w2 = torch.empty(self.D, self.I, dtype=self.dtype)  # [D, I]
-            self._read(layer, e, w13, w2)
-            out[e] = (w13, w2)
-        return out
+    def host_weights(self, layer: int, experts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w13 [n, 2I, D], w2 [n, D, I], slot_map [E]): `experts` read into fresh CPU buffers, expert
+        experts[i] -> i in the map, for `fused_moe` on the host."""
+        w13 = torch.empty(len(experts), 2 * self.I, self.D, dtype=self.dtype)  # [n, 2I, D]
+        w2 = torch.empty(len(experts), self.D, self.I, dtype=self.dtype)  # [n, D, I]
+        slot_map = torch.full((self.E,), -1, dtype=torch.int32)  # [E]
+        for i, e in enumerate(experts):
+            self._read(layer, e, w13[i], w2[i])
+            slot_map[e] = i
+        return w13, w2, slot_map
 
     def close(self) -> None:
         self.reader.close()

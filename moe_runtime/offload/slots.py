@@ -52,3 +52,10 @@ class LayerSlots:
             self._slot_map = torch.tensor(self.slot_of, dtype=torch.int32).to(self.device, non_blocking=True)
             self._stale = False
         return self._slot_map
+
+    def partial_map(self, experts: list[int]) -> torch.Tensor:
+        """[E] int32 on the device mapping only `experts` (all resident) to their slots; others -1."""
+        m = [-1] * len(self.slot_of)
+        for e in experts:
+            m[e] = self.slot_of[e]
+        return torch.tensor(m, dtype=torch.int32).to(self.device, non_blocking=True)

@@ -12,9 +12,10 @@ Per call (one layer of one step):
   5. Compute. Usually every needed expert fits in the S slots: misses are fetched, evicting by policy
      only experts this step does not need, and one `fused_moe` call runs them with the layer's slot map.
      Otherwise (more than S experts needed, or some on the host) experts run in parts: waves of at most S
-     slots, never evicting an expert of the current wave, plus the host ones; each fills its (token, k)
-     pairs of one fp32 buffer and the pairs are summed and rounded once (`pairs.py`), exactly as the
-     kernel does, so outputs are bit-identical to the all-resident run in every dtype.
+     slots, never evicting an expert of the current wave, plus the host ones. Each part is
+     `fused_moe_fp32` (the backend's own arithmetic, before its final rounding) over its experts; parts are
+     summed in fp32 and rounded once. With top-2 routing a token's output is p0 + p1 in fp32 either way
+     (adding 0 is exact), so outputs are bit-identical to the all-resident run in every dtype.
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ import torch
 from torch import nn
 
 from moe_runtime.config import ModelConfig, OffloadConfig
-from moe_runtime.kernels import RoutingResult, fused_moe
+from moe_runtime.kernels import RoutingResult, fused_moe, fused_moe_fp32
 from moe_runtime.offload.cost_model import CostModel
 from moe_runtime.offload.host_tier import HostTier
-from moe_runtime.offload.pairs import ExpertMlp, add_expert, expert_mlp_for, finish, new_pairs
 from moe_runtime.offload.policy import POLICIES
 from moe_runtime.offload.slots import LayerSlots
 from moe_runtime.offload.stats import OffloadStats
@@ -88,11 +88,11 @@ class ExpertStore:
         if not on_host and len(needed) <= slots.num_slots:  # the usual case: one call of the fused kernel
             self._make_resident(layer, hits, to_fetch)
             return fused_moe(x, slots.w13, slots.w2, routing, slot_map=slots.slot_map(), backend=backend)
-        pairs = new_pairs(x, routing.top_k)  # [T, A, D] fp32
-        self._run_waves(layer, x, routing, pairs, hits, to_fetch, expert_mlp_for(backend, x.device))
+        acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D] fp32 partial sums
+        self._run_waves(layer, x, routing, acc, hits, to_fetch, backend)
         if on_host:
-            self._run_on_host(layer, x, routing, pairs, on_host, expert_mlp_for(backend, torch.device("cpu")))
-        return finish(pairs, x.dtype)  # [T, D]
+            self._run_on_host(layer, x, routing, acc, on_host, backend)
+        return acc.to(x.dtype)  # [T, D], rounded once as fused_moe does
 
     def _make_resident(self, layer: int, hits: list[int], to_fetch: list[int]) -> None:
         """Fetch `to_fetch` into slots not holding `hits`, then wait until every one of them has landed."""
@@ -103,33 +103,32 @@ class ExpertStore:
             keep.add(e)
         self._wait_ready(slots, hits)
 
-    def _run_waves(self, layer: int, x: torch.Tensor, routing: RoutingResult, pairs: torch.Tensor,
-                   hits: list[int], to_fetch: list[int], mlp: ExpertMlp) -> None:
-        """Device experts in waves of at most S: the resident ones first, then the rest S at a time."""
+    def _run_waves(self, layer: int, x: torch.Tensor, routing: RoutingResult, acc: torch.Tensor,
+                   hits: list[int], to_fetch: list[int], backend: str) -> None:
+        """Device experts in waves of at most S (the resident ones first), each adding its fp32 part to acc."""
         slots = self.layers[layer]
         wave, todo = list(hits), list(to_fetch)
         while wave or todo:
             free = slots.num_slots - len(wave)
             self._make_resident(layer, wave, todo[:free])  # evicts only experts outside this wave
             wave, todo = wave + todo[:free], todo[free:]
-            for e in wave:
-                s = slots.slot_of[e]
-                add_expert(pairs, x, routing, e, slots.w13[s], slots.w2[s], mlp)
+            acc += fused_moe_fp32(x, slots.w13, slots.w2, routing, slot_map=slots.partial_map(wave), backend=backend)
             wave = []
 
-    def _run_on_host(self, layer: int, x: torch.Tensor, routing: RoutingResult, pairs: torch.Tensor,
-                     experts: list[int], mlp: ExpertMlp) -> None:
-        """Compute `experts` on the host: tokens go to the CPU, pair outputs come back into `pairs`."""
+    def _run_on_host(self, layer: int, x: torch.Tensor, routing: RoutingResult, acc: torch.Tensor,
+                     experts: list[int], backend: str) -> None:
+        """Compute `experts` on the host: tokens go to the CPU, their fp32 part comes back into acc."""
         st = self._stats
         st.host_computed += len(experts)
-        x_cpu, routing_cpu = x.cpu(), RoutingResult(routing.weights.cpu(), routing.ids.cpu())
         t0 = time.perf_counter()
-        weights = self.tier.host_weights(layer, experts)
+        w13, w2, slot_map = self.tier.host_weights(layer, experts)  # [n, 2I, D], [n, D, I], [E]
         if self.tier.reads_storage:
             st.stall_s += time.perf_counter() - t0
             st.bytes_moved += len(experts) * self._expert_bytes(self.layers[layer])
-        for e, (w13, w2) in weights.items():
-            add_expert(pairs, x_cpu, routing_cpu, e, w13, w2, mlp)
+        host_backend = backend if backend in ("torch", "reference") else "auto"  # a CPU backend
+        routing_cpu = RoutingResult(routing.weights.cpu(), routing.ids.cpu())
+        y = fused_moe_fp32(x.cpu(), w13, w2, routing_cpu, slot_map=slot_map, backend=host_backend)  # [T, D]
+        acc += y.to(acc.device)
 
     # -----------------------------------------------------------------------------------------------------
     # Misses, eviction, prefetch

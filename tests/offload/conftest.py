@@ -52,7 +52,9 @@ class InMemoryTier:
         return (w13.numel() + w2.numel()) * w13.element_size()
 
     def host_weights(self, layer, experts):
-        return {e: (self.w13[layer][e], self.w2[layer][e]) for e in experts}
+        slot_map = torch.full((self.w13[layer].shape[0],), -1, dtype=torch.int32)
+        slot_map[experts] = torch.tensor(experts, dtype=torch.int32)
+        return self.w13[layer], self.w2[layer], slot_map
 
     def close(self) -> None:
         pass

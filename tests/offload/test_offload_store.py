@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import moe_runtime.offload.store as store_module
 from moe_runtime.config import ModelConfig, OffloadConfig
-from moe_runtime.kernels import RoutingResult, fused_moe
+from moe_runtime.kernels import RoutingResult, fused_moe, fused_moe_fp32
 from moe_runtime.model.presets import preset_config
 from moe_runtime.offload import CostModel, ExpertStore
 
@@ -47,22 +47,25 @@ def test_needed_experts_are_never_evicted(slots, policy, miss, prefetch, steps, 
     store = ExpertStore(CFG, offload, tier, gates, torch.device("cpu"), torch.float32, COST)
     layer_now = [0]
 
-    def checked_fused_moe(x, w13, w2, routing, *, slot_map=None, backend="auto"):
-        for e in torch.unique(routing.ids).tolist():  # every routed expert is resident with its own weights
+    def check_slots(routing, w13, w2, slot_map):
+        for e in torch.unique(routing.ids).tolist():  # a mapped expert's slot holds that expert's weights
             s = int(slot_map[e])
-            assert s >= 0 and torch.equal(w13[s], tier.w13[layer_now[0]][e]), f"expert {e} not in its slot"
-            assert torch.equal(w2[s], tier.w2[layer_now[0]][e])
+            if s >= 0:
+                assert torch.equal(w13[s], tier.w13[layer_now[0]][e]), f"expert {e} not in its slot"
+                assert torch.equal(w2[s], tier.w2[layer_now[0]][e])
+
+    def checked_fused_moe(x, w13, w2, routing, *, slot_map=None, backend="auto"):
+        assert all(int(slot_map[e]) >= 0 for e in torch.unique(routing.ids).tolist())  # one call: all resident
+        check_slots(routing, w13, w2, slot_map)
         return fused_moe(x, w13, w2, routing, slot_map=slot_map, backend=backend)
 
-    def checked_add_expert(pairs, x, routing, expert, w13, w2, mlp):
-        assert torch.equal(w13, tier.w13[layer_now[0]][expert]), f"expert {expert} computed with other weights"
-        assert torch.equal(w2, tier.w2[layer_now[0]][expert])
-        return add_expert(pairs, x, routing, expert, w13, w2, mlp)
+    def checked_fused_moe_fp32(x, w13, w2, routing, *, slot_map=None, backend="auto"):
+        check_slots(routing, w13, w2, slot_map)
+        return fused_moe_fp32(x, w13, w2, routing, slot_map=slot_map, backend=backend)
 
-    add_expert = store_module.add_expert
     uses = 0
     with mock.patch.object(store_module, "fused_moe", checked_fused_moe), \
-         mock.patch.object(store_module, "add_expert", checked_add_expert):
+         mock.patch.object(store_module, "fused_moe_fp32", checked_fused_moe_fp32):
         for T in steps:
             x = torch.randn(T, D, generator=gen)
             for layer in range(L):
