@@ -96,6 +96,34 @@ def shard_experts(model, placement: Placement, rank: int, group: dist.ProcessGro
         moe.experts = ShardedExperts(placement, rank, layer, moe.w13, moe.w2, group)
 
 
+def place_experts(
+    model, placement: Placement, rank: int, model_dir: str, group: dist.ProcessGroup | None,
+    have: Placement | None = None,
+) -> None:
+    """Make every MoE block of `model` hold `rank`'s experts under `placement` and attach `ShardedExperts`.
+
+    Experts that `have` (the placement the blocks follow now; None: they hold nothing yet, as after
+    `load_model(..., experts=False)`) already gives this rank are kept; the others are read from the
+    checkpoint, one expert at a time (pread: no whole-checkpoint mmap pages stay resident).
+    """
+    inter = model.config.intermediate_size
+    with ExpertReader(model_dir, model.config) as reader:
+        for layer, block in enumerate(model.layers):
+            moe = block.block_sparse_moe
+            held = {} if have is None else {e: s for s, e in enumerate(have.local_experts(rank, layer))}
+            want = placement.local_experts(rank, layer)
+            w13 = torch.empty(len(want), *moe.w13.shape[1:], dtype=moe.w13.dtype, device=moe.w13.device)
+            w2 = torch.empty(len(want), *moe.w2.shape[1:], dtype=moe.w2.dtype, device=moe.w2.device)
+            for slot, e in enumerate(want):
+                if e in held:
+                    w13[slot], w2[slot] = moe.w13[held[e]], moe.w2[held[e]]
+                else:
+                    reader.read(layer, e, w13[slot], w2[slot], inter)
+            moe.w13 = torch.nn.Parameter(w13, requires_grad=False)  # [S_r, 2I, D]
+            moe.w2 = torch.nn.Parameter(w2, requires_grad=False)  # [S_r, D, I]
+            moe.experts = ShardedExperts(placement, rank, layer, w13, w2, group)
+
+
 class ExpertReader:
     """Reads single experts from a checkpoint's safetensors files (for experts a rank gains on re-placement).
 

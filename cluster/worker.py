@@ -15,7 +15,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-from moe_runtime.cluster.expert_parallel import ExpertReader, ShardedExperts, shard_experts
+from moe_runtime.cluster.expert_parallel import place_experts
 from moe_runtime.cluster.placement import Placement
 from moe_runtime.config import RuntimeConfig
 from moe_runtime.engine.kv_cache import allocate_kv_cache
@@ -58,10 +58,10 @@ class ExpertWorker:
         if self.cfg.engine.num_threads is not None:
             torch.set_num_threads(self.cfg.engine.num_threads)
         m = self.cfg.model
-        # TODO(cluster): read only this rank's experts from the checkpoint (loader hook); today every worker
-        # reads all of them once and keeps its own, so peak host memory at load is the whole model.
-        model = load_model(self.model_dir, m.dtype, m.device, m.moe_backend)
-        shard_experts(model, self.placement, self.rank, dist.group.WORLD)
+        # replicated weights from the checkpoint, then only this rank's experts (never the whole model)
+        model = load_model(self.model_dir, m.dtype, m.device, m.moe_backend, experts=False)
+        place_experts(model, self.placement, self.rank, self.model_dir, dist.group.WORLD)
+        model.keep_fp32_copies()  # as LocalExecutor: the same arithmetic for large 16-bit batches on CPU
         kv = allocate_kv_cache(
             model.config, num_kv_blocks, self.cfg.cache.block_size, model.dtype, model.device
         )
@@ -72,25 +72,12 @@ class ExpertWorker:
         """Hold `placement`'s experts from now on: keep the ones already here, read the others from the
         checkpoint. Call between steps, on every rank. Returns the bytes of expert weights now held."""
         assert self.runner is not None and placement.workers == self.placement.workers
-        model = self.runner.model
-        I = model.config.intermediate_size  # noqa: E741
-        with ExpertReader(self.model_dir, model.config) as reader:
-            for layer, block in enumerate(model.layers):
-                moe = block.block_sparse_moe
-                have = {e: s for s, e in enumerate(self.placement.local_experts(self.rank, layer))}
-                want = placement.local_experts(self.rank, layer)
-                w13 = torch.empty(len(want), *moe.w13.shape[1:], dtype=moe.w13.dtype, device=moe.w13.device)
-                w2 = torch.empty(len(want), *moe.w2.shape[1:], dtype=moe.w2.dtype, device=moe.w2.device)
-                for slot, e in enumerate(want):
-                    if e in have:
-                        w13[slot], w2[slot] = moe.w13[have[e]], moe.w2[have[e]]
-                    else:
-                        reader.read(layer, e, w13[slot], w2[slot], I)
-                moe.w13 = torch.nn.Parameter(w13, requires_grad=False)  # [S_r, 2I, D]
-                moe.w2 = torch.nn.Parameter(w2, requires_grad=False)  # [S_r, D, I]
-                moe.experts = ShardedExperts(placement, self.rank, layer, w13, w2, dist.group.WORLD)
+        place_experts(self.runner.model, placement, self.rank, self.model_dir, dist.group.WORLD, self.placement)
         self.placement = placement
         return self._expert_bytes()
+
+    def ping(self) -> bool:
+        return self.runner is not None
 
     def _expert_bytes(self) -> int:
         blocks = [layer.block_sparse_moe for layer in self.runner.model.layers]

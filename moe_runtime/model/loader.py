@@ -159,13 +159,19 @@ def load_model(
     moe_backend: str = "auto",
     progress: bool = False,
     offload: OffloadConfig | None = None,
+    experts: bool = True,
 ) -> MixtralForCausalLM:
     """Build a `MixtralForCausalLM` from a HF checkpoint directory. Raises `CheckpointError` on any defect.
 
     With `offload.enabled` the experts are not loaded: an `offload.ExpertStore` keeps a budget of them
-    resident and reads the rest from the checkpoint (`model.expert_store`).
+    resident and reads the rest from the checkpoint (`model.expert_store`). With `experts=False` they are
+    not loaded either, and nothing replaces them: every block's w13/w2 hold 0 experts until the caller
+    fills them (the Ray workers read only their own; every tensor is still checked).
     """
     offloaded = offload is not None and offload.enabled
+    if offloaded and not experts:
+        raise ConfigError("load_model: offload.enabled with experts=False; the expert store needs the experts")
+    skip_experts = offloaded or not experts
     try:
         cfg = ModelConfig.from_pretrained(model_dir)
     except ConfigError as e:
@@ -174,7 +180,7 @@ def load_model(
     with CheckpointFiles(model_dir, cfg) as ckpt:
         with torch.device("meta"):
             model = MixtralForCausalLM(cfg, moe_backend)
-        if offloaded:
+        if skip_experts:
             from moe_runtime.offload.attach import empty_experts
 
             empty_experts(model)
@@ -184,9 +190,9 @@ def load_model(
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         with torch.no_grad():
-            targets = dict(_assignments(model, ckpt, experts=not offloaded))
+            targets = dict(_assignments(model, ckpt, experts=not skip_experts))
             read, reader = ckpt.get, None
-            if offloaded:  # pread, not the mmap: touched mmap pages would stay in RSS (offload/safetensors_reader)
+            if skip_experts:  # pread, not the mmap: touched mmap pages would stay in RSS (offload/safetensors_reader)
                 from moe_runtime.offload.safetensors_reader import SafetensorsReader
 
                 reader = SafetensorsReader(model_dir, {n: ckpt.location[n] for n in targets})

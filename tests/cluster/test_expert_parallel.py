@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moe_runtime.cluster import expert_parallel
-from moe_runtime.cluster.expert_parallel import ShardedExperts, shard_experts
+from moe_runtime.cluster.expert_parallel import ShardedExperts, place_experts, shard_experts
 from moe_runtime.cluster.placement import Placement, build_placement
 from moe_runtime.cluster.planner import round_robin
 from moe_runtime.config import PlacementConfig
@@ -117,6 +117,25 @@ def test_two_ranks_match_local_model(tiny_model_dir, tmp_path):
     torch.testing.assert_close(replicated, expected)
     logits = model.compute_logits(replicated)
     assert torch.equal(logits.argmax(-1), model.compute_logits(expected).argmax(-1))
+
+
+def test_place_experts_reads_only_this_ranks_experts(tiny_model_dir):
+    """What a Ray worker loads: replicated weights (`load_model(experts=False)`), then its own experts read
+    one by one; the same tensors as loading everything and keeping the rank's share."""
+    model = load_model(tiny_model_dir, "float32", "cpu", experts=False)
+    assert all(block.block_sparse_moe.w13.shape[0] == 0 for block in model.layers)
+    cfg = model.config
+    placement = build_placement(PlacementConfig(workers=2, replicas={"*": {3: [0]}}), cfg.num_hidden_layers,
+                                cfg.num_local_experts)
+    place_experts(model, placement, 1, str(tiny_model_dir), None)
+    full = load_model(tiny_model_dir, "float32", "cpu")
+    shard_experts(full, placement, 1)
+    for got, want in zip(model.layers, full.layers, strict=True):
+        assert torch.equal(got.block_sparse_moe.w13, want.block_sparse_moe.w13)
+        assert torch.equal(got.block_sparse_moe.w2, want.block_sparse_moe.w2)
+    moved = round_robin(cfg.num_hidden_layers, cfg.num_local_experts, 2)  # keeps some, reads the others
+    place_experts(model, moved, 1, str(tiny_model_dir), None, have=placement)
+    assert [b.block_sparse_moe.w13.shape[0] for b in model.layers] == [4] * cfg.num_hidden_layers
 
 
 def test_doctests():
