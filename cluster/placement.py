@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from pydantic import ValidationError
 
 from moe_runtime.config import ModelConfig, PlacementConfig, load_config
 from moe_runtime.errors import ConfigError
@@ -74,6 +75,12 @@ class Placement:
             for reps in experts:
                 counts[layer, list(reps)] += 1
         return counts
+
+    def rank_shares(self) -> list[list[list[float]]]:
+        """[L][E][N]: the fraction of expert e's pairs rank n computes (1/copies on each copy's rank), for
+        telemetry's rank view. `owner_ranks` splits by token index, so this is exact up to rounding."""
+        return [[[1 / len(reps) if n in reps else 0.0 for n in range(self.workers)] for reps in layer]
+                for layer in self.ranks]
 
     def owner_ranks(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
         """The rank that computes each (token, expert) pair: replica `t % c` of the expert's c replicas.
@@ -131,6 +138,24 @@ class Placement:
         if memory_per_rank is not None:
             section["memory_per_rank"] = memory_per_rank
         return yaml.safe_dump({"placement": section}, sort_keys=False, default_flow_style=None)
+
+    @classmethod
+    def from_yaml_text(cls, text: str, num_layers: int, num_experts: int, where: str = "placement") -> Placement:
+        """Build the plan from a YAML document's `placement:` section (what `ApplyPlacement` receives)."""
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: not valid YAML ({e})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("placement"), dict):
+            raise ConfigError(f"{where}: expected a YAML mapping with a `placement:` section "
+                              "(as `moe-runtime plan-placement -o` writes)")
+        try:
+            cfg = PlacementConfig.model_validate(data["placement"])
+        except ValidationError as e:
+            raise ConfigError(f"{where}: " + "; ".join(
+                f"placement.{'.'.join(map(str, err['loc']))}={err.get('input')!r}: {err['msg']}"
+                for err in e.errors())) from None
+        return build_placement(cfg, num_layers, num_experts, f"{where}: placement")
 
     @classmethod
     def from_yaml(cls, path: str | Path, num_layers: int, num_experts: int) -> Placement:

@@ -12,6 +12,7 @@ once, every worker runs it, and rank 0's sampled tokens come back.
 
 from __future__ import annotations
 
+import os
 import time
 
 import ray
@@ -42,7 +43,11 @@ class RayExecutor(Executor):
         self.workers: list = []
         self._pg = None
         if not ray.is_initialized():
-            ray.init(address=cfg.ray.address, include_dashboard=False)
+            # A local cluster (no address) declares a CPU per worker bundle even on a smaller host: the
+            # workers mostly wait on each other, and the bundles must fit for the placement group.
+            local = {} if cfg.ray.address else {"num_cpus": max(
+                os.cpu_count() or 1, int(cfg.placement.workers * cfg.ray.num_cpus_per_worker + 0.999))}
+            ray.init(address=cfg.ray.address, include_dashboard=False, **local)
         try:
             self._start(model_dir)
         except BaseException:
@@ -100,6 +105,10 @@ class RayExecutor(Executor):
         )
         self.placement = placement
 
+    def check_health(self) -> None:
+        """Ping every worker (between steps, when idle); raises `EngineDeadError` if one is gone."""
+        self._get([w.ping.remote() for w in self.workers], self.cfg.ray.collective_timeout_s)
+
     def restart(self) -> None:
         """Rebuild the worker group after a failure: new placement group, actors, process group and weights.
 
@@ -125,9 +134,7 @@ class RayExecutor(Executor):
             return ray.get(refs)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise EngineDeadError(
-                f"a Ray worker failed ({type(e).__name__}: {first}); restart the executor"
-            ) from None
+            raise EngineDeadError(f"a Ray worker failed ({type(e).__name__}: {first})") from None
 
     def shutdown(self) -> None:
         for w in self.workers:

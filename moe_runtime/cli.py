@@ -15,7 +15,7 @@ from pathlib import Path
 
 from moe_runtime.errors import MoeRuntimeError
 
-COMMANDS = ("init_model", "generate", "serve", "stats", "plan_placement")
+COMMANDS = ("init_model", "generate", "serve", "stats", "plan_placement", "apply_placement")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -13,8 +13,8 @@ which does the one host copy of the counts and keeps:
   `OffloadStats` as `stats.offload` (offloading on; cumulative counters, copied as they are).
 
 `snapshot()` returns an `ExpertStatsSnapshot` (JSON-able via `to_dict()`; the placement planner reads the
-`tokens_per_expert` / `layers` / `experts` keys). A per-rank view (issue 7) slots in as one more field
-filled from the stats' per-rank counts.
+`tokens_per_expert` / `layers` / `experts` keys). With the Ray executor, `set_rank_shares` gives where each
+expert's pairs run, and the snapshot adds the rank view: window load per rank and the imbalance across ranks.
 """
 
 from __future__ import annotations
@@ -151,6 +151,9 @@ class ExpertStatsSnapshot:
     time_per_output_token: LatencySummary = field(default_factory=LatencySummary)
     queue_time: LatencySummary = field(default_factory=LatencySummary)
     cache: CacheCounters = field(default_factory=CacheCounters)
+    rank_tokens: list[float] = field(default_factory=list)  # [N] pairs each rank computed over the window
+    rank_expert_copies: list[int] = field(default_factory=list)  # [N] expert copies each rank holds
+    rank_imbalance: float = 0.0  # sum over layers of max rank load / sum of mean rank load; 0 without ranks
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -180,6 +183,23 @@ class ExpertLoadWindow:
         self.steps.append(counts)
         _add_into(self.window, counts, 1)
         _add_into(self.total, counts, 1)
+
+
+def rank_view(window: list[list[int]], shares: list[list[list[float]]]) -> tuple[list[float], float]:
+    """Load per rank and imbalance across ranks. window: [L][E] pairs; shares: [L][E][N] fraction of expert
+    e's pairs that rank n computes. Returns ([N] pairs summed over layers, sum_l max_n / sum_l mean_n).
+
+    >>> rank_view([[6, 2]], [[[1.0, 0.0], [0.5, 0.5]]])
+    ([7.0, 1.0], 1.75)
+    """
+    num_ranks = len(shares[0][0]) if shares and shares[0] else 0
+    totals, busiest, mean = [0.0] * num_ranks, 0.0, 0.0
+    for row, layer_shares in zip(window, shares, strict=True):
+        load = [sum(c * sh[n] for c, sh in zip(row, layer_shares, strict=True)) for n in range(num_ranks)]
+        totals = [t + x for t, x in zip(totals, load, strict=True)]
+        busiest += max(load, default=0.0)
+        mean += sum(load) / max(num_ranks, 1)
+    return totals, (busiest / mean if mean else 0.0)
 
 
 def _add_into(acc: list[list[int]], counts: list[list[int]], sign: int) -> None:
@@ -213,6 +233,13 @@ class Telemetry:
         self.cache = CacheCounters()
         self._last_step = 0  # `steps` of the last stats observed
         self.tokens_computed = 0  # sum of the observed steps' step_num_tokens (tokens run through the model)
+        self._rank_shares: list[list[list[float]]] | None = None  # [L][E][N]; None: no expert parallelism
+
+    def set_rank_shares(self, shares: list[list[list[float]]] | None) -> None:
+        """Where each expert's pairs run: shares[l][e][n] is the fraction rank n computes (1/copies on each
+        rank holding a copy; `Placement.rank_shares()`). None: a local executor (no rank view)."""
+        with self._lock:
+            self._rank_shares = shares
 
     # -- feeding ------------------------------------------------------------------------------------------
     def observe_step(self, stats: Any) -> None:
@@ -251,6 +278,7 @@ class Telemetry:
             window = [list(row) for row in self._load.window]
             total = [list(row) for row in self._load.total]
             stats = self.last_stats
+            shares = self._rank_shares
             snap = ExpertStatsSnapshot(
                 layers=self.num_layers, experts=self.num_experts, top_k=self.top_k,
                 window_steps=len(self._load.steps),
@@ -261,6 +289,10 @@ class Telemetry:
                 time_to_first_token=self.ttft.summary(), time_per_output_token=self.tpot.summary(),
                 queue_time=self.queue_time.summary(), cache=CacheCounters(**asdict(self.cache)),
             )
+        if shares is not None:
+            snap.rank_tokens, snap.rank_imbalance = rank_view(window, shares)
+            snap.rank_expert_copies = [sum(1 for layer in shares for sh in layer if sh[n] > 0)
+                                       for n in range(len(snap.rank_tokens))]
         if snap.layers:
             snap.mean_imbalance = sum(snap.imbalance) / snap.layers
             snap.mean_entropy = sum(snap.entropy) / snap.layers

@@ -2,8 +2,8 @@
 
 The table is a heatmap of each expert's share (%) of its layer's routed tokens over the telemetry window
 (green near the fair share 1/E, red at twice it), with the layer's imbalance (max/mean, 1 = balanced) and
-normalized router entropy (1 = uniform). `--json`
-prints the snapshot that `moe-runtime plan-placement --stats` reads.
+normalized router entropy (1 = uniform). With the Ray executor a second table shows the load per rank and
+the imbalance across ranks. `--json` prints the snapshot that `moe-runtime plan-placement --stats` reads.
 """
 
 from __future__ import annotations
@@ -57,6 +57,23 @@ def render(stats: dict[str, Any], key: str) -> None:
     console.print(f"mean max/mean {stats['mean_imbalance']:.2f}, mean entropy {stats['mean_entropy']:.3f} "
                   f"(1 = uniform); running {stats['num_running']}, waiting {stats['num_waiting']}, KV blocks "
                   f"{stats['kv_blocks_used']}/{stats['kv_blocks_total']}")
+    if stats.get("rank_tokens"):
+        render_ranks(console, stats)
+
+
+def render_ranks(console: Any, stats: dict[str, Any]) -> None:
+    """Per-rank load (Ray executor): pairs each rank computed over the window and its share."""
+    from rich import box
+    from rich.table import Table
+
+    loads, total = stats["rank_tokens"], sum(stats["rank_tokens"]) or 1
+    table = Table(title=f"load per rank (last {stats['window_steps']} steps, all layers; busiest/mean per layer "
+                        f"{stats['rank_imbalance']:.2f})", box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in ("rank", "pairs", "share %", "expert copies"):
+        table.add_column(name, justify="right")
+    for rank, (load, copies) in enumerate(zip(loads, stats["rank_expert_copies"], strict=True)):
+        table.add_row(str(rank), f"{load:.0f}", _heat(load / total, len(loads)), str(copies))
+    console.print(table)
 
 
 def _heat(share: float, num_experts: int) -> str:

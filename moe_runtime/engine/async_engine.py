@@ -6,7 +6,10 @@ between steps, and receives outputs via `call_soon_threadsafe`. So no lock is he
 abort frees the request's KV blocks before the next step is scheduled.
 
 If a step raises, the loop dies: `dead_error` is set, every open stream raises `EngineDeadError`, and so
-does every later `generate` call.
+does every later `generate` call. Except when the step raises `EngineDeadError` (the executor lost a Ray
+worker) and the executor can restart: then every open stream raises that error, `is_recovering` is True
+(new requests are refused with `EngineDeadError`) while `LLMEngine.recover` rebuilds the workers, and the
+loop goes on serving.
 """
 
 from __future__ import annotations
@@ -22,13 +25,23 @@ from moe_runtime.engine.outputs import EngineStats, RequestOutput
 from moe_runtime.engine.sampling_params import SamplingParams
 from moe_runtime.errors import EngineDeadError, MoeRuntimeError, RequestError
 
+# Seconds between health checks of an idle executor (Ray workers), so a dead worker is found and replaced
+# before the next request needs it. Executors without `check_health` are not polled.
+IDLE_HEALTH_CHECK_S = 2.0
+
+
+def _resolve(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if not future.done():  # the caller may have gone (cancelled)
+        future.set_exception(error) if error is not None else future.set_result(result)
+
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.dead_error: EngineDeadError | None = None
+        self.recovering_error: EngineDeadError | None = None  # set while the executor restarts
         self._streams: dict[str, asyncio.Queue] = {}  # request id -> its outputs (event loop thread only)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", id, ids, params) | ("abort", id)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", id, ids, params) | ("abort", id) | ("call", fn, future)
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -65,6 +78,10 @@ class AsyncEngine:
         return self.dead_error is not None
 
     @property
+    def is_recovering(self) -> bool:
+        return self.recovering_error is not None
+
+    @property
     def num_waiting(self) -> int:
         return self._stats.num_waiting + self._inbox.qsize()
 
@@ -81,6 +98,8 @@ class AsyncEngine:
         """Stream a request's outputs (deltas) until one has `finished`. Leaving early aborts the request."""
         if self.dead_error is not None:
             raise self.dead_error
+        if self.recovering_error is not None:
+            raise EngineDeadError(f"the executor is restarting after a failure ({self.recovering_error}); retry shortly")
         if self._thread is None:
             raise EngineDeadError("the engine is not started; call `await engine.start()` first")
         if request_id in self._streams:
@@ -104,6 +123,15 @@ class AsyncEngine:
             if not finished and self.dead_error is None:
                 self._post(("abort", request_id))  # cancelled or abandoned: free its blocks
 
+    async def run_between_steps(self, fn):
+        """Run `fn()` on the step loop thread between two steps (e.g. moving experts); returns its result
+        or raises its error. In-flight requests wait for it, and go on after."""
+        if self.dead_error is not None:
+            raise self.dead_error
+        done = asyncio.get_running_loop().create_future()
+        self._post(("call", fn, done))
+        return await done
+
     async def abort(self, request_id: str) -> None:
         """Abort a request; its stream ends with `finish_reason="abort"`. Unknown ids are ignored."""
         if self.dead_error is None:
@@ -123,9 +151,14 @@ class AsyncEngine:
                 if self._drain_inbox():
                     self._stats = self.engine.make_stats()
                 if not self.engine.has_unfinished():
-                    self._wake.wait()
+                    if not self._wake.wait(IDLE_HEALTH_CHECK_S):
+                        self._check_health()
                     continue
-                outputs = self.engine.step()
+                try:
+                    outputs = self.engine.step()
+                except EngineDeadError as e:  # a lost worker: fail what is in flight, rebuild, serve on
+                    self._recover(e)
+                    continue
                 self._stats = self.engine.make_stats()
                 if outputs:
                     self._send(self._deliver, outputs)
@@ -135,8 +168,29 @@ class AsyncEngine:
             self.dead_error = err
             self._send(self._fail_all, err)
 
-    def _drain_inbox(self) -> bool:
-        """Apply queued adds and aborts in order. Returns whether there were any."""
+    def _check_health(self) -> None:
+        check = getattr(self.engine.executor, "check_health", None)
+        if check is None:
+            return
+        try:
+            check()
+        except EngineDeadError as e:
+            self._recover(e)
+
+    def _recover(self, error: EngineDeadError) -> None:
+        """Fail every open stream and queued add with `error`, then `LLMEngine.recover` (drop all requests,
+        restart the executor). Raises, killing the loop, when the engine cannot recover."""
+        self.recovering_error = error
+        lost = EngineDeadError(f"{error}; this request is lost and the executor is restarting: retry shortly")
+        self._send(self._fail_all, lost)
+        self._drain_inbox(fail_adds=lost)
+        self.engine.recover(error)
+        self._stats = self.engine.make_stats()
+        self.recovering_error = None
+
+    def _drain_inbox(self, fail_adds: EngineDeadError | None = None) -> bool:
+        """Apply queued adds and aborts in order (adds fail with `fail_adds` when given). Returns whether
+        there were any."""
         drained = False
         while True:
             try:
@@ -144,8 +198,18 @@ class AsyncEngine:
             except queue.Empty:
                 return drained
             drained = True
+            if message[0] == "call":
+                _, fn, done = message
+                try:
+                    self._send(_resolve, done, fn(), None)
+                except Exception as e:  # noqa: BLE001 - the caller gets the error
+                    self._send(_resolve, done, None, e)
+                continue
             if message[0] == "add":
                 _, request_id, prompt_ids, params = message
+                if fail_adds is not None:
+                    self._send(self._deliver_error, request_id, fail_adds)
+                    continue
                 try:
                     self.engine.add_request(request_id, prompt_ids, params)
                 except MoeRuntimeError as e:  # e.g. the same id reused before its abort was applied

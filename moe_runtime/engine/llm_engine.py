@@ -18,12 +18,21 @@ from moe_runtime.errors import ConfigError, RequestError
 from moe_runtime.tokenizer import Tokenizer
 
 
+def make_executor(cfg: RuntimeConfig, progress: bool = False) -> Executor:
+    """The executor `cfg.executor` names: in this process, or Ray workers (Ray imported only then)."""
+    if cfg.executor == "ray":
+        from moe_runtime.cluster.ray_executor import RayExecutor
+
+        return RayExecutor(cfg, cfg.model.path)
+    return LocalExecutor(cfg, cfg.model.path, progress)
+
+
 class LLMEngine:
     def __init__(self, cfg: RuntimeConfig, executor: Executor | None = None, progress: bool = False):
         if cfg.model.path is None:
             raise ConfigError("model.path=None: the engine needs a checkpoint directory (see ensure_default_model)")
         self.config = cfg
-        self.executor = executor if executor is not None else LocalExecutor(cfg, cfg.model.path, progress)
+        self.executor = executor if executor is not None else make_executor(cfg, progress)
         self.model_config = self.executor.model_config
         self.tokenizer = Tokenizer.from_dir(cfg.model.path)
         self.max_model_len = cfg.engine.max_model_len or self.model_config.max_position_embeddings
@@ -127,6 +136,17 @@ class LLMEngine:
         return [dataclasses.replace(final[rid], new_token_ids=final[rid].token_ids, new_text=final[rid].text,
                                     logprobs=None if final[rid].logprobs is None else logprobs[rid])
                 for rid in ids]
+
+    def recover(self, error: BaseException) -> None:
+        """After a step failed with `error` because the executor lost a worker: drop every request (their
+        state on the workers is gone; the caller has failed them) and restart the executor. Raises `error`
+        when the executor cannot restart (only `RayExecutor` can)."""
+        restart = getattr(self.executor, "restart", None)
+        if restart is None:
+            raise error
+        for req in [*self.scheduler.running, *self.scheduler.waiting]:
+            self.scheduler.abort(req.request_id)
+        restart()
 
     def make_stats(self) -> EngineStats:
         return dataclasses.replace(

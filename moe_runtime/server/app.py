@@ -6,7 +6,8 @@
    streams finish for up to `server.drain_grace_s`, then stop the server (cancelling what is left, which
    aborts those requests in the engine) and shut the engine down.
 If the engine loop dies, health goes NOT_SERVING and every call answers UNAVAILABLE; the process keeps
-running so that the orchestrator sees the failure through health and restarts it.
+running so that the orchestrator sees the failure through health and restarts it. While the engine rebuilds
+a failed Ray executor, health is NOT_SERVING and calls answer UNAVAILABLE; then SERVING again.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from moe_runtime.server.grpc_server import (
     GenerationServicer,
     ServerError,
     build_server,
+    executor_of,
 )
 from moe_runtime.server.health import Phase, ServingState
 from moe_runtime.server.metrics import MetricsServer, StatsTap
@@ -85,6 +87,9 @@ class ServerApp:
                                    model_cfg.num_experts_per_tok, self.cfg.telemetry.window_steps)
         self.engine = await asyncio.to_thread(self.engine_factory, self.cfg, self.telemetry.observe_step)
         await self.engine.start()
+        placement = getattr(executor_of(self.engine), "placement", None)  # Ray executor: the rank view
+        if placement is not None:
+            self.telemetry.set_rank_shares(placement.rank_shares())
         self._attach(model_cfg)
         tel = self.cfg.telemetry
         self.metrics = MetricsServer(self.telemetry, tel.per_expert_metrics)
@@ -112,8 +117,16 @@ class ServerApp:
         ))
 
     async def _watch_engine(self, interval_s: float = 0.05) -> None:
-        """Health follows the engine: when its loop dies, NOT_SERVING for good."""
+        """Health follows the engine: NOT_SERVING while it rebuilds a failed executor (SERVING again after),
+        and for good when its loop dies."""
         while not self.engine.is_dead:
+            recovering = getattr(self.engine, "is_recovering", False)
+            if recovering and self.state.phase is Phase.SERVING:
+                log.error("executor failed (%s): health NOT_SERVING while it restarts", self.engine.recovering_error)
+                await self.state.set(Phase.RECOVERING)
+            elif not recovering and self.state.phase is Phase.RECOVERING:
+                log.info("executor restarted: serving again")
+                await self.state.set(Phase.SERVING)
             await asyncio.sleep(interval_s)
         log.error("engine loop died (%s): health NOT_SERVING, answering UNAVAILABLE", self.engine.dead_error)
         await self.state.set(Phase.DEAD)

@@ -91,6 +91,9 @@ class GenerationClient:
     def model_info(self) -> pb.ModelInfo:
         return self._call(self.stub.GetModelInfo, pb.GetModelInfoRequest())
 
+    def apply_placement(self, placement_yaml: str) -> pb.ApplyPlacementResponse:
+        return self._call(self.stub.ApplyPlacement, pb.ApplyPlacementRequest(placement_yaml=placement_yaml))
+
     def expert_stats(self) -> dict[str, Any]:
         """The telemetry snapshot as the JSON-able dict the placement planner reads."""
         return stats_to_dict(self._call(self.stub.GetExpertStats, pb.GetExpertStatsRequest()))

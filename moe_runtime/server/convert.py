@@ -70,6 +70,9 @@ def snapshot_to_proto(s: ExpertStatsSnapshot) -> pb.ExpertStats:
         cache=pb.CacheStats(hits=s.cache.hits, misses=s.cache.misses, bytes_moved=s.cache.bytes_moved,
                             hit_rate=s.cache.hit_rate, prefetch_accuracy=s.cache.prefetch_accuracy),
         tokens_processed=s.tokens_processed,
+        ranks=[pb.RankLoad(rank=n, tokens=t, expert_copies=c)
+               for n, (t, c) in enumerate(zip(s.rank_tokens, s.rank_expert_copies, strict=True))],
+        rank_imbalance=s.rank_imbalance,
     )
 
 
@@ -102,4 +105,7 @@ def stats_to_dict(m: pb.ExpertStats) -> dict[str, Any]:
         "queue_time": lat(m.queue_time),
         "cache": {"hits": m.cache.hits, "misses": m.cache.misses, "bytes_moved": m.cache.bytes_moved,
                   "hit_rate": m.cache.hit_rate, "prefetch_accuracy": m.cache.prefetch_accuracy},
+        "rank_tokens": [r.tokens for r in m.ranks],
+        "rank_expert_copies": [r.expert_copies for r in m.ranks],
+        "rank_imbalance": m.rank_imbalance,
     }

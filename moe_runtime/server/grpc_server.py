@@ -23,7 +23,7 @@ import grpc
 
 from moe_runtime.config import ServerConfig
 from moe_runtime.engine.sampling_params import SamplingParams
-from moe_runtime.errors import EngineDeadError, MoeRuntimeError, RequestError
+from moe_runtime.errors import ConfigError, EngineDeadError, MoeRuntimeError, RequestError
 from moe_runtime.server.auth import BearerTokenInterceptor
 from moe_runtime.server.convert import chunk_to_proto, final_fields, logprobs_to_proto, snapshot_to_proto
 from moe_runtime.server.health import ServingState
@@ -202,6 +202,38 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def GetExpertStats(self, request: pb.GetExpertStatsRequest,
                              context: grpc.aio.ServicerContext) -> pb.ExpertStats:
         return snapshot_to_proto((await self._ready(context)).telemetry.snapshot())
+
+    async def ApplyPlacement(self, request: pb.ApplyPlacementRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ApplyPlacementResponse:
+        """Parse and check the placement here, then move experts on the step loop between two steps."""
+        backend = await self._ready(context)
+        executor = executor_of(backend.engine)
+        if not hasattr(executor, "apply_placement"):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "ApplyPlacement needs the Ray executor; this server runs executor: local (start "
+                                "it with executor: ray and placement.workers, e.g. configs/tiny-ray-2-workers.yaml)")
+        from moe_runtime.cluster.placement import Placement  # no Ray import: placement is pure data
+
+        cfg = backend.engine.engine.model_config
+        started = time.monotonic()
+        try:
+            placement = Placement.from_yaml_text(request.placement_yaml, cfg.num_hidden_layers,
+                                                 cfg.num_local_experts, "placement_yaml")
+            limit = executor.cfg.ray.placement_timeout_s + executor.cfg.ray.collective_timeout_s
+            await asyncio.wait_for(
+                backend.engine.run_between_steps(lambda: executor.apply_placement(placement)), limit)
+        except ConfigError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except (EngineDeadError, TimeoutError) as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"moving experts failed: {e or 'timed out'}")
+        backend.telemetry.set_rank_shares(placement.rank_shares())
+        return pb.ApplyPlacementResponse(workers=placement.workers, expert_bytes=executor.expert_bytes,
+                                         seconds=time.monotonic() - started)
+
+
+def executor_of(engine: Any) -> Any:
+    """The executor behind an `AsyncEngine` (through the stats tap), or None for engines without one."""
+    return getattr(getattr(engine, "engine", None), "executor", None)
 
 
 def build_server(servicer: GenerationServicer, cfg: ServerConfig, auth_token: str | None = None) -> tuple[

@@ -1,5 +1,5 @@
-"""The server's serving phase, mirrored into `grpc.health.v1`: NOT_SERVING while loading, draining or after
-the engine died; SERVING only in between. New generation requests are accepted only while SERVING."""
+"""The server's serving phase, mirrored into `grpc.health.v1`: NOT_SERVING while loading, draining,
+recovering from a lost worker or after the engine died; SERVING only in between. New generation requests are accepted only while SERVING."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ class Phase(enum.Enum):
     LOADING = "loading"
     SERVING = "serving"
     DRAINING = "draining"
+    RECOVERING = "recovering"  # the executor lost a worker and is rebuilding; SERVING again after
     DEAD = "dead"
 
 

@@ -24,47 +24,53 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmoe_runtime/v1/generation.proto\x12\x0emoe_runtime.v1\"\xba\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\x05\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x07\n\x05_seed\"\x88\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x37\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x1e.moe_runtime.v1.SamplingParams\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Z\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\'\n\x03top\x18\x03 \x03(\x0b\x32\x1a.moe_runtime.v1.TopLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"J\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x02 \x01(\x01\x12\x0f\n\x07total_s\x18\x03 \x01(\x01\"\xfc\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12.\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1c.moe_runtime.v1.TokenLogprob\x12\x33\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1c.moe_runtime.v1.FinishReason\x12$\n\x05usage\x18\x06 \x01(\x0b\x32\x15.moe_runtime.v1.Usage\x12(\n\x07timings\x18\x07 \x01(\x0b\x32\x17.moe_runtime.v1.Timings\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xec\x02\n\tModelInfo\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x19\n\x11intermediate_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x1b\n\x13num_attention_heads\x18\x06 \x01(\r\x12\x1b\n\x13num_key_value_heads\x18\x07 \x01(\r\x12\x10\n\x08head_dim\x18\x08 \x01(\r\x12\x13\n\x0bnum_experts\x18\t \x01(\r\x12\x19\n\x11\x65xperts_per_token\x18\n \x01(\r\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x13\n\x0bmax_context\x18\x0c \x01(\r\x12\x11\n\ttokenizer\x18\r \x01(\t\x12\x12\n\nmodel_path\x18\x0e \x01(\t\x12\x14\n\x0c\x65os_token_id\x18\x0f \x01(\r\x12\x14\n\x0c\x62os_token_id\x18\x10 \x01(\r\"\x17\n\x15GetExpertStatsRequest\"k\n\tLayerLoad\x12\x19\n\x11tokens_per_expert\x18\x01 \x03(\x04\x12\x1f\n\x17total_tokens_per_expert\x18\x02 \x03(\x04\x12\x11\n\timbalance\x18\x03 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\x04 \x01(\x01\"G\n\x0eLatencySummary\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x0b\n\x03p50\x18\x02 \x01(\x01\x12\x0b\n\x03p99\x18\x03 \x01(\x01\x12\x0c\n\x04mean\x18\x04 \x01(\x01\"l\n\nCacheStats\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_moved\x18\x03 \x01(\x04\x12\x10\n\x08hit_rate\x18\x04 \x01(\x01\x12\x19\n\x11prefetch_accuracy\x18\x05 \x01(\x01\"\xac\x04\n\x0b\x45xpertStats\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x13\n\x0bnum_experts\x18\x02 \x01(\r\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x14\n\x0cwindow_steps\x18\x05 \x01(\r\x12)\n\x06layers\x18\x06 \x03(\x0b\x32\x19.moe_runtime.v1.LayerLoad\x12\x16\n\x0emean_imbalance\x18\x07 \x01(\x01\x12\x14\n\x0cmean_entropy\x18\x08 \x01(\x01\x12\x13\n\x0bnum_running\x18\t \x01(\r\x12\x13\n\x0bnum_waiting\x18\n \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x0b \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x0c \x01(\r\x12\x17\n\x0fnum_preemptions\x18\r \x01(\x04\x12;\n\x13time_to_first_token\x18\x0e \x01(\x0b\x32\x1e.moe_runtime.v1.LatencySummary\x12=\n\x15time_per_output_token\x18\x0f \x01(\x0b\x32\x1e.moe_runtime.v1.LatencySummary\x12\x32\n\nqueue_time\x18\x10 \x01(\x0b\x32\x1e.moe_runtime.v1.LatencySummary\x12)\n\x05\x63\x61\x63he\x18\x11 \x01(\x0b\x32\x1a.moe_runtime.v1.CacheStats\x12\x18\n\x10tokens_processed\x18\x12 \x01(\x04*\x8f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x04\x32\xa5\x03\n\x11GenerationService\x12M\n\x08Generate\x12\x1f.moe_runtime.v1.GenerateRequest\x1a .moe_runtime.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1f.moe_runtime.v1.GenerateRequest\x1a .moe_runtime.v1.GenerateResponse0\x01\x12\x44\n\x05\x41\x62ort\x12\x1c.moe_runtime.v1.AbortRequest\x1a\x1d.moe_runtime.v1.AbortResponse\x12N\n\x0cGetModelInfo\x12#.moe_runtime.v1.GetModelInfoRequest\x1a\x19.moe_runtime.v1.ModelInfo\x12T\n\x0eGetExpertStats\x12%.moe_runtime.v1.GetExpertStatsRequest\x1a\x1b.moe_runtime.v1.ExpertStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmoe_runtime/v1/generation.proto\x12\x0emoe_runtime.v1\"/\n\x15\x41pplyPlacementRequest\x12\x16\n\x0eplacement_yaml\x18\x01 \x01(\t\"P\n\x16\x41pplyPlacementResponse\x12\x0f\n\x07workers\x18\x01 \x01(\r\x12\x14\n\x0c\x65xpert_bytes\x18\x02 \x03(\x04\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"\xba\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\x05\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x07\n\x05_seed\"\x88\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12\x37\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x1e.moe_runtime.v1.SamplingParams\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Z\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\'\n\x03top\x18\x03 \x03(\x0b\x32\x1a.moe_runtime.v1.TopLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"J\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x1d\n\x15time_to_first_token_s\x18\x02 \x01(\x01\x12\x0f\n\x07total_s\x18\x03 \x01(\x01\"\xfc\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12.\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1c.moe_runtime.v1.TokenLogprob\x12\x33\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1c.moe_runtime.v1.FinishReason\x12$\n\x05usage\x18\x06 \x01(\x0b\x32\x15.moe_runtime.v1.Usage\x12(\n\x07timings\x18\x07 \x01(\x0b\x32\x17.moe_runtime.v1.Timings\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xec\x02\n\tModelInfo\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x19\n\x11intermediate_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x1b\n\x13num_attention_heads\x18\x06 \x01(\r\x12\x1b\n\x13num_key_value_heads\x18\x07 \x01(\r\x12\x10\n\x08head_dim\x18\x08 \x01(\r\x12\x13\n\x0bnum_experts\x18\t \x01(\r\x12\x19\n\x11\x65xperts_per_token\x18\n \x01(\r\x12\r\n\x05\x64type\x18\x0b \x01(\t\x12\x13\n\x0bmax_context\x18\x0c \x01(\r\x12\x11\n\ttokenizer\x18\r \x01(\t\x12\x12\n\nmodel_path\x18\x0e \x01(\t\x12\x14\n\x0c\x65os_token_id\x18\x0f \x01(\r\x12\x14\n\x0c\x62os_token_id\x18\x10 \x01(\r\"\x17\n\x15GetExpertStatsRequest\"k\n\tLayerLoad\x12\x19\n\x11tokens_per_expert\x18\x01 \x03(\x04\x12\x1f\n\x17total_tokens_per_expert\x18\x02 \x03(\x04\x12\x11\n\timbalance\x18\x03 \x01(\x01\x12\x0f\n\x07\x65ntropy\x18\x04 \x01(\x01\"?\n\x08RankLoad\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\x01\x12\x15\n\rexpert_copies\x18\x03 \x01(\r\"G\n\x0eLatencySummary\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x0b\n\x03p50\x18\x02 \x01(\x01\x12\x0b\n\x03p99\x18\x03 \x01(\x01\x12\x0c\n\x04mean\x18\x04 \x01(\x01\"l\n\nCacheStats\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x13\n\x0b\x62ytes_moved\x18\x03 \x01(\x04\x12\x10\n\x08hit_rate\x18\x04 \x01(\x01\x12\x19\n\x11prefetch_accuracy\x18\x05 \x01(\x01\"\xed\x04\n\x0b\x45xpertStats\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x13\n\x0bnum_experts\x18\x02 \x01(\r\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05steps\x18\x04 \x01(\x04\x12\x14\n\x0cwindow_steps\x18\x05 \x01(\r\x12)\n\x06layers\x18\x06 \x03(\x0b\x32\x19.moe_runtime.v1.LayerLoad\x12\x16\n\x0emean_imbalance\x18\x07 \x01(\x01\x12\x14\n\x0cmean_entropy\x18\x08 \x01(\x01\x12\x13\n\x0bnum_running\x18\t \x01(\r\x12\x13\n\x0bnum_waiting\x18\n \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x0b \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x0c \x01(\r\x12\x17\n\x0fnum_preemptions\x18\r \x01(\x04\x12;\n\x13time_to_first_token\x18\x0e \x01(\x0b\x32\x1e.moe_runtime.v1.LatencySummary\x12=\n\x15time_per_output_token\x18\x0f \x01(\x0b\x32\x1e.moe_runtime.v1.LatencySummary\x12\x32\n\nqueue_time\x18\x10 \x01(\x0b\x32\x1e.moe_runtime.v1.LatencySummary\x12)\n\x05\x63\x61\x63he\x18\x11 \x01(\x0b\x32\x1a.moe_runtime.v1.CacheStats\x12\x18\n\x10tokens_processed\x18\x12 \x01(\x04\x12\'\n\x05ranks\x18\x13 \x03(\x0b\x32\x18.moe_runtime.v1.RankLoad\x12\x16\n\x0erank_imbalance\x18\x14 \x01(\x01*\x8f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x04\x32\x86\x04\n\x11GenerationService\x12M\n\x08Generate\x12\x1f.moe_runtime.v1.GenerateRequest\x1a .moe_runtime.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1f.moe_runtime.v1.GenerateRequest\x1a .moe_runtime.v1.GenerateResponse0\x01\x12\x44\n\x05\x41\x62ort\x12\x1c.moe_runtime.v1.AbortRequest\x1a\x1d.moe_runtime.v1.AbortResponse\x12N\n\x0cGetModelInfo\x12#.moe_runtime.v1.GetModelInfoRequest\x1a\x19.moe_runtime.v1.ModelInfo\x12T\n\x0eGetExpertStats\x12%.moe_runtime.v1.GetExpertStatsRequest\x1a\x1b.moe_runtime.v1.ExpertStats\x12_\n\x0e\x41pplyPlacement\x12%.moe_runtime.v1.ApplyPlacementRequest\x1a&.moe_runtime.v1.ApplyPlacementResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moe_runtime.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2375
-  _globals['_FINISHREASON']._serialized_end=2518
-  _globals['_SAMPLINGPARAMS']._serialized_start=52
-  _globals['_SAMPLINGPARAMS']._serialized_end=366
-  _globals['_GENERATEREQUEST']._serialized_start=369
-  _globals['_GENERATEREQUEST']._serialized_end=505
-  _globals['_TOPLOGPROB']._serialized_start=507
-  _globals['_TOPLOGPROB']._serialized_end=554
-  _globals['_TOKENLOGPROB']._serialized_start=556
-  _globals['_TOKENLOGPROB']._serialized_end=646
-  _globals['_USAGE']._serialized_start=648
-  _globals['_USAGE']._serialized_end=705
-  _globals['_TIMINGS']._serialized_start=707
-  _globals['_TIMINGS']._serialized_end=781
-  _globals['_GENERATERESPONSE']._serialized_start=784
-  _globals['_GENERATERESPONSE']._serialized_end=1036
-  _globals['_ABORTREQUEST']._serialized_start=1038
-  _globals['_ABORTREQUEST']._serialized_end=1072
-  _globals['_ABORTRESPONSE']._serialized_start=1074
-  _globals['_ABORTRESPONSE']._serialized_end=1106
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1108
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1129
-  _globals['_MODELINFO']._serialized_start=1132
-  _globals['_MODELINFO']._serialized_end=1496
-  _globals['_GETEXPERTSTATSREQUEST']._serialized_start=1498
-  _globals['_GETEXPERTSTATSREQUEST']._serialized_end=1521
-  _globals['_LAYERLOAD']._serialized_start=1523
-  _globals['_LAYERLOAD']._serialized_end=1630
-  _globals['_LATENCYSUMMARY']._serialized_start=1632
-  _globals['_LATENCYSUMMARY']._serialized_end=1703
-  _globals['_CACHESTATS']._serialized_start=1705
-  _globals['_CACHESTATS']._serialized_end=1813
-  _globals['_EXPERTSTATS']._serialized_start=1816
-  _globals['_EXPERTSTATS']._serialized_end=2372
-  _globals['_GENERATIONSERVICE']._serialized_start=2521
-  _globals['_GENERATIONSERVICE']._serialized_end=2942
+  _globals['_FINISHREASON']._serialized_start=2636
+  _globals['_FINISHREASON']._serialized_end=2779
+  _globals['_APPLYPLACEMENTREQUEST']._serialized_start=51
+  _globals['_APPLYPLACEMENTREQUEST']._serialized_end=98
+  _globals['_APPLYPLACEMENTRESPONSE']._serialized_start=100
+  _globals['_APPLYPLACEMENTRESPONSE']._serialized_end=180
+  _globals['_SAMPLINGPARAMS']._serialized_start=183
+  _globals['_SAMPLINGPARAMS']._serialized_end=497
+  _globals['_GENERATEREQUEST']._serialized_start=500
+  _globals['_GENERATEREQUEST']._serialized_end=636
+  _globals['_TOPLOGPROB']._serialized_start=638
+  _globals['_TOPLOGPROB']._serialized_end=685
+  _globals['_TOKENLOGPROB']._serialized_start=687
+  _globals['_TOKENLOGPROB']._serialized_end=777
+  _globals['_USAGE']._serialized_start=779
+  _globals['_USAGE']._serialized_end=836
+  _globals['_TIMINGS']._serialized_start=838
+  _globals['_TIMINGS']._serialized_end=912
+  _globals['_GENERATERESPONSE']._serialized_start=915
+  _globals['_GENERATERESPONSE']._serialized_end=1167
+  _globals['_ABORTREQUEST']._serialized_start=1169
+  _globals['_ABORTREQUEST']._serialized_end=1203
+  _globals['_ABORTRESPONSE']._serialized_start=1205
+  _globals['_ABORTRESPONSE']._serialized_end=1237
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1239
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1260
+  _globals['_MODELINFO']._serialized_start=1263
+  _globals['_MODELINFO']._serialized_end=1627
+  _globals['_GETEXPERTSTATSREQUEST']._serialized_start=1629
+  _globals['_GETEXPERTSTATSREQUEST']._serialized_end=1652
+  _globals['_LAYERLOAD']._serialized_start=1654
+  _globals['_LAYERLOAD']._serialized_end=1761
+  _globals['_RANKLOAD']._serialized_start=1763
+  _globals['_RANKLOAD']._serialized_end=1826
+  _globals['_LATENCYSUMMARY']._serialized_start=1828
+  _globals['_LATENCYSUMMARY']._serialized_end=1899
+  _globals['_CACHESTATS']._serialized_start=1901
+  _globals['_CACHESTATS']._serialized_end=2009
+  _globals['_EXPERTSTATS']._serialized_start=2012
+  _globals['_EXPERTSTATS']._serialized_end=2633
+  _globals['_GENERATIONSERVICE']._serialized_start=2782
+  _globals['_GENERATIONSERVICE']._serialized_end=3300
 # @@protoc_insertion_point(module_scope)

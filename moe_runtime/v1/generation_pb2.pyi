@@ -20,6 +20,22 @@ FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_EOS: FinishReason
 FINISH_REASON_ABORT: FinishReason
 
+class ApplyPlacementRequest(_message.Message):
+    __slots__ = ("placement_yaml",)
+    PLACEMENT_YAML_FIELD_NUMBER: _ClassVar[int]
+    placement_yaml: str
+    def __init__(self, placement_yaml: _Optional[str] = ...) -> None: ...
+
+class ApplyPlacementResponse(_message.Message):
+    __slots__ = ("workers", "expert_bytes", "seconds")
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    workers: int
+    expert_bytes: _containers.RepeatedScalarFieldContainer[int]
+    seconds: float
+    def __init__(self, workers: _Optional[int] = ..., expert_bytes: _Optional[_Iterable[int]] = ..., seconds: _Optional[float] = ...) -> None: ...
+
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos", "logprobs", "top_logprobs")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +196,16 @@ class LayerLoad(_message.Message):
     entropy: float
     def __init__(self, tokens_per_expert: _Optional[_Iterable[int]] = ..., total_tokens_per_expert: _Optional[_Iterable[int]] = ..., imbalance: _Optional[float] = ..., entropy: _Optional[float] = ...) -> None: ...
 
+class RankLoad(_message.Message):
+    __slots__ = ("rank", "tokens", "expert_copies")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_COPIES_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    tokens: float
+    expert_copies: int
+    def __init__(self, rank: _Optional[int] = ..., tokens: _Optional[float] = ..., expert_copies: _Optional[int] = ...) -> None: ...
+
 class LatencySummary(_message.Message):
     __slots__ = ("count", "p50", "p99", "mean")
     COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -207,7 +233,7 @@ class CacheStats(_message.Message):
     def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., hit_rate: _Optional[float] = ..., prefetch_accuracy: _Optional[float] = ...) -> None: ...
 
 class ExpertStats(_message.Message):
-    __slots__ = ("num_layers", "num_experts", "top_k", "steps", "window_steps", "layers", "mean_imbalance", "mean_entropy", "num_running", "num_waiting", "kv_blocks_total", "kv_blocks_used", "num_preemptions", "time_to_first_token", "time_per_output_token", "queue_time", "cache", "tokens_processed")
+    __slots__ = ("num_layers", "num_experts", "top_k", "steps", "window_steps", "layers", "mean_imbalance", "mean_entropy", "num_running", "num_waiting", "kv_blocks_total", "kv_blocks_used", "num_preemptions", "time_to_first_token", "time_per_output_token", "queue_time", "cache", "tokens_processed", "ranks", "rank_imbalance")
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +252,8 @@ class ExpertStats(_message.Message):
     QUEUE_TIME_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PROCESSED_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    RANK_IMBALANCE_FIELD_NUMBER: _ClassVar[int]
     num_layers: int
     num_experts: int
     top_k: int
@@ -244,4 +272,6 @@ class ExpertStats(_message.Message):
     queue_time: LatencySummary
     cache: CacheStats
     tokens_processed: int
-    def __init__(self, num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., steps: _Optional[int] = ..., window_steps: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerLoad, _Mapping]]] = ..., mean_imbalance: _Optional[float] = ..., mean_entropy: _Optional[float] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., time_to_first_token: _Optional[_Union[LatencySummary, _Mapping]] = ..., time_per_output_token: _Optional[_Union[LatencySummary, _Mapping]] = ..., queue_time: _Optional[_Union[LatencySummary, _Mapping]] = ..., cache: _Optional[_Union[CacheStats, _Mapping]] = ..., tokens_processed: _Optional[int] = ...) -> None: ...
+    ranks: _containers.RepeatedCompositeFieldContainer[RankLoad]
+    rank_imbalance: float
+    def __init__(self, num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., steps: _Optional[int] = ..., window_steps: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerLoad, _Mapping]]] = ..., mean_imbalance: _Optional[float] = ..., mean_entropy: _Optional[float] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., time_to_first_token: _Optional[_Union[LatencySummary, _Mapping]] = ..., time_per_output_token: _Optional[_Union[LatencySummary, _Mapping]] = ..., queue_time: _Optional[_Union[LatencySummary, _Mapping]] = ..., cache: _Optional[_Union[CacheStats, _Mapping]] = ..., tokens_processed: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankLoad, _Mapping]]] = ..., rank_imbalance: _Optional[float] = ...) -> None: ...

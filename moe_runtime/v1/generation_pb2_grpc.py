@@ -59,6 +59,11 @@ class GenerationServiceStub:
                 request_serializer=moe__runtime_dot_v1_dot_generation__pb2.GetExpertStatsRequest.SerializeToString,
                 response_deserializer=moe__runtime_dot_v1_dot_generation__pb2.ExpertStats.FromString,
                 _registered_method=True)
+        self.ApplyPlacement = channel.unary_unary(
+                '/moe_runtime.v1.GenerationService/ApplyPlacement',
+                request_serializer=moe__runtime_dot_v1_dot_generation__pb2.ApplyPlacementRequest.SerializeToString,
+                response_deserializer=moe__runtime_dot_v1_dot_generation__pb2.ApplyPlacementResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -99,6 +104,15 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyPlacement(self, request, context):
+        """Admin: move experts between the Ray workers (`executor: ray`) to follow a new placement. Runs between
+        two engine steps: in-flight requests keep running with unchanged outputs. Needs the bearer token when
+        auth is on; FAILED_PRECONDITION on a local executor; INVALID_ARGUMENT for a bad placement.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +140,11 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.GetExpertStats,
                     request_deserializer=moe__runtime_dot_v1_dot_generation__pb2.GetExpertStatsRequest.FromString,
                     response_serializer=moe__runtime_dot_v1_dot_generation__pb2.ExpertStats.SerializeToString,
+            ),
+            'ApplyPlacement': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyPlacement,
+                    request_deserializer=moe__runtime_dot_v1_dot_generation__pb2.ApplyPlacementRequest.FromString,
+                    response_serializer=moe__runtime_dot_v1_dot_generation__pb2.ApplyPlacementResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +282,33 @@ class GenerationService:
             '/moe_runtime.v1.GenerationService/GetExpertStats',
             moe__runtime_dot_v1_dot_generation__pb2.GetExpertStatsRequest.SerializeToString,
             moe__runtime_dot_v1_dot_generation__pb2.ExpertStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyPlacement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe_runtime.v1.GenerationService/ApplyPlacement',
+            moe__runtime_dot_v1_dot_generation__pb2.ApplyPlacementRequest.SerializeToString,
+            moe__runtime_dot_v1_dot_generation__pb2.ApplyPlacementResponse.FromString,
             options,
             channel_credentials,
             insecure,
