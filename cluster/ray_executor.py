@@ -60,8 +60,9 @@ class RayExecutor(Executor):
             ray_cfg.worker_device == "auto" and ray.cluster_resources().get("GPU", 0) >= n
         )
         bundle = {"CPU": ray_cfg.num_cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
-        self._pg = placement_group([bundle] * n, strategy="PACK")
-        _wait_for_placement_group(self._pg, bundle, n, ray_cfg.placement_timeout_s)
+        bundles = [_pin(bundle, self.cfg.placement.nodes, rank, n) for rank in range(n)]
+        self._pg = placement_group(bundles, strategy="PACK")
+        _wait_for_placement_group(self._pg, bundles, ray_cfg.placement_timeout_s)
         seed = self.cfg.engine.seed if self.cfg.engine.seed is not None else int(torch.seed() % 2**63)
         actor = ray.remote(ExpertWorker)
         self.workers = [
@@ -148,8 +149,23 @@ class RayExecutor(Executor):
             self._pg = None
 
 
-def _wait_for_placement_group(pg, bundle: dict[str, float], count: int, timeout_s: float) -> None:
+def _pin(bundle: dict[str, float], nodes: dict[int, str], rank: int, workers: int) -> dict[str, float]:
+    """Rank `rank`'s bundle, with a sliver of the custom resource `placement.nodes` names for it: only
+    nodes that declare that resource (`ray start --resources '{"moe-node-a": 1}'`) can host the rank."""
+    for r in nodes:
+        if not 0 <= r < workers:
+            raise ConfigError(f"placement.nodes.{r}: rank {r} out of range; allowed: 0..{workers - 1}")
+    return {**bundle, nodes[rank]: NODE_RESOURCE_SHARE} if rank in nodes else dict(bundle)
+
+
+# How much of a node's custom resource one rank takes: any node declaring 1 of it fits 100 ranks.
+NODE_RESOURCE_SHARE = 0.01
+
+
+def _wait_for_placement_group(pg, bundles: list[dict[str, float]], timeout_s: float) -> None:
     """Wait until every bundle is reserved, backing off; fail with what the cluster lacks."""
+    bundle = {k: v for k, v in bundles[0].items() if k in ("CPU", "GPU")}  # what every rank needs
+    count = len(bundles)
     deadline, delay = time.monotonic() + timeout_s, 0.5
     while time.monotonic() < deadline:
         ready, _ = ray.wait([pg.ready()], timeout=min(delay, max(deadline - time.monotonic(), 0.01)))
@@ -159,7 +175,10 @@ def _wait_for_placement_group(pg, bundle: dict[str, float], count: int, timeout_
     remove_placement_group(pg)
     have = ray.cluster_resources()
     need = ", ".join(f"{count} x {v:g} {k}" for k, v in bundle.items())
-    has = ", ".join(f"{have.get(k, 0):g} {k}" for k in bundle)
+    pinned = sorted({k for b in bundles for k in b} - set(bundle))
+    if pinned:
+        need += f" (ranks pinned by placement.nodes to nodes with {', '.join(pinned)})"
+    has = ", ".join(f"{have.get(k, 0):g} {k}" for k in (*bundle, *pinned))
     raise ConfigError(
         f"placement.workers={count}: need bundles of {need}; the cluster has {has} in total "
         f"(waited {timeout_s:g} s, ray.placement_timeout_s): check `ray status`, or lower placement.workers"

@@ -79,6 +79,12 @@ class ExpertWorker:
     def ping(self) -> bool:
         return self.runner is not None
 
+    def node_id(self) -> str:
+        """The Ray node this rank runs on (tests check `placement.nodes`)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def _expert_bytes(self) -> int:
         blocks = [layer.block_sparse_moe for layer in self.runner.model.layers]
         return sum(b.w13.numel() * b.w13.element_size() + b.w2.numel() * b.w2.element_size() for b in blocks)

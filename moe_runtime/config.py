@@ -269,6 +269,10 @@ class PlacementConfig(Section):
     explicit: dict[LayerKey, dict[int, list[int]]] = {}  # layer -> rank -> experts held (a full layout)
     replicas: dict[LayerKey, dict[int, list[int]]] = {}  # layer -> expert -> extra ranks holding a copy
     memory_per_rank: int | None = Field(default=None, gt=0)  # bytes of weights a rank may hold; "24GiB" ok
+    # rank -> a custom Ray resource that only the intended node declares (`ray start --resources
+    # '{"moe-node-a": 1}'`): the rank's bundle asks for a sliver of it, so it lands there. Unlisted ranks go
+    # where the placement group's PACK strategy puts them.
+    nodes: dict[int, str] = {}
 
     @field_validator("memory_per_rank", mode="before")
     @classmethod

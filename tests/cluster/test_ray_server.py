@@ -85,7 +85,7 @@ def ray_server(tiny_model_dir):
 
 def test_apply_placement_mid_stream_keeps_tokens_and_stats_show_ranks(ray_server, tmp_path, capsys):
     srv = ray_server
-    expected = list(srv.stub.Generate(_request(300), timeout=60).token_ids)
+    expected = list(srv.stub.Generate(_request(160), timeout=60).token_ids)
     executor = srv.app.engine.engine.executor
     cfg = executor.model_config
     # every expert on rank 0 but expert 0 of every layer, which moves to rank 1 with a copy on rank 0
@@ -93,7 +93,7 @@ def test_apply_placement_mid_stream_keeps_tokens_and_stats_show_ranks(ray_server
     skewed = {"*": {0: list(range(cfg.num_local_experts)), 1: [0]}}
     path = tmp_path / "placement.yaml"
     path.write_text(f"placement:\n  workers: 2\n  explicit: {skewed}\n")
-    stream = srv.stub.GenerateStream(_request(300), timeout=60)
+    stream = srv.stub.GenerateStream(_request(160), timeout=60)
     tokens = list(next(stream).token_ids)
     steps_before = srv.app.engine.make_stats().steps
     assert cli.main(["apply-placement", "--server", srv.address, str(path)]) == 0
