@@ -73,3 +73,22 @@ def test_same_tokens_on_cuda_pinned(tiny_model_dir, greedy):
         assert greedy(model, list(PROMPTS), STEPS) == ref
         assert torch.cuda.is_available() and model.expert_store.stats().misses > 0
         model.expert_store.close()
+
+
+def test_counters_add_up_to_the_routers_expert_uses(tiny_model_dir):
+    """hits + misses == the (forward, layer, expert) triples the router sent tokens to (model.router_counts)."""
+    from moe_runtime.model.attention import AttentionMetadata
+
+    offload = OffloadConfig(enabled=True, resident_experts_per_layer=3, miss="auto", host_tier="mmap")
+    model = load_model(tiny_model_dir, device="cpu", offload=offload)
+    model.take_router_counts()
+    uses = 0
+    for prompt in PROMPTS:
+        ids = torch.tensor(prompt)
+        model(ids, torch.arange(len(prompt)), AttentionMetadata.for_prompts([len(prompt)]))
+        uses += int((model.take_router_counts() > 0).sum())  # [L, E] tokens per expert this forward
+    s = model.expert_store.stats()
+    assert s.hits + s.misses == uses
+    assert s.fetched + s.host_computed == s.misses
+    assert s.prefetch_useful <= s.prefetch_loaded
+    model.expert_store.close()
