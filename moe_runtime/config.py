@@ -247,6 +247,18 @@ class RayConfig(Section):
     num_cpus_per_worker: float = Field(default=1.0, gt=0)
 
 
+class AutoRebalanceConfig(Section):
+    """`placement.auto_rebalance:` replan from the telemetry window and move experts when ranks drift apart
+    (Ray executor only; cluster/auto_rebalance.py)."""
+
+    enabled: bool = False
+    threshold: float = Field(default=1.25, ge=1.0)  # act above this rank imbalance (sum max / sum mean)
+    interval_s: float = Field(default=60.0, gt=0)  # seconds between checks
+    redundant: int = Field(default=0, ge=0)  # extra expert copies per layer the plan may add
+    min_tokens: int = Field(default=4096, ge=0)  # routed pairs per layer the window must hold first
+    min_gain: float = Field(default=0.05, ge=0)  # predicted imbalance drop needed to move anything
+
+
 LayerKey = int | Literal["*"]  # a layer index, or "*" for every layer without its own entry
 
 
@@ -273,6 +285,7 @@ class PlacementConfig(Section):
     # '{"moe-node-a": 1}'`): the rank's bundle asks for a sliver of it, so it lands there. Unlisted ranks go
     # where the placement group's PACK strategy puts them.
     nodes: dict[int, str] = {}
+    auto_rebalance: AutoRebalanceConfig = AutoRebalanceConfig()
 
     @field_validator("memory_per_rank", mode="before")
     @classmethod

@@ -71,6 +71,8 @@ class ServerApp:
         self.metrics_port: int | None = None
         self._server = None
         self._watch_task: asyncio.Task | None = None
+        self.rebalancer: Any = None  # cluster.auto_rebalance.AutoRebalancer with placement.auto_rebalance
+        self._rebalance_task: asyncio.Task | None = None
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
@@ -98,6 +100,13 @@ class ServerApp:
         except OSError as e:
             raise ServerError(f"telemetry.metrics_port={tel.metrics_port}: cannot bind ({e})") from None
         self._watch_task = asyncio.create_task(self._watch_engine())
+        executor = executor_of(self.engine)
+        if self.cfg.placement.auto_rebalance.enabled and hasattr(executor, "apply_placement"):
+            from moe_runtime.cluster.auto_rebalance import AutoRebalancer
+
+            self.rebalancer = AutoRebalancer(self.cfg.placement.auto_rebalance, self.engine, executor,
+                                             self.telemetry)
+            self._rebalance_task = asyncio.create_task(self.rebalancer.run())
         await self.state.set(Phase.SERVING)
         log.info("serving on %s:%d, metrics on http://%s:%d/metrics", self.cfg.server.host, self.port,
                  tel.metrics_host, self.metrics_port)
@@ -162,10 +171,11 @@ class ServerApp:
             log.warning("drain grace over: cancelling %d request(s)", len(self.servicer.in_flight))
         if self._server is not None:
             await self._server.stop(grace=0.5)
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch_task
+        for task in (self._watch_task, self._rebalance_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.metrics is not None:
             self.metrics.stop()
         if self.engine is not None:
