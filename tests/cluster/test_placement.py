@@ -152,7 +152,7 @@ def test_examples_load_and_fit(path, mixtral):
 
 
 def test_examples_cover_2_4_8_workers():
-    assert sorted(load_config(p).placement.workers for p in EXAMPLES) == [2, 4, 8]
+    assert {load_config(p).placement.workers for p in EXAMPLES} == {2, 4, 8}
 
 
 @pytest.mark.parametrize("same_layers", (True, False))
