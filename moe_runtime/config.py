@@ -340,6 +340,15 @@ class RuntimeConfig(Section):
     server: ServerConfig = ServerConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
 
+    @model_validator(mode="after")
+    def _compatible_sections(self) -> RuntimeConfig:
+        if self.executor == "ray" and self.offload.enabled:
+            raise ValueError(
+                "executor='ray' with offload.enabled=true is not supported: Ray workers hold only their placed "
+                "experts already; allowed: executor: local with offloading, or executor: ray without it"
+            )
+        return self
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Loading
@@ -399,6 +408,8 @@ def _format_validation_error(e: ValidationError, source: str, cls: type[Section]
             parent = err["loc"][:-1]
             allowed = _allowed_keys(cls, parent)
             lines.append(f"{where}: unknown key; allowed: {allowed}")
+        elif err["type"] == "value_error":  # a validator's own message already names the values
+            lines.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"{where}={err.get('input')!r}: {err['msg']}")
     return f"{source}: " + "; ".join(lines)

@@ -77,6 +77,8 @@ YAML_ERRORS = (
     ("engine:\n  max_num_seqs: 0\n", r"engine\.max_num_seqs=0: Input should be greater than 0"),
     ("model:\n  dtype: fp8\n", r"model\.dtype='fp8': Input should be 'auto', 'bfloat16', 'float16' or 'float32'"),
     ("executor: slurm\n", r"executor='slurm': Input should be 'local' or 'ray'"),
+    ("executor: ray\noffload:\n  enabled: true\n  resident_experts_per_layer: 4\n",
+     r"executor='ray' with offload\.enabled=true is not supported"),
     ("- a\n- b\n", r"top level must be a mapping of sections, got list"),
     ("engine: [\n", r"not valid YAML"),
 )

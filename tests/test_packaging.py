@@ -38,6 +38,13 @@ def test_every_source_file_is_in_the_wheel(wheel):
     assert not missing, f"missing from the wheel (add the subpackage to pyproject.toml): {missing}"
 
 
+def test_data_files_are_in_the_wheel(wheel):
+    names = set(wheel.namelist())
+    assets = ROOT / "moe_runtime" / "model" / "assets"
+    expected = {f"moe_runtime/model/assets/{p.relative_to(assets).as_posix()}" for p in assets.rglob("*") if p.is_file()}
+    assert expected and not expected - names, sorted(expected - names)
+
+
 def test_no_generic_top_level_names(wheel):
     top = {name.split("/")[0] for name in wheel.namelist() if not name.split("/")[0].endswith(".dist-info")}
     assert top == {"moe_runtime"}
