@@ -15,6 +15,7 @@ from moe_runtime.engine.model_runner import ModelRunner
 from moe_runtime.engine.sampler import Sampler
 from moe_runtime.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from moe_runtime.model.loader import load_model
+from moe_runtime.offload.stats import OffloadStats
 
 
 class Executor(ABC):
@@ -31,12 +32,17 @@ class Executor(ABC):
     def shutdown(self) -> None:
         """Release workers and memory. Idempotent."""
 
+    def offload_stats(self) -> OffloadStats | None:
+        """The expert store's counters when experts are offloaded, else None."""
+        return None
+
 
 class LocalExecutor(Executor):
     def __init__(self, cfg: RuntimeConfig, model_dir: str, progress: bool = False):
         if cfg.engine.num_threads is not None:
             torch.set_num_threads(cfg.engine.num_threads)
-        self.model = load_model(model_dir, cfg.model.dtype, cfg.model.device, cfg.model.moe_backend, progress)
+        self.model = load_model(model_dir, cfg.model.dtype, cfg.model.device, cfg.model.moe_backend, progress,
+                                offload=cfg.offload)
         self.model.keep_fp32_copies()  # large batches on CPU without native bf16 GEMMs (no-op elsewhere)
         self.model_config = self.model.config
         self.num_kv_blocks = num_kv_blocks(cfg.cache, self.model_config, self.model.dtype)
@@ -47,5 +53,11 @@ class LocalExecutor(Executor):
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(sched)
 
+    def offload_stats(self) -> OffloadStats | None:
+        store = self.model.expert_store
+        return None if store is None else store.stats()
+
     def shutdown(self) -> None:
         self.runner.kv_caches.clear()
+        if self.model.expert_store is not None:
+            self.model.expert_store.close()

@@ -154,6 +154,7 @@ class LLMEngine:
             steps=self.num_steps,
             step_latency_s=self._last_step_s,
             router_counts=self._last_router_counts,
+            offload=self.executor.offload_stats(),
         )
 
     def shutdown(self) -> None:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moe_runtime.offload.stats import OffloadStats
+
 FinishReason = str  # "stop" (stop string or stop token id), "length", "eos", "abort"
 
 
@@ -76,3 +78,4 @@ class EngineStats:
     step_num_tokens: int = 0  # tokens computed by the last step
     step_latency_s: float = 0.0  # wall time of the last step
     router_counts: torch.Tensor | None = field(default=None, repr=False)  # [L, E] int64, the last step's
+    offload: OffloadStats | None = None  # expert-store counters since start; None without offloading

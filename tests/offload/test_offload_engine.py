@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-import moe_runtime.engine.executor as executor_module
 from moe_runtime.config import load_config
 from moe_runtime.engine.llm_engine import LLMEngine
 from moe_runtime.engine.sampling_params import SamplingParams
@@ -22,14 +21,8 @@ CASES = (
 )
 
 
-def _engine(model_dir, sets: list[str], monkeypatch) -> LLMEngine:
+def _engine(model_dir, sets: list[str]) -> LLMEngine:
     cfg = load_config(overrides=[f"model.path={model_dir}", "cache.num_blocks=256", "engine.seed=0", *sets])
-    real = executor_module.load_model
-
-    def load_with_offload(*args, **kwargs):  # until LocalExecutor passes offload=cfg.offload itself
-        return real(*args, **{**kwargs, "offload": cfg.offload})
-
-    monkeypatch.setattr(executor_module, "load_model", load_with_offload)
     return LLMEngine(cfg)
 
 
@@ -40,14 +33,15 @@ def expected(tiny_model_dir):
 
 
 @pytest.mark.parametrize("offload,engine_sets", CASES)
-def test_engine_tokens_equal_all_resident(offload, engine_sets, tiny_model_dir, expected, monkeypatch):
+def test_engine_tokens_equal_all_resident(offload, engine_sets, tiny_model_dir, expected):
     sets = ["offload.enabled=true", *(f"offload.{s}" for s in offload), *engine_sets]
-    engine = _engine(tiny_model_dir, sets, monkeypatch)
+    engine = _engine(tiny_model_dir, sets)
     store = engine.executor.model.expert_store
     assert store is not None
     assert [out.token_ids for out in engine.generate(list(PROMPTS), GREEDY)] == expected
     s = store.stats()
     assert s.misses > 0 and s.hits + s.misses == s.uses and s.fetched + s.host_computed == s.misses
+    assert engine.make_stats().offload == s  # what telemetry reads
     if "cache.num_blocks=14" in engine_sets:
         assert engine.make_stats().num_preemptions > 0
     engine.shutdown()
