@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-import moe_runtime.engine.executor as executor_module
 from moe_runtime.cli import env_defaults
 from moe_runtime.config import load_config
 from moe_runtime.engine.llm_engine import LLMEngine
@@ -64,14 +63,7 @@ def make_engine(path: Path, args, batch: int, offload: list[str]) -> LLMEngine:
     sets = [f"model.path={path}", f"model.device={args.device}", f"model.dtype={args.dtype}",
             f"cache.num_blocks={blocks}", f"engine.max_num_seqs={batch}", f"engine.num_threads={args.threads}",
             *offload]
-    cfg = load_config(overrides=sets)
-    real = executor_module.load_model
-    # Until LocalExecutor passes offload=cfg.offload itself (a no-op once it does).
-    executor_module.load_model = lambda *a, **kw: real(*a, **{**kw, "offload": cfg.offload})
-    try:
-        return LLMEngine(cfg)
-    finally:
-        executor_module.load_model = real
+    return LLMEngine(load_config(overrides=sets))
 
 
 def warm(engine: LLMEngine, prompts: list[list[int]]) -> None:
