@@ -7,7 +7,8 @@ Workload: prompts of 32 random token ids, `--max-tokens` new tokens, greedy, `ig
 generated tokens over the wall time of `generate`; per-step overhead is (Ray step time - local step time).
 Placements: `balanced` is planned from the router counts of the local run (`plan_placement`), `skewed`
 puts every layer's hottest experts on rank 0; for each the predicted max/mean rank load (from the measured
-router counts) is printed beside the measured speed. On a CPU host the workers share the same cores as the
+router counts of a planning pass) and the measured one (the run's own routing, summed over its steps, on
+that placement) are printed beside the speed. On a CPU host the workers share the same cores as the
 local run and add a process group, so the numbers show the executor's overhead, not a speed-up.
 """
 
@@ -28,12 +29,17 @@ from moe_runtime.engine.sampling_params import SamplingParams
 from moe_runtime.model.attention import AttentionMetadata
 
 
-def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> tuple[float, int, int]:
-    """(seconds, generated tokens, steps) of one `generate` of all prompts together."""
+def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> tuple[float, int, int, torch.Tensor]:
+    """(seconds, generated tokens, steps, routed pairs [L, E]) of running all prompts together."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    steps0, t0 = engine.num_steps, time.perf_counter()
-    outs = engine.generate(prompts, params)
-    return time.perf_counter() - t0, sum(len(o.token_ids) for o in outs), engine.num_steps - steps0
+    engine._num_generate_calls += 1
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"bench-{engine._num_generate_calls}-{i}", prompt, params)
+    steps0, generated, routed, t0 = engine.num_steps, 0, 0, time.perf_counter()
+    while engine.has_unfinished():
+        generated += sum(len(out.new_token_ids) for out in engine.step())
+        routed = routed + engine.make_stats().router_counts.double()  # [L, E], the step's routing
+    return time.perf_counter() - t0, generated, engine.num_steps - steps0, routed
 
 
 def router_load(model, prompts: list[list[int]]) -> torch.Tensor:
@@ -88,8 +94,8 @@ def main() -> None:
     run(local, prompt_sets[batches[0]], 2)  # warm-up
     rows = []
     for b in batches:
-        s, n, steps = run(local, prompt_sets[b], args.max_tokens)
-        rows.append(("local", "-", b, n / s, 1e3 * s / steps, "-"))
+        s, n, steps, _ = run(local, prompt_sets[b], args.max_tokens)
+        rows.append(("local", "-", b, n / s, 1e3 * s / steps, "-", "-"))
     load = router_load(local.executor.model, prompt_sets[max(batches)])  # [L, E]
     local.executor.shutdown()
     local_step_ms = {r[2]: r[4] for r in rows}
@@ -120,17 +126,19 @@ def main() -> None:
                 run(engine, prompt_sets[batches[0]], 2)  # warm-up
                 predicted = imbalance(load, placement)[0]
                 for b in batches:
-                    s, n, steps = run(engine, prompt_sets[b], args.max_tokens)
-                    rows.append((f"ray x{workers}", name, b, n / s, 1e3 * s / steps, f"{predicted:.2f}"))
+                    s, n, steps, routed = run(engine, prompt_sets[b], args.max_tokens)
+                    measured = imbalance(routed, placement)[0]  # the run's own routing on this placement
+                    rows.append((f"ray x{workers}", name, b, n / s, 1e3 * s / steps, f"{predicted:.2f}",
+                                 f"{measured:.2f}"))
                 executor.shutdown()
     finally:
         ray.shutdown()
 
-    print("| executor | placement | batch | tok/s | ms/step | overhead ms/step | predicted max/mean |")
-    print("|---|---|---|---|---|---|---|")
-    for ex, name, b, tps, ms, pred in rows:
+    print("| executor | placement | batch | tok/s | ms/step | overhead ms/step | predicted max/mean | measured max/mean |")
+    print("|---|---|---|---|---|---|---|---|")
+    for ex, name, b, tps, ms, pred, meas in rows:
         over = "-" if ex == "local" else f"{ms - local_step_ms[b]:+.1f}"
-        print(f"| {ex} | {name} | {b} | {tps:.1f} | {ms:.1f} | {over} | {pred} |")
+        print(f"| {ex} | {name} | {b} | {tps:.1f} | {ms:.1f} | {over} | {pred} | {meas} |")
     print(
         f"\n{args.preset}, {args.max_tokens} new tokens per prompt, prompts of 32 tokens, "
         f"{os.cpu_count()} CPUs shared by the local run and the workers"
