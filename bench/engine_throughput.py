@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,15 +148,21 @@ def main() -> None:
     for batch in batches:
         prompts = make_prompts(batch, args.prompt_len, vocab)
         ours, theirs = [], []
-        for _ in range(args.repeats):
+        for r in range(args.repeats):
             gc.collect()
             ours.append(run_ours(engine, prompts, args.new_tokens))
+            _progress(f"batch {batch} round {r + 1}: ours", ours[-1])
             if hf is not None:
                 gc.collect()
                 theirs.append(run_hf(hf, prompts, args.new_tokens))
+                _progress(f"batch {batch} round {r + 1}: transformers", theirs[-1])
         bandwidth = max(bandwidth, read_bandwidth(2))
         rows.append(_row(batch, args, ours, theirs, bandwidth))
     _print(rows, bandwidth, impl, args)
+
+
+def _progress(what: str, t: Timing) -> None:
+    print(f"{what}: prefill {t.prefill_s:.2f} s, decode {t.decode_s:.2f} s", file=sys.stderr, flush=True)
 
 
 def _row(batch, args, ours: list[Timing], theirs: list[Timing], bandwidth: float) -> dict:
