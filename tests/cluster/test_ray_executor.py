@@ -39,7 +39,8 @@ SETS = (
 @pytest.fixture(scope="module")
 def cluster():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)  # fake GPUs: bundles, no CUDA
+    # fake GPUs: bundles, no CUDA; 6 for the 2-worker group that lives all module plus a 4-worker one
+    ray.init(num_cpus=6, num_gpus=6, include_dashboard=False)
     yield
     ray.shutdown()
 
@@ -60,6 +61,23 @@ def test_greedy_tokens_equal_local(ray_engine, tiny_model_dir):
     )
     expected = [out.token_ids for out in local.generate(list(PROMPTS), GREEDY)]
     assert [out.token_ids for out in ray_engine.generate(list(PROMPTS), GREEDY)] == expected
+
+
+def test_four_workers_explicit_replicated_round_robin_equal_local(cluster, tiny_model_dir):
+    from moe_runtime.cluster.ray_executor import RayExecutor
+
+    base = [f"model.path={tiny_model_dir}", "engine.seed=0", "cache.num_blocks=64"]
+    # layer 0 explicit with expert 0 on ranks 0 and 2; layer 1 round-robin
+    cfg = load_config(overrides=[*base, "executor=ray", "placement.workers=4", "ray.collective_timeout_s=120",
+                                 "ray.placement_timeout_s=120",
+                                 "placement.explicit={0: {0: [0, 5], 1: [1, 6], 2: [2, 7, 0], 3: [3, 4]}}"])
+    executor = RayExecutor(cfg, str(tiny_model_dir))
+    try:
+        got = [out.token_ids for out in LLMEngine(cfg, executor=executor).generate(list(PROMPTS), GREEDY)]
+    finally:
+        executor.shutdown()
+    local = LLMEngine(load_config(overrides=base))
+    assert got == [out.token_ids for out in local.generate(list(PROMPTS), GREEDY)]
 
 
 def test_workers_hold_only_their_experts(ray_engine):
@@ -102,14 +120,14 @@ def test_missing_bundles_fail_with_what_is_missing(cluster, tiny_model_dir):
     cfg = load_config(
         overrides=[
             f"model.path={tiny_model_dir}",
-            "placement.workers=3",
+            "placement.workers=7",
             "ray.worker_device=gpu",
             "ray.placement_timeout_s=1",
             "executor=ray",
         ]
     )
     with pytest.raises(
-        ConfigError, match=r"placement.workers=3: need bundles of 3 x 1 CPU, 3 x 1 GPU.*ray status"
+        ConfigError, match=r"placement.workers=7: need bundles of 7 x 1 CPU, 7 x 1 GPU.*ray status"
     ):
         RayExecutor(cfg, str(tiny_model_dir))
 
