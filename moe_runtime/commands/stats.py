@@ -57,6 +57,12 @@ def render(stats: dict[str, Any], key: str) -> None:
     console.print(f"mean max/mean {stats['mean_imbalance']:.2f}, mean entropy {stats['mean_entropy']:.3f} "
                   f"(1 = uniform); running {stats['num_running']}, waiting {stats['num_waiting']}, KV blocks "
                   f"{stats['kv_blocks_used']}/{stats['kv_blocks_total']}")
+    cache = stats.get("cache") or {}
+    if cache.get("hits", 0) + cache.get("misses", 0):
+        console.print(f"expert cache (since start): {cache['hits']} hits, {cache['misses']} misses, hit rate "
+                      f"{cache['hit_rate']:.2f}, {cache['bytes_moved'] / 2**20:.1f} MiB moved; prefetch accuracy "
+                      f"{cache['prefetch_accuracy']:.2f} ({cache['prefetch_used']}/{cache['prefetch_guessed']} "
+                      f"guessed experts used)")
     if stats.get("rank_tokens"):
         render_ranks(console, stats)
 
