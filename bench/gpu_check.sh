@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one GPU check: environment, the GPU tests, then the kernel benchmark, in under 8 minutes
-# (timeouts 200 + 60 + 200 s; a step that hits its timeout is cut and the script goes on).
+# The one GPU check: environment, the GPU tests, the kernel benchmark, then the offload benchmark, in under
+# 8 minutes (timeouts 170 + 60 + 170 + 60 s; a step that hits its timeout is cut and the script goes on).
 #
 #   bash bench/gpu_check.sh            # from the repo root on a CUDA machine
 #   OUT=/some/dir bash bench/gpu_check.sh   # also writes env.txt, pytest_gpu.txt, kernels_bench.md there
@@ -39,7 +39,7 @@ export PYTHONUNBUFFERED=1
 
 # 3. GPU tests: the kernels' own (no conftest needed), then the rest of the suite's gpu tests if it imports.
 echo "== pytest -m gpu tests/kernels"
-timeout 200 $PY -m pytest -m gpu tests/kernels --noconftest -p no:cacheprovider -q -rfE 2>&1 | tee_out pytest_gpu.txt
+timeout 170 $PY -m pytest -m gpu tests/kernels --noconftest -p no:cacheprovider -q -rfE 2>&1 | tee_out pytest_gpu.txt
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "== pytest -m gpu (rest of the suite; needs the full runtime's dependencies)"
 timeout 60 $PY -m pytest -m gpu --ignore=tests/kernels -p no:cacheprovider -q -rfE 2>&1 | tail -n 15 | tee_out pytest_gpu_rest.txt
@@ -48,8 +48,17 @@ timeout 60 $PY -m pytest -m gpu --ignore=tests/kernels -p no:cacheprovider -q -r
 echo "== bench/kernels.py"
 BENCH_OUT=${OUTDIR:+$OUTDIR/kernels_bench.md}
 # shellcheck disable=SC2086
-timeout 200 $PY bench/kernels.py ${BENCH_ARGS:---shapes mixtral,mini --dtype bf16 --repeats 25} ${BENCH_OUT:+--out "$BENCH_OUT"}
+timeout 170 $PY bench/kernels.py ${BENCH_ARGS:---shapes mixtral,mini --dtype bf16 --repeats 25} ${BENCH_OUT:+--out "$BENCH_OUT"}
 [ $? -eq 0 ] || status=1
+
+# 5. Offload on the GPU (pinned host tier, side-stream copies): needs the full runtime's dependencies.
+echo "== bench/offload.py (pinned tier)"
+if $PY -c "import moe_runtime.offload, moe_runtime.engine.llm_engine" 2>/dev/null; then
+  timeout 60 $PY bench/offload.py --device cuda --tier pinned --models tiny-trained --batches 1,16 --tokens 16 \
+      --repeats 2 ${OUTDIR:+--out "$OUTDIR/offload_bench.md"} 2>&1 | tail -n 30
+else
+  echo "skipped: the runtime's dependencies (pydantic, safetensors, tokenizers) are not importable here"
+fi
 
 rm -rf "$SHADOW"
 echo "== gpu_check done, status $status"
