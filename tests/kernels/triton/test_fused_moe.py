@@ -43,3 +43,18 @@ def test_bf16_is_refused_by_the_interpreter():
     x = make_inputs(CASES[0], torch.bfloat16)
     with pytest.raises(ValueError, match="bf16 needs a GPU"):
         fused_moe_triton(x.hidden, x.w13, x.w2, x.routing, None, TEST_TILES)
+
+
+def test_fp32_variant_is_the_combine_before_rounding():
+    """`fused_moe_fp32(backend="triton")`: fp32 [T, H] whose rounding is `fused_moe_triton`, bit for bit."""
+    from moe_runtime.kernels import fused_moe_fp32
+    from moe_runtime.kernels.triton.fused_moe import fused_moe_triton_fp32
+
+    x = make_inputs(CASES[5], torch.float16, DEVICE)
+    partial = fused_moe_triton_fp32(x.hidden, x.w13, x.w2, x.routing, x.slot_map, TEST_TILES)
+    assert partial.dtype == torch.float32
+    assert torch.equal(partial.half(), fused_moe_triton(x.hidden, x.w13, x.w2, x.routing, x.slot_map, TEST_TILES))
+    public = fused_moe_fp32(x.hidden, x.w13, x.w2, x.routing, slot_map=x.slot_map, backend="triton")
+    assert public.dtype == torch.float32 and public.shape == partial.shape
+    empty = fused_moe_triton_fp32(x.hidden[:0], x.w13, x.w2, type(x.routing)(x.routing.weights[:0], x.routing.ids[:0]))
+    assert empty.dtype == torch.float32 and empty.shape == (0, CASES[5].H)
