@@ -1,0 +1,184 @@
+"""The YAML sections, one per component: `model`, `engine`, `cache`, `offload`, `ray`, `placement`,
+`server`, `telemetry`. Each field's comment gives its unit or meaning; the component that reads a section
+owns its semantics.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from moe_runtime.config.base import ByteSize, Section
+from moe_runtime.config.model_config import ModelConfig
+from moe_runtime.errors import ConfigError
+
+
+class ModelLoadConfig(Section):
+    """`model:` where the checkpoint lives and how to run it."""
+
+    path: str | None = None  # HF checkpoint directory; None serves the embedded `tiny` model
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: the checkpoint's torch_dtype
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    moe_backend: Literal["auto", "torch", "triton", "megablocks", "reference"] = "auto"
+
+
+class EngineConfig(Section):
+    """`engine:` batching limits of the scheduler."""
+
+    max_num_seqs: int = Field(default=64, gt=0)  # running requests per step
+    max_num_batched_tokens: int = Field(default=2048, gt=0)  # tokens per step (chunked prefill budget)
+    max_model_len: int | None = Field(default=None, gt=0)  # None: the checkpoint's max_position_embeddings
+    num_threads: int | None = Field(default=None, gt=0)  # torch intra-op threads on CPU; None: torch default
+    seed: int | None = None  # draws of requests without their own seed; None: a fresh seed per engine
+
+
+class CacheConfig(Section):
+    """`cache:` the paged KV cache. Give `num_blocks` or `memory_bytes` (default: 1 GiB)."""
+
+    block_size: int = Field(default=16, gt=0)  # tokens per KV block
+    num_blocks: int | None = Field(default=None, gt=0)
+    memory_bytes: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_size(self) -> CacheConfig:
+        if self.num_blocks is not None and self.memory_bytes is not None:
+            raise ValueError("give cache.num_blocks or cache.memory_bytes, not both")
+        return self
+
+
+class OffloadConfig(Section):
+    """`offload:` the tiered expert store (moe_runtime/offload, DESIGN.md section 4).
+
+    With `enabled`, each MoE layer keeps S expert slots on the compute device and the other experts in a
+    host tier: `pinned` (all experts in page-locked CPU memory) or `mmap` (read from the checkpoint's
+    safetensors files on demand, so resident memory stays bounded on CPU-only hosts). Give the budget as
+    `resident_experts_per_layer` (S) or `device_memory_bytes` (S = bytes // (layers * bytes per expert)).
+    S must be at least the experts one token uses (num_experts_per_tok): `resolve_slots` checks it against
+    the model and names the minimum. Example:
+
+        offload: {enabled: true, resident_experts_per_layer: 4, policy: lru, miss: auto, host_tier: mmap}
+    """
+
+    enabled: bool = False
+    resident_experts_per_layer: int | None = Field(default=None, gt=0)  # S slots per layer
+    device_memory_bytes: ByteSize | None = Field(default=None, gt=0)  # all layers' slots; "2GiB" ok
+    policy: Literal["lru", "lfu"] = "lru"  # which resident expert a miss evicts
+    prefetch: bool = True  # guess the next layer's experts with its gate and load them ahead
+    prefetch_experts: int | None = Field(default=None, gt=0)  # guesses per layer; None: num_experts_per_tok
+    miss: Literal["fetch", "host_compute", "auto"] = "auto"  # auto: per expert, by the calibrated cost model
+    host_tier: Literal["pinned", "mmap"] = "pinned"
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> OffloadConfig:
+        given = [self.resident_experts_per_layer is not None, self.device_memory_bytes is not None]
+        if all(given):
+            raise ValueError("give offload.resident_experts_per_layer or offload.device_memory_bytes, not both")
+        if self.enabled and not any(given):
+            raise ValueError(
+                "offload.enabled=true needs a budget: offload.resident_experts_per_layer (e.g. 4) or "
+                "offload.device_memory_bytes (e.g. 8GiB)"
+            )
+        return self
+
+    def resolve_slots(self, cfg: ModelConfig, bytes_per_element: int) -> int:
+        """Resident slots S per layer for this model, in [num_experts_per_tok, num_local_experts].
+
+        Raises `ConfigError` naming the field, the value and the minimum when the budget cannot hold the
+        experts of one token (the least any step needs). A budget above E is capped at E.
+        """
+        E, A, L = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
+        if self.resident_experts_per_layer is not None:
+            if self.resident_experts_per_layer < A:
+                raise ConfigError(
+                    f"offload.resident_experts_per_layer={self.resident_experts_per_layer}: below the minimum "
+                    f"{A} (num_experts_per_tok; one token's experts must fit); allowed: {A}..{E}"
+                )
+            return min(self.resident_experts_per_layer, E)
+        expert_bytes = 3 * cfg.hidden_size * cfg.intermediate_size * bytes_per_element
+        slots = self.device_memory_bytes // (L * expert_bytes)
+        if slots < A:
+            raise ConfigError(
+                f"offload.device_memory_bytes={self.device_memory_bytes}: holds {slots} experts per layer, "
+                f"below the minimum {A} (num_experts_per_tok); allowed: at least {A * L * expert_bytes} bytes "
+                f"({L} layers x {A} experts x {expert_bytes} bytes)"
+            )
+        return min(slots, E)
+
+
+class RayConfig(Section):
+    """`ray:` how the Ray executor (`executor: ray`) reaches its cluster; `placement.workers` sets the size."""
+
+    address: str | None = None  # None: start a local cluster; "auto" or "ray://host:10001" join one
+    placement_timeout_s: float = Field(default=60.0, gt=0)  # wait for the workers' bundles, then fail
+    collective_timeout_s: float = Field(default=30.0, gt=0)  # a step or collective longer than this fails
+    worker_device: Literal["auto", "gpu", "cpu"] = "auto"  # auto: one GPU per worker when the cluster has them
+    num_cpus_per_worker: float = Field(default=1.0, gt=0)
+
+
+class AutoRebalanceConfig(Section):
+    """`placement.auto_rebalance:` replan from the telemetry window and move experts when ranks drift apart
+    (Ray executor only; cluster/auto_rebalance.py)."""
+
+    enabled: bool = False
+    threshold: float = Field(default=1.25, ge=1.0)  # act above this rank imbalance (sum max / sum mean)
+    interval_s: float = Field(default=60.0, gt=0)  # seconds between checks
+    redundant: int = Field(default=0, ge=0)  # extra expert copies per layer the plan may add
+    min_tokens: int = Field(default=4096, ge=0)  # routed pairs per layer the window must hold first
+    min_gain: float = Field(default=0.05, ge=0)  # predicted imbalance drop needed to move anything
+
+
+LayerKey = int | Literal["*"]  # a layer index, or "*" for every layer without its own entry
+
+
+class PlacementConfig(Section):
+    """`placement:` where each (layer, expert) lives across workers (cluster/placement.py builds the plan).
+
+    Layers without an `explicit` entry follow `strategy` (one copy per expert); `replicas` adds copies on
+    top. Expert and rank ranges need the model, so `moe_runtime.cluster.placement.build_placement` checks
+    them and names the YAML path. Example (4 workers, expert 0 doubled everywhere, layer 3 spelled out):
+
+        placement:
+          workers: 4
+          strategy: round_robin
+          replicas: {"*": {0: [2]}}
+          explicit: {3: {0: [0, 1], 1: [2, 3], 2: [4, 5], 3: [6, 7, 0]}}
+    """
+
+    workers: int = Field(default=1, gt=0)
+    strategy: Literal["round_robin", "contiguous"] = "round_robin"  # expert e -> e % N, or blocks of E/N
+    explicit: dict[LayerKey, dict[int, list[int]]] = {}  # layer -> rank -> experts held (a full layout)
+    replicas: dict[LayerKey, dict[int, list[int]]] = {}  # layer -> expert -> extra ranks holding a copy
+    memory_per_rank: ByteSize | None = Field(default=None, gt=0)  # bytes of weights a rank may hold; "24GiB" ok
+    # rank -> a custom Ray resource that only the intended node declares (`ray start --resources
+    # '{"moe-node-a": 1}'`): the rank's bundle asks for a sliver of it, so it lands there. Unlisted ranks go
+    # where the placement group's PACK strategy puts them.
+    nodes: dict[int, str] = {}
+    auto_rebalance: AutoRebalanceConfig = AutoRebalanceConfig()
+
+
+class ServerConfig(Section):
+    """`server:` the gRPC endpoint."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=50051, ge=0, le=65535)
+    max_queued_requests: int = Field(default=256, gt=0)
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    tls_cert: str | None = None  # PEM certificate chain path; TLS needs tls_cert and tls_key together
+    tls_key: str | None = None  # PEM private key path
+    drain_grace_s: float = Field(default=10.0, ge=0)  # SIGTERM: seconds in-flight streams get to finish
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("give server.tls_cert and server.tls_key together (PEM paths), or neither")
+        return self
+
+
+class TelemetryConfig(Section):
+    """`telemetry:` Prometheus export and the expert-load window."""
+
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9400, ge=0, le=65535)
+    per_expert_metrics: bool = False
+    window_steps: int = Field(default=256, gt=0)
