@@ -13,16 +13,14 @@ from safetensors.torch import save_file
 
 from moe_runtime.config import ModelConfig
 from moe_runtime.model.bpe import SPECIAL_TOKENS, train_tokenizer
-from moe_runtime.model.loader import INDEX_FILE, SINGLE_FILE, expected_tensors
+from moe_runtime.model.loader import INDEX_FILE, SINGLE_FILE, expected_tensors, resolve_dtype
 from moe_runtime.model.presets import preset_config
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def random_weights(cfg: ModelConfig, seed: int, std: float = 0.02) -> dict[str, torch.Tensor]:
     """Seeded weights under hub names: N(0, std) matrices, unit norms, in the config's torch_dtype."""
     gen = torch.Generator().manual_seed(seed)
-    dtype = _DTYPES[cfg.torch_dtype]
+    dtype = resolve_dtype("auto", cfg)  # the config's torch_dtype
     tensors = {}
     for name, shape in expected_tensors(cfg).items():  # insertion order is fixed, so draws are too
         if name.endswith("norm.weight"):
