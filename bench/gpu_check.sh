@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The one GPU check: environment, the GPU tests, the kernel benchmark, then the offload benchmark, in under
-# 8 minutes (timeouts 170 + 60 + 170 + 60 s; a step that hits its timeout is cut and the script goes on).
+# The one GPU check: environment, the GPU tests, tile tuning for Mixtral bf16, the kernel benchmark, then
+# the offload benchmark, in under 10 minutes (timeouts 120 + 60 + 180 + 150 + 60 s; a step that hits its
+# timeout is cut and the script goes on; typical total about 6 minutes).
 #
 #   bash bench/gpu_check.sh            # from the repo root on a CUDA machine
-#   OUT=/some/dir bash bench/gpu_check.sh   # also writes env.txt, pytest_gpu.txt, kernels_bench.md there
+#   OUT=/some/dir bash bench/gpu_check.sh   # also writes env.txt, pytest_gpu*.txt, tune.txt, the tuned
+#                                           # table (*.json) and kernels_bench.md there
 #   BENCH_ARGS='--shapes mini --m 1,16' bash bench/gpu_check.sh   # a shorter benchmark
+#   TUNE=0 bash bench/gpu_check.sh      # keep kernels/tuned/ as it is (the benchmark uses it either way)
 #
+# Runtime dependencies missing on the GPU machine (pydantic, grpcio-health-checking, ...) may travel as
+# wheels in .whl/ (git-ignored): they are installed into a temporary folder first, never system-wide.
 # Works without installing anything: the lent GPU machine has torch and triton (2.11 / 3.6 there) but
 # no network and not every runtime dependency, so the package is put on PYTHONPATH through a shadow
 # tree that maps moe_runtime.kernels -> kernels/ (the same mapping as pyproject's package-dir), and the
@@ -18,6 +23,13 @@ OUTDIR=${OUT:-}
 [ -n "$OUTDIR" ] && mkdir -p "$OUTDIR"
 tee_out() { if [ -n "$OUTDIR" ]; then tee "$OUTDIR/$1"; else cat; fi; }
 status=0
+
+# 0. Carried wheels, if any.
+if compgen -G ".whl/*.whl" >/dev/null; then
+  SITE=$(mktemp -d)
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl \
+    && export PYTHONPATH="$SITE" || echo "warning: the carried wheels did not install"
+fi
 
 # 1. Import path: a shadow moe_runtime/ whose entries link to the repo's, plus kernels/ and cluster/.
 SHADOW=$(mktemp -d)
@@ -39,19 +51,28 @@ export PYTHONUNBUFFERED=1
 
 # 3. GPU tests: the kernels' own (no conftest needed), then the rest of the suite's gpu tests if it imports.
 echo "== pytest -m gpu tests/kernels"
-timeout 170 $PY -m pytest -m gpu tests/kernels --noconftest -p no:cacheprovider -q -rfE 2>&1 | tee_out pytest_gpu.txt
+timeout 120 $PY -m pytest -m gpu tests/kernels --noconftest -p no:cacheprovider -q -rfE 2>&1 | tee_out pytest_gpu.txt
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "== pytest -m gpu (rest of the suite; needs the full runtime's dependencies)"
 timeout 60 $PY -m pytest -m gpu --ignore=tests/kernels -p no:cacheprovider -q -rfE 2>&1 | tail -n 15 | tee_out pytest_gpu_rest.txt
 
-# 4. Benchmark: Mixtral-8x7B and mini shapes, bf16, the issue's M list (BENCH_ARGS overrides).
+# 4. Tile tuning for Mixtral-8x7B bf16 on this GPU: writes kernels/tuned/E=8,N=14336,device_name=...json
+#    (the benchmark below then uses it, and shows the untuned heuristic beside it).
+if [ "${TUNE:-1}" = 1 ]; then
+  echo "== bench/tune_fused_moe.py"
+  timeout 180 $PY bench/tune_fused_moe.py --shape mixtral --dtype bf16 --budget-s 150 2>&1 | tee_out tune.txt
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  [ -n "$OUTDIR" ] && cp kernels/tuned/*.json "$OUTDIR/" 2>/dev/null
+fi
+
+# 5. Benchmark: Mixtral-8x7B and mini shapes, bf16, the issue's M list (BENCH_ARGS overrides).
 echo "== bench/kernels.py"
 BENCH_OUT=${OUTDIR:+$OUTDIR/kernels_bench.md}
 # shellcheck disable=SC2086
-timeout 170 $PY bench/kernels.py ${BENCH_ARGS:---shapes mixtral,mini --dtype bf16 --repeats 25} ${BENCH_OUT:+--out "$BENCH_OUT"}
+timeout 150 $PY bench/kernels.py ${BENCH_ARGS:---shapes mixtral,mini --dtype bf16 --repeats 25} ${BENCH_OUT:+--out "$BENCH_OUT"}
 [ $? -eq 0 ] || status=1
 
-# 5. Offload on the GPU (pinned host tier, side-stream copies): needs the full runtime's dependencies.
+# 6. Offload on the GPU (pinned host tier, side-stream copies): needs the full runtime's dependencies.
 echo "== bench/offload.py (pinned tier)"
 if $PY -c "import moe_runtime.offload, moe_runtime.engine.llm_engine" 2>/dev/null; then
   timeout 60 $PY bench/offload.py --device cuda --tier pinned --models tiny-trained --batches 1,16 --tokens 16 \
@@ -60,6 +81,6 @@ else
   echo "skipped: the runtime's dependencies (pydantic, safetensors, tokenizers) are not importable here"
 fi
 
-rm -rf "$SHADOW"
+rm -rf "$SHADOW" ${SITE:+"$SITE"}
 echo "== gpu_check done, status $status"
 exit $status

@@ -43,7 +43,9 @@ PEAK_BANDWIDTH = {
 }
 
 
-def naive_loop(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing: RoutingResult) -> torch.Tensor:
+def naive_loop(
+    hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing: RoutingResult
+) -> torch.Tensor:
     """The baseline everyone writes first: for each expert, find its tokens, two GEMMs, index_add.
     hidden [T, H], w13 [E, 2I, H], w2 [E, H, I] -> [T, H]."""
     out = torch.zeros_like(hidden)
@@ -72,6 +74,30 @@ def grouped_mm_baseline(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tenso
         return torch._grouped_mm(F.silu(gate) * up, w2_t, offs=offs)
 
     return run
+
+
+def heuristic_tiles(
+    hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, routing: RoutingResult
+) -> dict:
+    """{"heuristic": ours with the untuned default tiles} when a tuned table exists for this shape, so the
+    table shows what tuning bought; {} otherwise (ours already runs the heuristic)."""
+    from moe_runtime.kernels.tile_config import (
+        MoeShape,
+        default_tile_config,
+        device_name,
+        load_table,
+        table_path,
+    )
+    from moe_runtime.kernels.triton.fused_moe import fused_moe_triton
+
+    E, two_i, _ = w13.shape
+    shape = MoeShape(
+        num_experts=E, intermediate=two_i // 2, dtype=hidden.dtype, device_name=device_name(hidden.device)
+    )
+    if not load_table(table_path(shape)):
+        return {}
+    cfg = default_tile_config(hidden.shape[0], routing.top_k, E)
+    return {"heuristic": lambda: fused_moe_triton(hidden, w13, w2, routing, None, cfg)}
 
 
 @dataclass(frozen=True)
@@ -137,6 +163,7 @@ def bench_one(shape_name: str, dtype_name: str, M: int, device: torch.device, ti
         "naive": lambda: naive_loop(hidden, w13, w2, routing),
     }
     if device.type == "cuda":
+        fns.update(heuristic_tiles(hidden, w13, w2, routing))
         try:
             fns["grouped_mm"] = grouped_mm_baseline(hidden, w13, w2, routing)
         except (RuntimeError, AttributeError) as err:
@@ -158,7 +185,7 @@ def bench_one(shape_name: str, dtype_name: str, M: int, device: torch.device, ti
 
 
 def format_table(rows: list[Row], peak_bw: float | None) -> str:
-    methods = list(rows[0].times_ms)
+    methods = list(dict.fromkeys(m for r in rows for m in r.times_ms))  # every method, first-seen order
     baselines = [m for m in methods if m != "ours"]
     head = ["shape", "dtype", "M", *[f"{m} ms" for m in methods], *[f"{m} / ours" for m in baselines],
             "ours TFLOP/s", "ours GB/s", "% HBM roofline"]  # fmt: skip
@@ -166,8 +193,8 @@ def format_table(rows: list[Row], peak_bw: float | None) -> str:
     for r in rows:
         ours_s = r.times_ms["ours"] / 1e3
         cells = [r.shape, r.dtype, str(r.M)]
-        cells += [f"{r.times_ms[m]:.3f}" for m in methods]
-        cells += [f"{r.times_ms[m] / r.times_ms['ours']:.2f}x" for m in baselines]
+        cells += [f"{r.times_ms[m]:.3f}" if m in r.times_ms else "-" for m in methods]
+        cells += [f"{r.times_ms[m] / r.times_ms['ours']:.2f}x" if m in r.times_ms else "-" for m in baselines]
         cells += [f"{r.flops / ours_s / 1e12:.3f}", f"{r.bytes / ours_s / 1e9:.1f}"]
         cells += [f"{100 * r.bytes / peak_bw / ours_s:.0f}%" if peak_bw else "-"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -179,7 +206,10 @@ def describe_device(device: torch.device) -> tuple[str, float | None]:
         import os
         import platform
 
-        return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}", None
+        return (
+            f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+            None,
+        )
     name = torch.cuda.get_device_name(device)
     peak = next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
     return f"{name} (peak HBM {peak / 1e12:.2f} TB/s)" if peak else name, peak

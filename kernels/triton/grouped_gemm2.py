@@ -56,7 +56,7 @@ def _grouped_gemm2_kernel(
     num_pid_in_group = GROUP_M * num_pid_n
     group_id = pid // num_pid_in_group
     first_m = group_id * GROUP_M
-    group_size = min(num_blocks - first_m, GROUP_M)
+    group_size = tl.minimum(num_blocks - first_m, GROUP_M)
     pid_m = first_m + (pid % num_pid_in_group) % group_size
     pid_n = (pid % num_pid_in_group) // group_size
 
