@@ -2,8 +2,9 @@
 
     python bench/tune_fused_moe.py --shape mixtral --dtype bf16 --m 1,2,4,8,16,32,64,128,512,2048,4096
 
-For each M it times the whole pipeline (align + both grouped GEMMs + combine) with the heuristic default
-and every candidate `TileConfig`, keeps the fastest, and prints its speedup over the heuristic; the file
+For each M it times the whole pipeline (align + both grouped GEMMs + combine), replayed from a CUDA graph,
+with the heuristic default and every candidate `TileConfig` (then, from 8 rows per expert up, tiles of
+GEMM 2's own), keeps the fastest, and prints its speedup over the heuristic; the file
 is named by `tile_config.table_path` so that `tile_config_for` finds it (nearest M). Candidates depend on
 the rows per expert (see `candidates`) and are pruned by shared memory before compiling. Expect ~1-3 s of
 compile per new config; compiled kernels are reused across M, and `--budget-s` bounds the whole run.
@@ -13,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -43,67 +46,168 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SMEM_LIMIT = 227 * 1024
 
 
-def smem_bytes(cfg: TileConfig, elem: int = 2) -> int:
-    """Pipelined shared memory of grouped GEMM 1, the larger of the two: per stage an x tile and the gate
-    and up weight tiles."""
-    return cfg.num_stages * (cfg.block_m * cfg.block_k + 2 * cfg.block_k * cfg.block_n) * elem
+def smem_bytes(cfg: TileConfig, gemm: int = 1, elem: int = 2) -> int:
+    """Pipelined shared memory of one grouped GEMM: per stage an activation tile plus one weight tile
+    (GEMM 2) or two (GEMM 1: gate and up)."""
+    weight_tiles = 2 if gemm == 1 else 1
+    return cfg.num_stages * (cfg.block_m * cfg.block_k + weight_tiles * cfg.block_k * cfg.block_n) * elem
+
+
+def fits(cfg: TileConfig, gemm: int) -> bool:
+    """Whether cfg is worth compiling for that GEMM: shared memory within the limit, accumulators that do
+    not spill (GEMM 1 keeps two, so its tiles stop at 128x128), and 8 warps only for tiles that feed them."""
+    acc_limit = 128 * 128 if gemm == 1 else 128 * 256
+    tile = cfg.block_m * cfg.block_n
+    if tile > acc_limit or smem_bytes(cfg, gemm) > SMEM_LIMIT:
+        return False
+    return cfg.num_warps == 8 if tile >= 128 * 128 else not (cfg.num_warps == 8 and tile < 64 * 128)
 
 
 def candidates(num_tokens: int, top_k: int, num_experts: int) -> list[TileConfig]:
-    """The search space for one M, in three regimes of rows per expert (what a weight tile is reused for):
+    """The search space for one M (tiles shared by both GEMMs), in three regimes of rows per expert:
 
-    - decode (<= 16 rows): one 16-row tile per expert, the GEMMs stream weights, so the space is about
+    - decode (< 8 rows): one 16-row tile per expert, the GEMMs stream weights, so the space is about
       memory parallelism: output width (programs in flight), K step and pipeline depth;
-    - middle (<= 128): 32/64-row tiles;
-    - prefill: 64/128-row tiles on 4 or 8 warps (GEMM 1 keeps two fp32 accumulators, so tiles above
-      128x128 would spill).
+    - middle (8 to 128): 16- to 64-row tiles, so that an expert's rows fit one tile and its weights are
+      read once;
+    - prefill: 64/128-row tiles on 4 or 8 warps.
     """
     rows_per_expert = num_tokens * top_k / num_experts
-    if rows_per_expert <= 16:
+    if rows_per_expert < 8:
         space = itertools.product([16], [32, 64, 128], [128, 256], [1], [4], [3, 4, 5])
     elif rows_per_expert <= 128:
-        space = itertools.product([32, 64], [64, 128], [64, 128], [8], [4, 8], [3, 4])
+        space = itertools.product([16, 32, 64], [64, 128], [64, 128], [8], [4, 8], [3, 4])
     else:
         space = itertools.product([64, 128], [64, 128, 256], [64], [8], [4, 8], [3, 4])
+    return [cfg for cfg in (TileConfig(*p) for p in space) if fits(cfg, gemm=1)]
+
+
+def gemm2_candidates(base: TileConfig) -> list[TileConfig]:
+    """Tiles for grouped GEMM 2 alone, with base's block_m: it has one accumulator, so wider tiles fit."""
+    space = itertools.product([64, 128, 256], [64, 128], [8], [4, 8], [3, 4])
     out = []
-    for bm, bn, bk, gm, warps, stages in space:
-        cfg = TileConfig(bm, bn, bk, gm, warps, stages)
-        too_big = bm * bn > 128 * 128 or (bm * bn >= 128 * 128 and warps == 4) or smem_bytes(cfg) > SMEM_LIMIT
-        if too_big or (warps == 8 and bm * bn < 64 * 128):  # small tiles do not feed 8 warps
-            continue
-        out.append(cfg)
+    for bn, bk, gm, warps, stages in space:
+        cfg = TileConfig(base.block_m, bn, bk, gm, warps, stages)
+        if fits(cfg, gemm=2) and cfg != base:
+            out.append(cfg)
     return out
+
+
+def configs_to_try(num_tokens: int, top_k: int, num_experts: int) -> list[TileConfig]:
+    """Every config `tune_one` may launch for this M, whatever wins stage one: the heuristic, the shared
+    candidates, and GEMM 2's own tiles for each block_m of the regime (the GEMM 1 half of those is already
+    among the shared candidates, so only GEMM 2 compiles anew)."""
+    shared = candidates(num_tokens, top_k, num_experts)
+    out = [default_tile_config(num_tokens, top_k, num_experts), *shared]
+    if num_tokens * top_k / num_experts >= 8:
+        for bm in sorted({c.block_m for c in shared}):
+            base = next(c for c in shared if c.block_m == bm)
+            out += [replace(base, gemm2=c) for c in gemm2_candidates(base)]
+    return out
+
+
+def _compile(job: tuple[str, str, list[tuple[int, TileConfig]]]) -> int:
+    """Worker: launch each (M, config) once on throwaway inputs of the real shapes, which compiles its
+    kernels into Triton's on-disk cache (shared with the parent). Returns how many launched."""
+    shape_name, dtype_name, items = job
+    s, dtype = SHAPES[shape_name], DTYPES[dtype_name]
+    w13 = torch.randn(s["E"], 2 * s["I"], s["H"], device="cuda", dtype=dtype)
+    w2 = torch.randn(s["E"], s["H"], s["I"], device="cuda", dtype=dtype)
+    done = 0
+    for m, cfg in items:
+        hidden = torch.randn(m, s["H"], device="cuda", dtype=dtype)
+        try:
+            fused_moe_triton(hidden, w13, w2, route(torch.randn(m, s["E"], device="cuda"), s["k"]), None, cfg)
+            done += 1
+        except Exception:  # a config this GPU cannot run: tune_one reports it
+            pass
+    torch.cuda.synchronize()
+    return done
+
+
+def precompile(shape_name: str, dtype_name: str, ms: list[int], workers: int) -> None:
+    """Compile every config the tuning will launch, in parallel processes (Triton compiles on one core;
+    a serial tuner spends most of its time there). Each worker takes whole configs, for all their M, so
+    no kernel is compiled twice. Any failure here only means the tuner compiles as it goes."""
+    s = SHAPES[shape_name]
+    by_cfg: dict[TileConfig, list[int]] = {}
+    for m in ms:
+        for cfg in configs_to_try(m, s["k"], s["E"]):
+            by_cfg.setdefault(cfg, []).append(m)
+    shards: list[list[tuple[int, TileConfig]]] = [[] for _ in range(workers)]
+    for i, (cfg, cfg_ms) in enumerate(by_cfg.items()):
+        shards[i % workers] += [(m, cfg) for m in cfg_ms]
+    start = time.monotonic()
+    try:
+        ctx = torch.multiprocessing.get_context("spawn")
+        with ctx.Pool(workers) as pool:
+            launched = sum(pool.map(_compile, [(shape_name, dtype_name, shard) for shard in shards if shard]))
+        print(f"precompiled {len(by_cfg)} configs ({launched} launches) in {workers} processes, "
+              f"{time.monotonic() - start:.0f} s", flush=True)  # fmt: skip
+    except Exception as err:
+        print(
+            f"precompile failed ({type(err).__name__}: {err}); compiling as the tuning goes", file=sys.stderr
+        )
+
+
+def graph_time(fn) -> float:
+    """Median ms of fn replayed from a CUDA graph (how an engine runs a step: no per-launch CPU cost, so
+    small-M timings measure the kernels, not Python)."""
+    import triton.testing
+
+    fn()  # compile and allocate outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    try:
+        return triton.testing.do_bench(graph.replay, rep=20)
+    finally:
+        del graph
 
 
 def tune_one(
     num_tokens: int, shape: dict, weights, dtype: torch.dtype, budget_s: float
 ) -> tuple[TileConfig, float, float]:
-    """The fastest candidate for M = num_tokens within budget_s, its time and the heuristic's (ms)."""
-    import triton.testing
-
+    """The fastest candidate for M = num_tokens within budget_s (shared tiles first, then GEMM 2's own
+    tiles once each expert has 8 rows or more), its time and the heuristic's, in ms."""
     w13, w2 = weights
     g = torch.Generator(device="cuda").manual_seed(num_tokens)
     hidden = torch.randn(num_tokens, shape["H"], device="cuda", generator=g, dtype=dtype)
     routing = route(torch.randn(num_tokens, shape["E"], device="cuda", generator=g), shape["k"])
+    deadline = time.monotonic() + budget_s
 
-    def bench(cfg: TileConfig) -> float:
-        return triton.testing.do_bench(lambda: fused_moe_triton(hidden, w13, w2, routing, None, cfg), rep=20)
+    def best_of(configs: list[TileConfig], best: TileConfig, best_ms: float) -> tuple[TileConfig, float]:
+        for cfg in configs:
+            if time.monotonic() > deadline:
+                print(f"  M={num_tokens}: budget spent, keeping the best so far", file=sys.stderr)
+                break
+            try:
+                ms = graph_time(lambda c=cfg: fused_moe_triton(hidden, w13, w2, routing, None, c))
+            except Exception as err:  # out of shared memory, too many registers: skip the config
+                print(f"  skip {cfg}: {type(err).__name__}", file=sys.stderr)
+                continue
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+        return best, best_ms
 
     heuristic = default_tile_config(num_tokens, shape["k"], shape["E"])
-    best, best_ms = heuristic, bench(heuristic)
-    heuristic_ms = best_ms
-    start = time.monotonic()
-    for cfg in candidates(num_tokens, shape["k"], shape["E"]):
-        if time.monotonic() - start > budget_s:
-            print(f"  M={num_tokens}: budget spent, keeping the best so far", file=sys.stderr)
-            break
-        try:
-            ms = bench(cfg)
-        except Exception as err:  # out of shared memory, too many registers: skip the config
-            print(f"  skip {cfg}: {type(err).__name__}", file=sys.stderr)
-            continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
+    heuristic_ms = graph_time(lambda: fused_moe_triton(hidden, w13, w2, routing, None, heuristic))
+    best, best_ms = best_of(candidates(num_tokens, shape["k"], shape["E"]), heuristic, heuristic_ms)
+    if num_tokens * shape["k"] / shape["E"] >= 8:
+        split = [replace(best, gemm2=c) for c in gemm2_candidates(best)]
+        best, best_ms = best_of(split, best, best_ms)
+    # The winner must compute what the heuristic computes (both bf16 with fp32 accumulation; outputs are
+    # O(1) here, so 3e-2 is a few ulps): a fast wrong config never reaches the table.
+    want = fused_moe_triton(hidden, w13, w2, routing, None, heuristic).float()
+    got = fused_moe_triton(hidden, w13, w2, routing, None, best).float()
+    if not torch.allclose(got, want, atol=3e-2, rtol=0):
+        err = (got - want).abs().max().item()
+        print(
+            f"  M={num_tokens}: {best} differs from the heuristic by {err:.3g}; keeping the heuristic",
+            file=sys.stderr,
+        )
+        best, best_ms = heuristic, heuristic_ms
     print(f"M={num_tokens}: {best_ms * 1e3:.1f} us (heuristic {heuristic_ms * 1e3:.1f} us, "
           f"{heuristic_ms / best_ms:.2f}x) {best}", flush=True)  # fmt: skip
     return best, best_ms, heuristic_ms
@@ -116,17 +220,21 @@ def main() -> None:
     p.add_argument("--m", default="1,2,4,8,16,32,64,128,512,2048,4096")
     p.add_argument("--budget-s", type=float, default=600.0, help="tuning time for all M together")
     p.add_argument("--out-dir", type=Path, default=TUNED_DIR)
+    p.add_argument("--workers", type=int, default=min(12, max((os.cpu_count() or 2) - 2, 1)),
+                   help="processes that compile the candidates first (1: compile as the tuning goes)")  # fmt: skip
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("tune_fused_moe.py needs a CUDA GPU (tile configs are per device)")
+    ms = sorted(int(m) for m in args.m.split(","))
+    if args.workers > 1:
+        precompile(args.shape, args.dtype, ms, args.workers)
 
     s, dtype = SHAPES[args.shape], DTYPES[args.dtype]
     g = torch.Generator(device="cuda").manual_seed(0)
     w13 = torch.randn(s["E"], 2 * s["I"], s["H"], device="cuda", generator=g, dtype=dtype) / s["H"] ** 0.5
     w2 = torch.randn(s["E"], s["H"], s["I"], device="cuda", generator=g, dtype=dtype) / s["I"] ** 0.5
     # The budget is split between the regimes by their number of candidates: the first M of a regime pays
-    # the compiles, the later ones reuse the compiled kernels and only time them (~0.1 s per config).
-    ms = sorted(int(m) for m in args.m.split(","))
+    # any compile left, the later ones reuse the compiled kernels and only time them (~0.1 s per config).
     groups: dict[tuple[TileConfig, ...], list[int]] = {}
     for m in ms:
         groups.setdefault(tuple(candidates(m, s["k"], s["E"])), []).append(m)

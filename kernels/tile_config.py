@@ -5,6 +5,10 @@ intermediate size I) and maps M, the number of tokens in the batch, to one `Tile
 
     {"1": {"block_m": 16, "block_n": 64, "block_k": 128, "group_m": 1, "num_warps": 4, "num_stages": 4}, ...}
 
+An entry may add `"gemm2": {...}` (a full config with the same block_m) when grouped GEMM 2 runs best with
+other tiles than GEMM 1: GEMM 1 keeps two accumulators (gate and up) per tile, GEMM 2 one, and their N
+differ (I versus H), so their best output tiles can differ at large M.
+
 `bench/tune_fused_moe.py` writes these files on a GPU. A lookup takes the entry whose M is nearest to the
 batch's; with no table for the device it falls back to `default_tile_config`.
 """
@@ -33,6 +37,23 @@ class TileConfig:
     group_m: int  # M-blocks per group in the grouped (L2-friendly) program order
     num_warps: int = 4
     num_stages: int = 3
+    gemm2: TileConfig | None = None  # grouped GEMM 2's own tiles (same block_m); None: these
+
+    def __post_init__(self) -> None:
+        if self.gemm2 is not None and (self.gemm2.block_m != self.block_m or self.gemm2.gemm2 is not None):
+            raise ValueError(
+                f"gemm2 must share block_m={self.block_m} and have no gemm2 of its own, got {self.gemm2}"
+            )
+
+    def for_gemm2(self) -> TileConfig:
+        """The tiles grouped GEMM 2 launches with."""
+        return self.gemm2 or self
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> TileConfig:
+        """The inverse of `dataclasses.asdict` (what the tuned files hold)."""
+        gemm2 = raw.get("gemm2")
+        return cls(**{**raw, "gemm2": cls.from_dict(gemm2) if gemm2 else None})
 
 
 @dataclass(frozen=True)
@@ -48,7 +69,10 @@ class MoeShape:
 def table_path(shape: MoeShape, tuned_dir: Path = TUNED_DIR) -> Path:
     """The file a tuned table for `shape` lives in."""
     dtype = _DTYPE_NAMES[shape.dtype]
-    return tuned_dir / f"E={shape.num_experts},N={shape.intermediate},device_name={shape.device_name},dtype={dtype}.json"
+    return (
+        tuned_dir
+        / f"E={shape.num_experts},N={shape.intermediate},device_name={shape.device_name},dtype={dtype}.json"
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -57,12 +81,22 @@ def load_table(path: Path) -> tuple[tuple[int, TileConfig], ...]:
     if not path.is_file():
         return ()
     raw = json.loads(path.read_text())
-    return tuple(sorted((int(m), TileConfig(**cfg)) for m, cfg in raw.items()))
+    return tuple(sorted((int(m), TileConfig.from_dict(cfg)) for m, cfg in raw.items()))
+
+
+def _as_dict(cfg: TileConfig) -> dict:
+    """cfg as the tuned files hold it: no "gemm2" key when GEMM 2 uses the same tiles."""
+    out = asdict(cfg)
+    if cfg.gemm2 is None:
+        del out["gemm2"]
+    else:
+        del out["gemm2"]["gemm2"]
+    return out
 
 
 def save_table(path: Path, table: dict[int, TileConfig]) -> None:
     """Write a tuned table (the format `load_table` reads)."""
-    data = {str(m): asdict(cfg) for m, cfg in sorted(table.items())}
+    data = {str(m): _as_dict(cfg) for m, cfg in sorted(table.items())}
     path.write_text(json.dumps(data, indent=1) + "\n")
     load_table.cache_clear()
 

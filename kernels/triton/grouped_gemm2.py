@@ -100,7 +100,8 @@ def grouped_gemm2(
 ) -> torch.Tensor:
     """Triton twin of `reference.grouped_gemm2_reference`.
 
-    inter: [T * k, I] from grouped GEMM 1; w2: [S, H, I] same dtype; weights: [T, k] fp32.
+    inter: [T * k, I] from grouped GEMM 1; w2: [S, H, I] same dtype; weights: [T, k] fp32; config: the
+    pipeline's tiles (this GEMM launches with `config.for_gemm2()`).
     Returns [T, k, H] fp32; `.sum(dim=1).to(dtype)` of it is the MoE output (one rounding, as the
     reference does).
     """
@@ -116,6 +117,7 @@ def grouped_gemm2(
     if aligned.block_m != config.block_m or aligned.top_k != k:
         raise ValueError(f"aligned (block_m={aligned.block_m}, top_k={aligned.top_k}) does not match "
                          f"config.block_m={config.block_m}, weights top_k={k}")  # fmt: skip
+    config = config.for_gemm2()
     flat_w = weights.reshape(-1).to(torch.float32).contiguous()  # [T*k]
     out = torch.zeros(T * k, H, dtype=torch.float32, device=inter.device)
     num_blocks = aligned.block_slot.numel()

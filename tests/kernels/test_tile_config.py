@@ -43,3 +43,19 @@ def test_heuristic_grows_tiles_with_rows_per_expert():
     assert decode.block_m == 16 and decode.block_m <= mid.block_m <= prefill.block_m
     for cfg in (decode, mid, prefill):  # tl.dot needs every block dimension >= 16, powers of two
         assert all(v >= 16 and v & (v - 1) == 0 for v in (cfg.block_m, cfg.block_n, cfg.block_k))
+
+
+def test_gemm2_tiles_round_trip_and_apply_to_gemm2_only(tmp_path):
+    split = TileConfig(128, 128, 64, 8, 8, 3, gemm2=TileConfig(128, 256, 64, 8, 8, 3))
+    path = table_path(SHAPE, tmp_path)
+    save_table(path, {1: SMALL, 4096: split})
+    assert '"gemm2"' in path.read_text() and path.read_text().count('"gemm2"') == 1  # absent where unused
+    assert load_table(path) == ((1, SMALL), (4096, split))
+    assert split.for_gemm2().block_n == 256 and SMALL.for_gemm2() is SMALL
+
+
+def test_gemm2_tiles_must_share_block_m():
+    import pytest
+
+    with pytest.raises(ValueError, match="block_m=64"):
+        TileConfig(64, 128, 64, 8, 8, 3, gemm2=TileConfig(128, 128, 64, 8, 8, 3))

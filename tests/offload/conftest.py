@@ -12,11 +12,11 @@ def greedy_tokens(model, prompts: list[list[int]], steps: int) -> list[list[int]
     """Greedy decoding of all prompts together in one flat batch, full recompute each step (no KV cache)."""
     seqs = [list(p) for p in prompts]
     for _ in range(steps):
-        ids = torch.tensor([t for s in seqs for t in s])
-        positions = torch.cat([torch.arange(len(s)) for s in seqs])
+        ids = torch.tensor([t for s in seqs for t in s], device=model.device)
+        positions = torch.cat([torch.arange(len(s)) for s in seqs]).to(model.device)
         meta = AttentionMetadata.for_prompts([len(s) for s in seqs])
         hidden = model(ids, positions, meta)  # [T, D]
-        last = torch.tensor(meta.query_start_loc[1:]) - 1  # each sequence's last row
+        last = torch.tensor(meta.query_start_loc[1:], device=model.device) - 1  # each sequence's last row
         for s, tok in zip(seqs, model.compute_logits(hidden[last]).argmax(-1).tolist(), strict=True):
             s.append(tok)
     return [s[len(p):] for s, p in zip(seqs, prompts, strict=True)]

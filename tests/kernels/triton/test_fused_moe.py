@@ -34,7 +34,9 @@ def test_public_api_with_default_tiles():
 
 def test_no_tokens():
     x = make_inputs(CASES[0], torch.float32, DEVICE)
-    empty = fused_moe_triton(x.hidden[:0], x.w13, x.w2, type(x.routing)(x.routing.weights[:0], x.routing.ids[:0]))
+    empty = fused_moe_triton(
+        x.hidden[:0], x.w13, x.w2, type(x.routing)(x.routing.weights[:0], x.routing.ids[:0])
+    )
     assert empty.shape == (0, CASES[0].H)
 
 
@@ -53,8 +55,23 @@ def test_fp32_variant_is_the_combine_before_rounding():
     x = make_inputs(CASES[5], torch.float16, DEVICE)
     partial = fused_moe_triton_fp32(x.hidden, x.w13, x.w2, x.routing, x.slot_map, TEST_TILES)
     assert partial.dtype == torch.float32
-    assert torch.equal(partial.half(), fused_moe_triton(x.hidden, x.w13, x.w2, x.routing, x.slot_map, TEST_TILES))
+    assert torch.equal(
+        partial.half(), fused_moe_triton(x.hidden, x.w13, x.w2, x.routing, x.slot_map, TEST_TILES)
+    )
     public = fused_moe_fp32(x.hidden, x.w13, x.w2, x.routing, slot_map=x.slot_map, backend="triton")
     assert public.dtype == torch.float32 and public.shape == partial.shape
-    empty = fused_moe_triton_fp32(x.hidden[:0], x.w13, x.w2, type(x.routing)(x.routing.weights[:0], x.routing.ids[:0]))
+    empty = fused_moe_triton_fp32(
+        x.hidden[:0], x.w13, x.w2, type(x.routing)(x.routing.weights[:0], x.routing.ids[:0])
+    )
     assert empty.dtype == torch.float32 and empty.shape == (0, CASES[5].H)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=lambda c: c.name)
+def test_gemm2_with_its_own_tiles(case):
+    """A tuned entry may give grouped GEMM 2 other tiles (same block_m): same result as the reference."""
+    from dataclasses import replace
+
+    tiles = replace(TEST_TILES, gemm2=replace(TEST_TILES, block_n=64, block_k=16, group_m=1))
+    x = make_inputs(case, torch.float32, DEVICE)
+    got = fused_moe_triton(x.hidden, x.w13, x.w2, x.routing, x.slot_map, tiles)
+    torch.testing.assert_close(got, fp32_reference(x), atol=1e-5, rtol=0)
