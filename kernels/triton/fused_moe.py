@@ -1,7 +1,8 @@
 """The Triton MoE: align -> grouped GEMM 1 (w13, SwiGLU) -> grouped GEMM 2 (w2, routing weight) -> combine.
 
-Four launches per layer whatever the number of experts, with a grid that depends only on shapes (not on
-routing), so a decode step can be captured in a CUDA graph. Reference: `reference.fused_moe_reference`.
+Four Triton launches per layer (align, the two GEMMs, the combine) and no other kernel, whatever the number
+of experts, with grids that depend only on shapes (not on routing), so a decode step can be captured in a
+CUDA graph. Reference: `reference.fused_moe_reference`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from moe_runtime.kernels.reference import RoutingResult
 from moe_runtime.kernels.tile_config import MoeShape, TileConfig, device_name, tile_config_for
 from moe_runtime.kernels.triton.align import align
+from moe_runtime.kernels.triton.combine import combine
 from moe_runtime.kernels.triton.grouped_gemm1 import grouped_gemm1
 from moe_runtime.kernels.triton.grouped_gemm2 import grouped_gemm2
 
@@ -29,7 +31,7 @@ def fused_moe_triton(
     Returns [T, H] in hidden's dtype (fp32 accumulation inside each GEMM, the k rows summed in fp32 and
     rounded once).
     """
-    return fused_moe_triton_fp32(hidden, w13, w2, routing, slot_map, config).to(hidden.dtype)  # one rounding
+    return _fused_moe(hidden, w13, w2, routing, slot_map, config, hidden.dtype)
 
 
 def fused_moe_triton_fp32(
@@ -44,18 +46,25 @@ def fused_moe_triton_fp32(
 
     Same arguments; returns [T, H] float32, the k fp32 rows of each token summed, not rounded.
     """
+    return _fused_moe(hidden, w13, w2, routing, slot_map, config, torch.float32)
+
+
+def _fused_moe(hidden, w13, w2, routing, slot_map, config, out_dtype: torch.dtype) -> torch.Tensor:
+    """The pipeline, its combine writing out_dtype (the rounding, if any, happens there, once)."""
     T, H = hidden.shape
     S, two_i, _ = w13.shape
     if w2.shape != (S, H, two_i // 2):
         raise ValueError(f"w2 must be [S={S}, H={H}, I={two_i // 2}], got {tuple(w2.shape)}")
     if T == 0:
-        return torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
+        return torch.zeros(T, H, dtype=out_dtype, device=hidden.device)
     k = routing.top_k
     if config is None:
-        shape = MoeShape(num_experts=S, intermediate=two_i // 2, dtype=hidden.dtype, device_name=device_name(hidden.device))
+        shape = MoeShape(
+            num_experts=S, intermediate=two_i // 2, dtype=hidden.dtype, device_name=device_name(hidden.device)
+        )
         config = tile_config_for(T, k, shape)
     slots = routing.ids if slot_map is None else slot_map.to(routing.ids.device)[routing.ids.long()]  # [T, k]
     aligned = align(slots, S, config.block_m)
     inter = grouped_gemm1(hidden, w13, aligned, config)  # [T*k, I]
-    rows = grouped_gemm2(inter, w2, aligned, routing.weights, config)  # [T, k, H] fp32
-    return rows.sum(dim=1)  # [T, H] fp32
+    rows = grouped_gemm2(inter, w2, aligned, routing.weights, config, zero_dropped=False)  # [T, k, H] fp32
+    return combine(rows, slots, out_dtype)  # [T, H]: dropped pairs skipped, k rows summed in fp32

@@ -101,7 +101,9 @@ def dot_precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
-def grouped_gemm1(hidden: torch.Tensor, w13: torch.Tensor, aligned: AlignedRouting, config: TileConfig) -> torch.Tensor:
+def grouped_gemm1(
+    hidden: torch.Tensor, w13: torch.Tensor, aligned: AlignedRouting, config: TileConfig
+) -> torch.Tensor:
     """Triton twin of `reference.grouped_gemm1_reference`.
 
     hidden: [T, H]; w13: [S, 2I, H] same dtype and device; aligned: from `align(..., config.block_m)`.

@@ -96,14 +96,20 @@ def _grouped_gemm2_kernel(
 
 
 def grouped_gemm2(
-    inter: torch.Tensor, w2: torch.Tensor, aligned: AlignedRouting, weights: torch.Tensor, config: TileConfig
+    inter: torch.Tensor,
+    w2: torch.Tensor,
+    aligned: AlignedRouting,
+    weights: torch.Tensor,
+    config: TileConfig,
+    zero_dropped: bool = True,
 ) -> torch.Tensor:
     """Triton twin of `reference.grouped_gemm2_reference`.
 
     inter: [T * k, I] from grouped GEMM 1; w2: [S, H, I] same dtype; weights: [T, k] fp32; config: the
     pipeline's tiles (this GEMM launches with `config.for_gemm2()`).
     Returns [T, k, H] fp32; `.sum(dim=1).to(dtype)` of it is the MoE output (one rounding, as the
-    reference does).
+    reference does). Rows of dropped pairs are zero, or, with zero_dropped=False, left unwritten (for a
+    caller that skips them, like `combine`: it saves a memset of the whole output).
     """
     T, k = weights.shape
     S, H, inter_size = w2.shape
@@ -119,7 +125,8 @@ def grouped_gemm2(
                          f"config.block_m={config.block_m}, weights top_k={k}")  # fmt: skip
     config = config.for_gemm2()
     flat_w = weights.reshape(-1).to(torch.float32).contiguous()  # [T*k]
-    out = torch.zeros(T * k, H, dtype=torch.float32, device=inter.device)
+    alloc = torch.zeros if zero_dropped else torch.empty
+    out = alloc(T * k, H, dtype=torch.float32, device=inter.device)
     num_blocks = aligned.block_slot.numel()
     grid = (num_blocks * triton.cdiv(H, config.block_n),)
     _grouped_gemm2_kernel[grid](

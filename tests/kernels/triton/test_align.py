@@ -47,3 +47,17 @@ def test_random_routings_match_reference(T, k, S, seed):
     ids = torch.randint(-1, S, (T, k), generator=torch.Generator().manual_seed(seed)).to(DEVICE)  # -1 = dropped
     got, want = align(ids, S, 16), align_reference(ids, S, 16)
     assert torch.equal(got.sorted_ids, want.sorted_ids) and torch.equal(got.block_slot, want.block_slot)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_writes_every_element(case, monkeypatch):
+    """The outputs are allocated uninitialised: poison them and check the kernel overwrote all of it."""
+    from moe_runtime.kernels.triton import align as align_module
+
+    real_empty = torch.empty
+    monkeypatch.setattr(align_module.torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(-777))
+    x = make_inputs(case, torch.float32, DEVICE)
+    got = align(x.slot_ids, num_slots(x), 16)
+    monkeypatch.undo()
+    want = align_reference(x.slot_ids, num_slots(x), 16)
+    assert torch.equal(got.sorted_ids, want.sorted_ids) and torch.equal(got.block_slot, want.block_slot)
