@@ -45,6 +45,13 @@ def test_data_files_are_in_the_wheel(wheel):
     assert expected and not expected - names, sorted(expected - names)
 
 
+def test_native_kernel_source_is_in_the_wheel(wheel):
+    """kernels/cpu compiles its C++ source at first use, so the wheel must carry it."""
+    names = set(wheel.namelist())
+    expected = {f"moe_runtime/kernels/cpu/{p.name}" for p in (ROOT / "kernels" / "cpu").glob("*.cpp")}
+    assert expected and not expected - names, sorted(expected - names)
+
+
 def test_no_generic_top_level_names(wheel):
     top = {name.split("/")[0] for name in wheel.namelist() if not name.split("/")[0].endswith(".dist-info")}
     assert top == {"moe_runtime"}

@@ -1,0 +1,153 @@
+"""The native small-M CPU linear (kernels/cpu) vs torch's bf16 and fp32 matmuls, same process, same run.
+
+    .venv/bin/python bench/cpu_linear.py                          # mini's shapes, M = 1..64, 1 thread
+    .venv/bin/python bench/cpu_linear.py --threads 2 --rows 1,4,16 --repeats 7
+
+y[M, N] = x[M, K] @ W[N, K]^T with W in bf16 (fp16 with --dtype float16). Columns: milliseconds per call
+(median of `--repeats` timings of `--inner` calls each, ours and torch's taking turns), our speed-up over
+torch in the weights' dtype and over torch fp32 (weights already fp32: the fp32 copies' path, twice the
+bytes), and our GB/s of weight read against the streaming read bandwidth measured in the same run. The
+weights of each shape are larger than the last-level cache's share, so they come from memory each call:
+several copies are cycled through. `expert` rows: one expert's whole SwiGLU MLP (w13, SiLU*up, w2),
+ours (`expert_mlp`) vs the torch backend's (`kernels.torch_moe`: a bf16 GEMM below UPCAST_MIN_ROWS
+rows, chunked fp32 from there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from moe_runtime.kernels import cpu
+from moe_runtime.kernels.torch_moe import _expert_mlp
+
+# name, N, K: mini's (hidden 1024, intermediate 3584, 16 heads x 64, 4 kv heads, vocab 32000)
+SHAPES = (
+    ("q/o_proj", 1024, 1024),
+    ("k/v_proj", 256, 1024),
+    ("w13", 7168, 1024),
+    ("w2", 1024, 3584),
+    ("lm_head", 32000, 1024),
+)
+COPIES_BYTES = 256 << 20  # cycle through this many bytes of weight copies: more than any L3 share
+
+
+def read_bandwidth() -> float:
+    buf = torch.ones(128 << 20, dtype=torch.float32)
+    best = min(_timed(buf.sum) for _ in range(5))
+    return buf.numel() * 4 / best
+
+
+def _timed(fn, inner: int = 1) -> float:
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def _cycle(tensors):
+    state = {"i": 0}
+
+    def next_one():
+        state["i"] = (state["i"] + 1) % len(tensors)
+        return tensors[state["i"]]
+
+    return next_one
+
+
+def compare(fns: dict, repeats: int, inner: int) -> dict[str, float]:
+    """Median seconds per call of each function, interleaved round by round."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn, inner))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="1,2,4,8,16,32,64")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--inner", type=int, default=5)
+    ap.add_argument("--shapes", default=",".join(s[0] for s in SHAPES) + ",expert")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if not cpu.available():
+        raise SystemExit("the native CPU kernels are not available here (see the warning above)")
+    dtype = getattr(torch, args.dtype)
+    bandwidth = read_bandwidth()
+    wanted = args.shapes.split(",")
+    print(
+        f"threads {args.threads}; weights {args.dtype}; read bandwidth {bandwidth / 1e9:.1f} GB/s; "
+        f"median of {args.repeats} x {args.inner} calls; CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}\n"
+    )
+    print(
+        "| shape | M | ours ms | torch 16-bit ms | torch fp32 ms | vs 16-bit | vs fp32 | ours GB/s | % of read |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    gen = torch.Generator().manual_seed(0)
+    for name, N, K in SHAPES:
+        if name not in wanted:
+            continue
+        n_copies = max(1, COPIES_BYTES // (N * K * 2))
+        ws = [(torch.randn(N, K, generator=gen) / 10).to(dtype) for _ in range(n_copies)]
+        wfs = [w.float() for w in ws[: max(1, n_copies // 2)]]
+        for M in map(int, args.rows.split(",")):
+            x = (torch.randn(M, K, generator=gen) / 10).to(dtype)
+            w_ours, w_torch, w_fp32 = _cycle(ws), _cycle(ws), _cycle(wfs)
+            t = compare(
+                {
+                    "ours": lambda x=x, w=w_ours: cpu.linear(x, w()),
+                    "torch": lambda x=x, w=w_torch: F.linear(x, w()),
+                    "fp32": lambda x=x, w=w_fp32: F.linear(x.float(), w()),
+                },
+                args.repeats,
+                args.inner,
+            )
+            _row(name, M, t, N * K * 2, bandwidth)
+    if "expert" in wanted:
+        H, I = 1024, 3584
+        n_copies = max(1, COPIES_BYTES // (3 * H * I * 2))
+        experts = [
+            (
+                (torch.randn(2 * I, H, generator=gen) / 10).to(dtype),
+                (torch.randn(H, I, generator=gen) / 10).to(dtype),
+            )
+            for _ in range(n_copies)
+        ]
+        for M in map(int, args.rows.split(",")):
+            x = (torch.randn(M, H, generator=gen) / 10).to(dtype)
+            e_ours, e_torch = _cycle(experts), _cycle(experts)
+            t = compare(
+                {
+                    "ours": lambda x=x, e=e_ours: cpu.expert_mlp(x, *e()),
+                    "torch": lambda x=x, e=e_torch: _expert_mlp(x, *e()),
+                },
+                args.repeats,
+                args.inner,
+            )
+            t["fp32"] = float("nan")
+            _row("expert", M, t, 3 * H * I * 2, bandwidth)
+
+
+def _row(name: str, M: int, t: dict[str, float], weight_bytes: int, bandwidth: float) -> None:
+    gbs = weight_bytes / t["ours"]
+    print(
+        f"| {name} | {M} | {t['ours'] * 1e3:.3f} | {t['torch'] * 1e3:.3f} | {t['fp32'] * 1e3:.3f} "
+        f"| {t['torch'] / t['ours']:.2f}x | {t['fp32'] / t['ours']:.2f}x | {gbs / 1e9:.1f} "
+        f"| {100 * gbs / bandwidth:.0f}% |",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Native CPU kernels: 16-bit linear layers for a few rows (`small_m_linear.cpp`), built at first use.
+
+    linear(x[M, K], w[N, K]) -> [M, N] in x's dtype      (rounded once from fp32)
+    linear_fp32(x[M, K], w[N, K]) -> [M, N] float32
+    expert_mlp(rows[n, H], w13[2I, H], w2[H, I]) -> [n, H] in rows' dtype   (one expert's SwiGLU MLP)
+    moe_fp32(hidden[T, H], w13[S, 2I, H], w2[S, H, I], slots[T, k], weights[T, k]) -> [T, H] float32
+
+w is bfloat16 or float16 with unit stride along K (expert slices w13[s] of stacked tensors qualify); x may
+be any float dtype and any row stride. Every product accumulates in fp32 and is rounded where torch rounds
+(once per GEMM, to the activation dtype), so results differ from torch's 16-bit GEMMs only by summation
+order: most outputs equal, some one 16-bit ulp apart (tests/kernels/test_cpu_linear.py).
+
+Why: on CPUs without native bf16 GEMMs (AVX2 without AVX512-BF16/AMX) torch runs a bf16 GEMM of M rows at
+about M GEMVs; this kernel reads each weight once for all M rows (3.3x torch's bf16 at M = 4, 5x at 16 on
+one core of the 2-core AVX2 EPYC, bench/cpu_linear.py).
+
+The C++ source ships as package data and is compiled once per machine with `torch.utils.cpp_extension`
+into its cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions; about 45 s with g++ 12). Callers
+check `available()` first: it is False, with one logged warning, when the CPU lacks AVX2/FMA/F16C or the
+build fails (no compiler, no ninja), and callers keep torch's kernels then.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "linear", "linear_fp32", "expert_mlp", "moe_fp32", "extension"]
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("small_m_linear.cpp")
+_NAME = "moe_runtime_cpu_small_m"
+_FLAGS = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP in torch's CPU build; AVX2 is per function
+
+
+@functools.cache
+def extension():
+    """The compiled module (any CPU; its scalar path needs no AVX2), or None when it cannot be built.
+
+    Cached for the process: one build attempt, one warning.
+    """
+    try:
+        from torch.utils.cpp_extension import load
+
+        log.info("building the native CPU kernels (%s), once per machine", SOURCE.name)
+        return load(name=_NAME, sources=[str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"])
+    except Exception as e:  # no compiler, no ninja, a read-only cache...: keep torch's kernels
+        log.warning(
+            "native CPU kernels unavailable, using torch's kernels (build failed: %s: %s)",
+            type(e).__name__,
+            str(e).strip().splitlines()[-1] if str(e).strip() else "",
+        )
+        return None
+
+
+@functools.cache
+def available() -> bool:
+    """True when the kernels are built and this CPU has AVX2, FMA and F16C (checked before building)."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        log.warning(
+            "native CPU kernels not used: this CPU lacks AVX2 (capability %s)",
+            torch.backends.cpu.get_cpu_capability(),
+        )
+        return False
+    ext = extension()
+    return ext is not None and ext.has_avx2()
+
+
+def linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (any float dtype) @ w[N, K]^T (bf16 or fp16) -> [M, N] float32. Needs `available()`."""
+    return extension().linear_fp32(x, w)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`linear_fp32` rounded once to x's dtype: [M, N]."""
+    return extension().linear_fp32(x, w).to(x.dtype)
+
+
+def expert_mlp(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """w2 @ (silu(w1 @ x) * (w3 @ x)) for one expert: rows [n, H]; w13 [2I, H]; w2 [H, I] -> [n, H].
+
+    In rows' dtype, rounded where the torch backend rounds (`torch_moe._expert_mlp`: each GEMM's result,
+    SiLU, the product); only the GEMMs' summation order differs.
+    """
+    return extension().expert_mlp(rows, w13, w2)
+
+
+def moe_fp32(
+    hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """A MoE layer in one native call, each expert group through `expert_mlp`; meant for decode.
+
+    hidden [T, H]; w13 [S, 2I, H]; w2 [S, H, I] (16-bit); slots [T, k] integer slot of each (token, k)
+    pair, -1 = not resident (contributes zero); weights [T, k] fp32. Returns [T, H] float32: each token's
+    k weighted expert outputs summed in k order, not rounded. Example (T=1, k=2, slots [[3, -1]],
+    weights [[0.7, 0.3]]): 0.7 * expert_3(hidden[0]); the dropped pair adds nothing.
+    """
+    return extension().moe_fp32(hidden, w13, w2, slots, weights)
