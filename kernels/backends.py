@@ -1,7 +1,9 @@
 """Backend registry: backend name -> fused MoE function, looked up once per call by name and device.
 
 Every entry has the contract of `reference.fused_moe_reference(hidden, w13, w2, routing, slot_map)`.
-`auto` means Triton on CUDA and the torch backend elsewhere. The Triton entry imports its kernel modules
+`auto` means Triton on CUDA and the torch backend elsewhere; `cpu` is the torch backend with native
+expert GEMMs for small groups (kernels/cpu, not bit-identical to the reference; the engine picks it for
+`auto` on CPU unless `model.exact`). The Triton entry imports its kernel modules
 on first use, not at import time: `@triton.jit` reads TRITON_INTERPRET when a kernel is defined, so the
 interpreter switch (tests/kernels/conftest.py) must win the race with the first import.
 """
@@ -13,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from moe_runtime.errors import ConfigError
+from moe_runtime.kernels.cpu.moe import fused_moe_cpu, fused_moe_cpu_fp32
 from moe_runtime.kernels.reference import RoutingResult, fused_moe_reference, fused_moe_reference_fp32
 from moe_runtime.kernels.torch_moe import fused_moe_torch, fused_moe_torch_fp32
 
@@ -42,6 +45,7 @@ def _megablocks(hidden, w13, w2, routing, slot_map):
 BACKENDS: dict[str, FusedMoeFn] = {
     "reference": fused_moe_reference,
     "torch": fused_moe_torch,
+    "cpu": fused_moe_cpu,
     "triton": _triton,
     "megablocks": _megablocks,
 }
@@ -50,6 +54,7 @@ BACKENDS: dict[str, FusedMoeFn] = {
 FP32_BACKENDS: dict[str, FusedMoeFn] = {
     "reference": fused_moe_reference_fp32,
     "torch": fused_moe_torch_fp32,
+    "cpu": fused_moe_cpu_fp32,
     "triton": _triton_fp32,
     "megablocks": _megablocks,
 }

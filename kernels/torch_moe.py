@@ -18,10 +18,14 @@ cache-sized chunk at a time, and running fp32 GEMMs on the chunks is cheaper (on
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from moe_runtime.kernels.reference import RoutingResult
+
+ExpertMlp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 # Rows per expert from which a 16-bit expert runs in fp32 on CPU. Measured on one core of a shared 2-core
 # AVX2 EPYC (process CPU time, [n, 1024] x [1024, 7168]): bf16 1.5 / 2.9 / 5.8 / 11.5 / 22.6 ms for n = 1 /
@@ -89,6 +93,20 @@ def fused_moe_torch_fp32(
 
     Same arguments; returns [T, H] float32, the k weighted pairs of each token summed in fp32.
     """
+    return run_experts_fp32(hidden, w13, w2, routing, slot_map, _expert_mlp)
+
+
+def run_experts_fp32(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    routing: RoutingResult,
+    slot_map: torch.Tensor | None,
+    expert_mlp: ExpertMlp,
+) -> torch.Tensor:
+    """Steps 1-3 of the module docstring with `expert_mlp(rows[n, H], w13[2I, H], w2[H, I]) -> [n, H]`
+    (any float dtype; the weighting is in fp32) per active expert. Returns [T, H] float32, not rounded.
+    """
     T, H = hidden.shape
     S, k = w13.shape[0], routing.top_k
     slots = routing.ids if slot_map is None else slot_map.to(routing.ids.device)[routing.ids.long()]  # [T, k]
@@ -104,7 +122,7 @@ def fused_moe_torch_fp32(
         if n == 0:
             continue
         end = start + n
-        y = _expert_mlp(rows[start:end], w13[s], w2[s])  # [n, H]
+        y = expert_mlp(rows[start:end], w13[s], w2[s])  # [n, H]
         torch.mul(y, weights[start:end, None], out=sorted_out[start:end])  # fp32, as the reference keeps it
         start = end
     pairs = torch.empty_like(sorted_out)

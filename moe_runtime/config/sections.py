@@ -20,7 +20,7 @@ class ModelLoadConfig(Section):
     path: str | None = None  # HF checkpoint directory; None serves the embedded `tiny` model
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: the checkpoint's torch_dtype
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    moe_backend: Literal["auto", "torch", "triton", "megablocks", "reference"] = "auto"
+    moe_backend: Literal["auto", "torch", "cpu", "triton", "megablocks", "reference"] = "auto"
 
 
 class EngineConfig(Section):
