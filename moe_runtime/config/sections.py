@@ -21,6 +21,13 @@ class ModelLoadConfig(Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: the checkpoint's torch_dtype
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     moe_backend: Literal["auto", "torch", "cpu", "triton", "megablocks", "reference"] = "auto"
+    # false (default): CPU fast paths for 16-bit weights (`MixtralForCausalLM.use_fast_cpu_paths`: native
+    # kernels of kernels/cpu for a few rows, fp32 decode attention, fp32 weight copies for large batches);
+    # they round where torch rounds but sum in another order, so bf16 logits move by a few ulps. true:
+    # torch's kernels only, the arithmetic the parity tests hold equal to transformers' bit for bit (the
+    # torch MoE backend still widens expert groups of >= 16 rows to fp32; moe_backend: reference avoids
+    # that too). Slower on CPUs without native bf16 GEMMs; no effect on GPUs or fp32 weights.
+    exact: bool = False
 
 
 class EngineConfig(Section):

@@ -41,13 +41,17 @@ class LocalExecutor(Executor):
     def __init__(self, cfg: RuntimeConfig, model_dir: str, progress: bool = False):
         if cfg.engine.num_threads is not None:
             torch.set_num_threads(cfg.engine.num_threads)
-        self.model = load_model(model_dir, cfg.model.dtype, cfg.model.device, cfg.model.moe_backend, progress,
-                                offload=cfg.offload)
-        self.model.keep_fp32_copies()  # large batches on CPU without native bf16 GEMMs (no-op elsewhere)
+        self.model = load_model(
+            model_dir, cfg.model.dtype, cfg.model.device, cfg.model.moe_backend, progress, offload=cfg.offload
+        )
+        if not cfg.model.exact:  # CPUs without native bf16 GEMMs; no-ops on GPUs and for fp32 weights
+            self.model.keep_fp32_copies()  # large batches
+            self.model.use_fast_cpu_paths()  # small batches and expert groups
         self.model_config = self.model.config
         self.num_kv_blocks = num_kv_blocks(cfg.cache, self.model_config, self.model.dtype)
-        kv = allocate_kv_cache(self.model_config, self.num_kv_blocks, cfg.cache.block_size, self.model.dtype,
-                               self.model.device)
+        kv = allocate_kv_cache(
+            self.model_config, self.num_kv_blocks, cfg.cache.block_size, self.model.dtype, self.model.device
+        )
         self.runner = ModelRunner(self.model, kv, cfg.cache.block_size, Sampler(cfg.engine.seed))
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:

@@ -17,36 +17,56 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_runtime.config import ModelConfig
-from moe_runtime.kernels import RoutingResult, fused_moe, route
-from moe_runtime.model.attention import AttentionMetadata, KVCache, attention
+from moe_runtime.kernels import RoutingResult, cpu, fused_moe, route
+from moe_runtime.model.attention import AttentionMetadata, KVCache, attention, attention_fp32
 
 # T tokens, E experts, A activated experts (top-k), D hidden, I intermediate, V vocab,
 # H query heads, KVH key/value heads, Dh head dim
 
 
+# Rows up to which a 16-bit `Linear` on CPU runs the native small-M kernel (kernels/cpu), once
+# `MixtralForCausalLM.use_fast_cpu_paths` switched it on: it reads the weight once for all rows and
+# accumulates in fp32. One core of the 2-core AVX2 EPYC, [M, 1024] x [1024, 7168] bf16, cold weights
+# (bench/cpu_linear.py): see docs/benchmarks.md, Engine; it beats torch's bf16 GEMM at every M and the
+# fp32 copy up to about 64 rows.
+NATIVE_MAX_ROWS = 32
 # Rows from which a 16-bit `Linear` on CPU multiplies by an fp32 copy of its weight (once the copies exist,
-# see `MixtralForCausalLM.keep_fp32_copies`). CPUs without native bf16 GEMMs (AVX2, no AVX512-BF16/AMX)
-# run a bf16 GEMM about row by row (1.6 ms per row for 7168x1024 on one core of the 2-core AVX2 EPYC these
-# figures come from) while the fp32 GEMM reads its weight once (9 ms for 16 rows, 38 ms for 64, vs 28 and
-# 194 in bf16). Below this, a 16-bit GEMV streams the half-size weight once and wins.
+# see `MixtralForCausalLM.keep_fp32_copies`; the native kernel goes first up to NATIVE_MAX_ROWS). CPUs
+# without native bf16 GEMMs (AVX2, no AVX512-BF16/AMX) run a bf16 GEMM about row by row (1.6 ms per row
+# for 7168x1024 on one core of the 2-core AVX2 EPYC these figures come from) while the fp32 GEMM reads its
+# weight once (9 ms for 16 rows, 38 ms for 64, vs 28 and 194 in bf16). Below this, a 16-bit GEMV streams
+# the half-size weight once and wins.
 FP32_MIN_ROWS = 16
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` without bias that may keep an fp32 copy of its 16-bit weight for large batches on CPU."""
+    """`nn.Linear` without bias; with 16-bit weights on CPU it may run the native kernel for a few rows and
+    keep an fp32 copy of its weight for large batches. Plain torch arithmetic until asked otherwise."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
         self.weight_fp32: torch.Tensor | None = None  # a copy, not a parameter: checkpoints never see it
+        self.native = False  # kernels/cpu for up to NATIVE_MAX_ROWS rows (`use_native_kernel`)
 
     def keep_fp32_copy(self) -> None:
         w = self.weight
         self.weight_fp32 = w.float() if w.device.type == "cpu" and w.dtype != torch.float32 else None
 
+    def use_native_kernel(self) -> None:
+        w = self.weight
+        self.native = (
+            w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16) and cpu.available()
+        )
+
+    def uses_native(self, rows: int) -> bool:
+        return self.native and rows <= NATIVE_MAX_ROWS
+
     def uses_fp32(self, rows: int) -> bool:
         return self.weight_fp32 is not None and rows >= FP32_MIN_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.uses_native(x.shape[0]):
+            return cpu.linear(x, self.weight)  # fp32 accumulation, rounded once to x's dtype
         if self.uses_fp32(x.shape[0]):
             return F.linear(x.float(), self.weight_fp32).to(x.dtype)
         return F.linear(x, self.weight)
@@ -88,13 +108,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         self.sliding_window = cfg.sliding_window
         D, Dh = cfg.hidden_size, cfg.head_dim
         self.q_proj = Linear(D, self.n_heads * Dh)
         self.k_proj = Linear(D, self.n_kv_heads * Dh)
         self.v_proj = Linear(D, self.n_kv_heads * Dh)
         self.o_proj = Linear(self.n_heads * Dh, D)
+        self.attend = attention  # SDPA in the activation dtype; `attention_fp32` on the CPU fast path
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
         T = x.shape[0]
@@ -102,7 +127,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(T, self.n_kv_heads, self.head_dim)  # [T, KVH, Dh]
         v = self.v_proj(x).view(T, self.n_kv_heads, self.head_dim)  # [T, KVH, Dh]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        o = attention(q, k, v, meta, kv_cache, self.sliding_window)  # [T, H, Dh]
+        o = self.attend(q, k, v, meta, kv_cache, self.sliding_window)  # [T, H, Dh]
         return self.o_proj(o.reshape(T, self.n_heads * self.head_dim))  # [T, D]
 
 
@@ -141,7 +166,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.block_sparse_moe = SparseMoeBlock(cfg, moe_backend)
 
-    def forward(self, h, cos, sin, meta: AttentionMetadata, kv_cache: KVCache | None, router_counts) -> torch.Tensor:
+    def forward(
+        self, h, cos, sin, meta: AttentionMetadata, kv_cache: KVCache | None, router_counts
+    ) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache)
         return h + self.block_sparse_moe(self.post_attention_layernorm(h), router_counts)
 
@@ -161,8 +188,11 @@ class MixtralForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # [L, E] int64: tokens routed to each expert since the last `take_router_counts()` (telemetry).
-        self.register_buffer("router_counts", torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts,
-                                                          dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "router_counts",
+            torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.long),
+            persistent=False,
+        )
         self.expert_store = None  # an offload.ExpertStore when loaded with offloading enabled
         self.requires_grad_(False)
 
@@ -190,6 +220,8 @@ class MixtralForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, D] (usually each sequence's last row) -> logits [N, V] float32."""
+        if self.lm_head.uses_native(hidden.shape[0]):
+            return cpu.linear_fp32(hidden, self.lm_head.weight)  # [N, V], no 16-bit rounding
         if self.lm_head.uses_fp32(hidden.shape[0]):
             return F.linear(hidden.float(), self.lm_head.weight_fp32)  # [N, V], no 16-bit rounding
         return self.lm_head(hidden).float()
@@ -203,6 +235,31 @@ class MixtralForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.keep_fp32_copy()
+
+    def use_fast_cpu_paths(self) -> None:
+        """Run 16-bit weights on CPU where torch's bf16 arithmetic is slow (no native bf16 GEMMs):
+        linear layers of up to NATIVE_MAX_ROWS rows on the native kernels (kernels/cpu), the `auto` MoE
+        backend becomes `cpu` (native kernels for small expert groups), decode attention in fp32 matmuls
+        (`attention_fp32`).
+
+        Not torch's arithmetic: the same rounding points (each GEMM's result rounded to the activation
+        dtype; logits of the native head stay fp32, as with the fp32 copies) but fp32 accumulation in
+        another order, so bf16 logits differ from the reference's by a few ulps (the engine skips this
+        with `model.exact: true`). No-op on GPUs and for
+        fp32 weights; where the native kernels are unavailable (no AVX2 or no compiler: one logged warning)
+        only the attention changes.
+        """
+        if self.device.type != "cpu" or self.dtype not in (torch.bfloat16, torch.float16):
+            return
+        for layer in self.layers:
+            layer.self_attn.attend = attention_fp32
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.use_native_kernel()
+        if cpu.available():
+            for layer in self.layers:
+                if layer.block_sparse_moe.backend == "auto":
+                    layer.block_sparse_moe.backend = "cpu"
 
     @property
     def device(self) -> torch.device:
