@@ -11,8 +11,9 @@ be any float dtype and any row stride. Every product accumulates in fp32 and is 
 order: most outputs equal, some one 16-bit ulp apart (tests/kernels/test_cpu_linear.py).
 
 Why: on CPUs without native bf16 GEMMs (AVX2 without AVX512-BF16/AMX) torch runs a bf16 GEMM of M rows at
-about M GEMVs; this kernel reads each weight once for all M rows (3.3x torch's bf16 at M = 4, 5x at 16 on
-one core of the 2-core AVX2 EPYC, bench/cpu_linear.py).
+about M GEMVs; this kernel reads each weight once for all M rows (mini's [7168, 1024] w13 on one core of
+the 2-core AVX2 EPYC: 1.7x torch's bf16 at M = 1, 4.1x at M = 4, 5.0x at M = 16; bench/cpu_linear.py,
+docs/benchmarks.md).
 
 The C++ source ships as package data and is compiled once per machine with `torch.utils.cpp_extension`
 into its cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions; about 45 s with g++ 12). Callers
