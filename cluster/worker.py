@@ -61,7 +61,9 @@ class ExpertWorker:
         # replicated weights from the checkpoint, then only this rank's experts (never the whole model)
         model = load_model(self.model_dir, m.dtype, m.device, m.moe_backend, experts=False)
         place_experts(model, self.placement, self.rank, self.model_dir, dist.group.WORLD)
-        model.keep_fp32_copies()  # as LocalExecutor: the same arithmetic for large 16-bit batches on CPU
+        if not m.exact:  # as LocalExecutor: the same arithmetic as the local engine, on CPU and 16-bit weights
+            model.keep_fp32_copies()  # large batches
+            model.use_fast_cpu_paths()  # small batches and expert groups (native kernels)
         kv = allocate_kv_cache(
             model.config, num_kv_blocks, self.cfg.cache.block_size, model.dtype, model.device
         )

@@ -125,7 +125,7 @@ class ExpertStore:
         if self.tier.reads_storage:
             st.stall_s += time.perf_counter() - t0
             st.bytes_moved += len(experts) * self._expert_bytes(self.layers[layer])
-        host_backend = backend if backend in ("torch", "reference") else "auto"  # a CPU backend
+        host_backend = backend if backend in ("torch", "reference", "cpu") else "auto"  # a CPU backend
         routing_cpu = RoutingResult(routing.weights.cpu(), routing.ids.cpu())
         y = fused_moe_fp32(x.cpu(), w13, w2, routing_cpu, slot_map=slot_map, backend=host_backend)  # [T, D]
         acc += y.to(acc.device)
