@@ -3,7 +3,9 @@
     .venv/bin/python bench/kernels.py                                  # CUDA if present, else CPU
     .venv/bin/python bench/kernels.py --shapes mini --m 1,16,128 --repeats 3 --out table.md
 
-Ours is `fused_moe(backend="auto")`: the Triton kernels on CUDA, the torch backend on CPU. Routing is fixed
+Ours is what the engine runs: on CUDA `fused_moe(backend="auto")`, the Triton kernels; on CPU the `cpu`
+backend (native kernels for small expert groups, `kernels/cpu`) when it built here, else the torch backend,
+with the torch backend also timed beside it. Routing is fixed
 before timing (random router logits, top-2) and every method gets the same inputs. Per row it prints time,
 TFLOP/s (6 * M * k * H * I flops), GB/s and % of the HBM roofline, where the bytes are the active experts'
 weights plus the hidden states in and out, and the roofline is those bytes at the device's peak bandwidth.
@@ -198,6 +200,11 @@ def bench_one(shape_name: str, dtype_name: str, M: int, device: torch.device, ti
             print(f"  grouped_mm: skipped ({str(err).splitlines()[0][:80]})")
         times = time_cuda(with_graphs(fns, ("ours", "grouped_mm")), timing.repeats)
     else:
+        from moe_runtime.kernels import cpu
+
+        if cpu.available():  # the engine's CPU path for 16-bit weights (model.exact: false)
+            fns["ours"] = lambda: fused_moe(hidden, w13, w2, routing, backend="cpu")
+            fns["torch"] = lambda: fused_moe(hidden, w13, w2, routing, backend="torch")
         fns["reference"] = lambda: fused_moe_reference(hidden, w13, w2, routing)
         times = time_cpu(fns, timing.repeats, timing.clock)
     active = int(torch.unique(routing.ids).numel())
