@@ -28,6 +28,11 @@ class RoutingResult:
     def top_k(self) -> int:
         return self.ids.shape[1]
 
+    def slots(self, slot_map: torch.Tensor | None) -> torch.Tensor:
+        """[T, k] int: the resident slot of each (token, k) pair through slot_map [E] (-1 = not resident
+        here), or the expert ids themselves when slot_map is None."""
+        return self.ids if slot_map is None else slot_map.to(self.ids.device)[self.ids.long()]
+
 
 def route_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool = True) -> RoutingResult:
     """Softmax over experts (fp32), top-k, then renormalize the k weights to sum to 1, as Mixtral does.

@@ -109,7 +109,7 @@ def run_experts_fp32(
     """
     T, H = hidden.shape
     S, k = w13.shape[0], routing.top_k
-    slots = routing.ids if slot_map is None else slot_map.to(routing.ids.device)[routing.ids.long()]  # [T, k]
+    slots = routing.slots(slot_map)  # [T, k]
     flat = slots.reshape(-1).long()  # [T*k]
     order = torch.argsort(flat, stable=True)  # [T*k], dropped pairs (-1) first
     counts = torch.bincount(flat + 1, minlength=S + 1).tolist()  # [S+1], counts[0] = dropped

@@ -57,10 +57,7 @@ def fused_moe_cpu_fp32(
     call (`cpu.moe_fp32`, the same arithmetic without the Python per-expert loop).
     """
     if _is_16bit(w13) and hidden.shape[0] * routing.top_k <= NATIVE_MAX_ROWS and cpu.available():
-        slots = (
-            routing.ids if slot_map is None else slot_map.to(routing.ids.device)[routing.ids.long()]
-        )  # [T, k]
-        return cpu.moe_fp32(hidden, w13, w2, slots, routing.weights)
+        return cpu.moe_fp32(hidden, w13, w2, routing.slots(slot_map), routing.weights)
     return run_experts_fp32(hidden, w13, w2, routing, slot_map, _native_expert_mlp)
 
 

@@ -63,7 +63,7 @@ def _fused_moe(hidden, w13, w2, routing, slot_map, config, out_dtype: torch.dtyp
             num_experts=S, intermediate=two_i // 2, dtype=hidden.dtype, device_name=device_name(hidden.device)
         )
         config = tile_config_for(T, k, shape)
-    slots = routing.ids if slot_map is None else slot_map.to(routing.ids.device)[routing.ids.long()]  # [T, k]
+    slots = routing.slots(slot_map)  # [T, k]
     aligned = align(slots, S, config.block_m)
     inter = grouped_gemm1(hidden, w13, aligned, config)  # [T*k, I]
     rows = grouped_gemm2(inter, w2, aligned, routing.weights, config, zero_dropped=False)  # [T, k, H] fp32
