@@ -45,11 +45,12 @@ def test_data_files_are_in_the_wheel(wheel):
     assert expected and not expected - names, sorted(expected - names)
 
 
-def test_native_kernel_source_is_in_the_wheel(wheel):
-    """kernels/cpu compiles its C++ source at first use, so the wheel must carry it."""
+def test_native_kernel_sources_are_in_the_wheel(wheel):
+    """kernels/cpu compiles its C++ sources and headers at first use, so the wheel must carry them."""
     names = set(wheel.namelist())
-    expected = {f"moe_runtime/kernels/cpu/{p.name}" for p in (ROOT / "kernels" / "cpu").glob("*.cpp")}
-    assert expected and not expected - names, sorted(expected - names)
+    folder = ROOT / "kernels" / "cpu"
+    expected = {f"moe_runtime/kernels/cpu/{p.name}" for p in [*folder.glob("*.cpp"), *folder.glob("*.h")]}
+    assert any(n.endswith(".h") for n in expected) and not expected - names, sorted(expected - names)
 
 
 def test_no_generic_top_level_names(wheel):

@@ -1,9 +1,14 @@
-"""Native CPU kernels: 16-bit linear layers for a few rows (`small_m_linear.cpp`), built at first use.
+"""Native CPU kernels for 16-bit weights and a few rows (decode), built at first use.
 
-    linear(x[M, K], w[N, K]) -> [M, N] in x's dtype      (rounded once from fp32)
+    linear(x[M, K], w[N, K]) -> [M, N] in x's dtype      (rounded once from fp32)      small_m_linear.cpp
     linear_fp32(x[M, K], w[N, K]) -> [M, N] float32
     expert_mlp(rows[n, H], w13[2I, H], w2[H, I]) -> [n, H] in rows' dtype   (one expert's SwiGLU MLP)
     moe_fp32(hidden[T, H], w13[S, 2I, H], w2[S, H, I], slots[T, k], weights[T, k]) -> [T, H] float32
+    moe_decode(hidden[T, H], gate[E, H], w13, w2, top_k, counts[E]) -> [T, H]        moe_decode.cpp
+    attention_decode(x[T, D], w_qkv, w_o, cos, sin, k_cache, v_cache, ...) -> [T, D]  attention_decode.cpp
+    rms_norm(x[T, D], w[D], eps, residual=None) -> [T, D]                              rms_norm.cpp
+
+All share the GEMM core in gemv.h (and numerics.h for rounding and SiLU).
 
 w is bfloat16 or float16 with unit stride along K (expert slices w13[s] of stacked tensors qualify); x may
 be any float dtype and any row stride. Every product accumulates in fp32 and is rounded where torch rounds
@@ -15,7 +20,7 @@ about M GEMVs; this kernel reads each weight once for all M rows (mini's [7168, 
 the 2-core AVX2 EPYC: 1.7x torch's bf16 at M = 1, 4.1x at M = 4, 5.0x at M = 16; bench/cpu_linear.py,
 docs/benchmarks.md).
 
-The C++ source ships as package data and is compiled once per machine with `torch.utils.cpp_extension`
+The C++ sources ship as package data and are compiled once per machine with `torch.utils.cpp_extension`
 into its cache (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions; about 45 s with g++ 12). Callers
 check `available()` first: it is False, with one logged warning, when the CPU lacks AVX2/FMA/F16C or the
 build fails (no compiler, no ninja), and callers keep torch's kernels then.
@@ -29,11 +34,27 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "linear", "linear_fp32", "expert_mlp", "moe_fp32", "extension"]
+__all__ = [
+    "available",
+    "linear",
+    "linear_fp32",
+    "expert_mlp",
+    "moe_fp32",
+    "moe_decode",
+    "attention_decode",
+    "rms_norm",
+    "extension",
+]
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("small_m_linear.cpp")
+HERE = Path(__file__).parent
+SOURCES = [
+    "small_m_linear.cpp",
+    "moe_decode.cpp",
+    "attention_decode.cpp",
+    "rms_norm.cpp",
+]  # + gemv.h, numerics.h
 _NAME = "moe_runtime_cpu_small_m"
 _FLAGS = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP in torch's CPU build; AVX2 is per function
 
@@ -47,8 +68,14 @@ def extension():
     try:
         from torch.utils.cpp_extension import load
 
-        log.info("building the native CPU kernels (%s), once per machine", SOURCE.name)
-        return load(name=_NAME, sources=[str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"])
+        log.info("building the native CPU kernels (%s), once per machine", ", ".join(SOURCES))
+        return load(
+            name=_NAME,
+            sources=[str(HERE / s) for s in SOURCES],
+            extra_cflags=_FLAGS,
+            extra_include_paths=[str(HERE)],
+            extra_ldflags=["-fopenmp"],
+        )
     except Exception as e:  # no compiler, no ninja, a read-only cache...: keep torch's kernels
         log.warning(
             "native CPU kernels unavailable, using torch's kernels (build failed: %s: %s)",
@@ -101,3 +128,63 @@ def moe_fp32(
     weights [[0.7, 0.3]]): 0.7 * expert_3(hidden[0]); the dropped pair adds nothing.
     """
     return extension().moe_fp32(hidden, w13, w2, slots, weights)
+
+
+def moe_decode(
+    hidden: torch.Tensor,
+    gate: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    top_k: int,
+    counts: torch.Tensor,
+) -> torch.Tensor:
+    """A whole sparse MoE block for a few tokens in one native call: route, then `moe_fp32`, rounded once.
+
+    hidden [T, H] (16-bit, or fp32 values); gate [E, H] the router's weight; w13 [E, 2I, H], w2 [E, H, I]
+    (16-bit, contiguous, every expert resident); counts [E] int64, incremented in place by the tokens
+    routed to each expert. Routing as `reference.route_reference` (router logits rounded to hidden's dtype,
+    fp32 softmax, top-k with ties to the lower id, renormalized). Returns [T, H] in hidden's dtype.
+    """
+    return extension().moe_decode(hidden, gate, w13, w2, top_k, counts)
+
+
+def attention_decode(
+    x: torch.Tensor,
+    w_qkv: torch.Tensor,
+    w_o: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """The attention block of T one-token queries (each its own sequence) in one native call.
+
+    x [T, D] (normalized hidden states, 16-bit); w_qkv [(H + 2 KVH) Dh, D] (q, k, v weights stacked);
+    w_o [D, H Dh]; cos, sin [T, Dh] (RoPE, x's dtype); k_cache, v_cache [num_blocks, block_size, KVH, Dh]
+    (written at slot_mapping [T]); block_tables [T, W] and context_lens [T] (cached + this token) as in
+    `model.attention.AttentionMetadata`. Returns o_proj(attention) [T, D] in x's dtype; the same rounding
+    points as `Attention` with `attention_fp32`, another summation order.
+    """
+    window = -1 if sliding_window is None else sliding_window
+    return extension().attention_decode(
+        x, w_qkv, w_o, cos, sin, k_cache, v_cache, slot_mapping, block_tables, context_lens,
+        n_heads, n_kv_heads, window,
+    )  # fmt: skip
+
+
+def rms_norm(
+    x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`model.mixtral.RMSNorm` of x [T, D] with weight w [D] (one dtype, contiguous) -> [T, D].
+
+    With `residual` [T, D]: first residual += x in place (rounded to the dtype, as `h = h + x`), then the
+    new residual is normalized. Example: h = embed(ids); x = rms_norm(h, w1, eps); ...;
+    x = rms_norm(attn_out, w2, eps, residual=h) leaves h = h + attn_out and returns its norm.
+    """
+    return extension().rms_norm(x, w, eps, residual)

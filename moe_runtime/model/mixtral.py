@@ -19,6 +19,7 @@ from torch import nn
 from moe_runtime.config import ModelConfig
 from moe_runtime.kernels import RoutingResult, cpu, fused_moe, route
 from moe_runtime.model.attention import AttentionMetadata, KVCache, attention, attention_fp32
+from moe_runtime.model.cpu_decode import CpuDecode
 
 # T tokens, E experts, A activated experts (top-k), D hidden, I intermediate, V vocab,
 # H query heads, KVH key/value heads, Dh head dim
@@ -194,6 +195,7 @@ class MixtralForCausalLM(nn.Module):
             persistent=False,
         )
         self.expert_store = None  # an offload.ExpertStore when loaded with offloading enabled
+        self.cpu_decode: CpuDecode | None = None  # native decode steps (`use_fast_cpu_paths`)
         self.requires_grad_(False)
 
     @torch.inference_mode()
@@ -205,6 +207,8 @@ class MixtralForCausalLM(nn.Module):
         kv_caches: list[KVCache] | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: [T] int64. kv_caches: one (k, v) pool per layer, or None. Returns [T, D]."""
+        if self.cpu_decode is not None and self.cpu_decode.applies(input_ids.shape[0], meta, kv_caches):
+            return self.cpu_decode(input_ids, positions, meta, kv_caches)  # the same layers in native calls
         h = self.embed_tokens(input_ids)  # [T, D]
         cos, sin = self.rotary(positions, h.dtype)  # [T, Dh] each
         for i, layer in enumerate(self.layers):
@@ -240,7 +244,8 @@ class MixtralForCausalLM(nn.Module):
         """Run 16-bit weights on CPU where torch's bf16 arithmetic is slow (no native bf16 GEMMs):
         linear layers of up to NATIVE_MAX_ROWS rows on the native kernels (kernels/cpu), the `auto` MoE
         backend becomes `cpu` (native kernels for small expert groups), decode attention in fp32 matmuls
-        (`attention_fp32`).
+        (`attention_fp32`), and decode steps of up to 32 sequences run each layer in four native calls
+        (`cpu_decode.CpuDecode`).
 
         Not torch's arithmetic: the same rounding points (each GEMM's result rounded to the activation
         dtype; logits of the native head stay fp32, as with the fp32 copies) but fp32 accumulation in
@@ -260,6 +265,7 @@ class MixtralForCausalLM(nn.Module):
             for layer in self.layers:
                 if layer.block_sparse_moe.backend == "auto":
                     layer.block_sparse_moe.backend = "cpu"
+            self.cpu_decode = CpuDecode(self)
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,188 @@
+// A decode step's attention block in one native call: q/k/v projection (one fused weight), RoPE, the KV
+// cache write, attention of each one-token query over its paged context, and the output projection.
+//
+// Why: in torch ops this block is ~45 small ops per layer at batch 1 (conversions, RoPE's chunk / cat /
+// mul / add, two index_copy_ into the cache, a gather of the pages, two matmuls, a softmax): ~0.35 ms of
+// dispatch around 0.4 ms of GEMVs on one core of the 2-core AVX2 EPYC.
+//
+// Rounding follows the model (model/mixtral.py `Attention` with `attention_fp32`): q, k, v rounded to the
+// activation dtype after the GEMM; RoPE as x * cos + rotate_half(x) * sin with each product and the sum
+// rounded; scores, softmax and the weighted sum of values in fp32 (scale applied after the dot product),
+// rounded once; the output projection rounded. Only summation orders differ.
+//
+// Layout: the KV cache of the layer is k_cache, v_cache [num_blocks, block_size, KVH, Dh]; token j of
+// sequence t lives in row block_tables[t, j / block_size] * block_size + j % block_size.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+#include <vector>
+
+#include "gemv.h"
+#include "numerics.h"
+
+namespace moe_cpu {
+namespace {
+
+template <typename Act>
+AVX2_FN float dot_avx2(const float* q, const Act* k, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), acc);
+  return hsum(acc);
+}
+
+template <typename Act>
+AVX2_FN void axpy_avx2(float a, const Act* v, float* o, int64_t n) {
+  const __m256 av = _mm256_set1_ps(a);
+  for (int64_t i = 0; i < n; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(av, load8(v + i), _mm256_loadu_ps(o + i)));
+}
+
+template <typename Act>
+float dot(const float* q, const Act* k, int64_t n, bool simd) {
+  if (simd && n % 8 == 0) return dot_avx2(q, k, n);
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += q[i] * static_cast<float>(k[i]);
+  return s;
+}
+
+template <typename Act>
+void axpy(float a, const Act* v, float* o, int64_t n, bool simd) {
+  if (simd && n % 8 == 0) return axpy_avx2(a, v, o, n);
+  for (int64_t i = 0; i < n; ++i) o[i] += a * static_cast<float>(v[i]);
+}
+
+// x[0:Dh] of one head rotated in place: x * cos + cat(-x2, x1) * sin, each product and sum rounded.
+template <typename Act>
+void rope(float* x, const Act* cos, const Act* sin, int64_t Dh) {
+  const int64_t half = Dh / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = x[i], x2 = x[i + half];
+    const float c1 = cos[i], c2 = cos[i + half], s1 = sin[i], s2 = sin[i + half];
+    x[i] = round_to<Act>(round_to<Act>(x1 * c1) + round_to<Act>(-x2 * s1));
+    x[i + half] = round_to<Act>(round_to<Act>(x2 * c2) + round_to<Act>(x1 * s2));
+  }
+}
+
+struct Dims {
+  int64_t T, D, H, KVH, Dh, block_size, table_width, sliding_window;
+};
+
+// out[t, h*Dh:(h+1)*Dh] for every (t, h): attention of query head h of token t over its context.
+template <typename Act>
+void attend(const float* qkv, int64_t ldqkv, const Act* kc, const Act* vc, const int64_t* tables,
+            const int64_t* ctx_lens, const Dims& d, float* out, bool simd) {
+  const int64_t group = d.H / d.KVH;
+  const float scale = 1.f / std::sqrt(static_cast<float>(d.Dh));
+  const int64_t longest = *std::max_element(ctx_lens, ctx_lens + d.T);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, longest * d.Dh));
+  at::parallel_for(0, d.T * d.H, grain, [&](int64_t p0, int64_t p1) {
+    std::vector<float> scores(longest);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t t = p / d.H, h = p % d.H, g = h / group;
+      const float* q = qkv + t * ldqkv + h * d.Dh;
+      const int64_t ctx = ctx_lens[t];
+      const int64_t lo = d.sliding_window > 0 ? std::max<int64_t>(0, ctx - d.sliding_window) : 0;
+      auto row = [&](int64_t j) {  // element offset of key / value j of token t, head g
+        const int64_t slot = tables[t * d.table_width + j / d.block_size] * d.block_size + j % d.block_size;
+        return (slot * d.KVH + g) * d.Dh;
+      };
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t j = lo; j < ctx; ++j) mx = std::max(mx, scores[j] = dot(q, kc + row(j), d.Dh, simd) * scale);
+      float sum = 0.f;
+      for (int64_t j = lo; j < ctx; ++j) sum += (scores[j] = std::exp(scores[j] - mx));
+      float* o = out + t * d.H * d.Dh + h * d.Dh;
+      std::fill_n(o, d.Dh, 0.f);
+      for (int64_t j = lo; j < ctx; ++j) axpy(scores[j] / sum, vc + row(j), o, d.Dh, simd);
+      for (int64_t i = 0; i < d.Dh; ++i) o[i] = round_to<Act>(o[i]);
+    }
+  });
+}
+
+template <typename Act>
+void run(const at::Tensor& x, const at::Tensor& w_qkv, const at::Tensor& w_o, const at::Tensor& cos,
+         const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache, const int64_t* slots,
+         const int64_t* tables, const int64_t* ctx_lens, const Dims& d, float* out) {
+  const bool simd = cpu_has_avx2();
+  const int64_t nq = d.H * d.Dh, nkv = d.KVH * d.Dh, ld = nq + 2 * nkv;
+  std::vector<float> qkv(d.T * ld), attn(d.T * nq);
+  gemm(x.data_ptr<float>(), d.D, w_qkv.data_ptr<Act>(), d.D, qkv.data(), ld, d.T, ld, d.D, simd);
+  for (float& v : qkv) v = round_to<Act>(v);
+  Act* kc = k_cache.data_ptr<Act>();
+  Act* vc = v_cache.data_ptr<Act>();
+  for (int64_t t = 0; t < d.T; ++t) {
+    float* row = qkv.data() + t * ld;
+    const Act* c = cos.data_ptr<Act>() + t * d.Dh;
+    const Act* s = sin.data_ptr<Act>() + t * d.Dh;
+    for (int64_t h = 0; h < d.H + d.KVH; ++h) rope(row + h * d.Dh, c, s, d.Dh);  // q heads, then k heads
+    for (int64_t i = 0; i < nkv; ++i) {  // the values are already rounded: exact
+      kc[slots[t] * nkv + i] = Act(row[nq + i]);
+      vc[slots[t] * nkv + i] = Act(row[nq + nkv + i]);
+    }
+  }
+  attend(qkv.data(), ld, kc, vc, tables, ctx_lens, d, attn.data(), simd);
+  gemm(attn.data(), nq, w_o.data_ptr<Act>(), nq, out, d.D, d.T, d.D, nq, simd);
+  for (int64_t i = 0; i < d.T * d.D; ++i) out[i] = round_to<Act>(out[i]);
+}
+
+}  // namespace
+
+// See kernels/cpu/__init__.py `attention_decode`.
+at::Tensor attention_decode(const at::Tensor& x_in, const at::Tensor& w_qkv, const at::Tensor& w_o,
+                            const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
+                            const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                            const at::Tensor& context_lens, int64_t n_heads, int64_t n_kv_heads,
+                            int64_t sliding_window) {
+  const at::ScalarType dt = x_in.scalar_type();
+  TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "attention_decode: x must be bfloat16 or float16, got ", dt);
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&w_qkv, &w_o, &cos, &sin, &k_cache, &v_cache})
+    TORCH_CHECK(t->scalar_type() == dt && t->is_contiguous(),
+                "attention_decode: weights, cos/sin and caches must be contiguous ", dt, ", got ", t->scalar_type());
+  TORCH_CHECK(x_in.dim() == 2 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "attention_decode: x [T, D] and caches [num_blocks, block_size, KVH, Dh] expected, got ",
+              x_in.sizes(), ", ", k_cache.sizes(), ", ", v_cache.sizes());
+  Dims d{x_in.size(0), x_in.size(1), n_heads, n_kv_heads, k_cache.size(3), k_cache.size(1), block_tables.size(1),
+         sliding_window};
+  TORCH_CHECK(d.KVH == k_cache.size(2) && d.KVH > 0 && d.H % d.KVH == 0 && d.Dh % 2 == 0,
+              "attention_decode: ", d.H, " query heads over ", d.KVH, " KV heads of even size expected, cache ",
+              k_cache.sizes());
+  TORCH_CHECK(w_qkv.dim() == 2 && w_qkv.size(0) == (d.H + 2 * d.KVH) * d.Dh && w_qkv.size(1) == d.D,
+              "attention_decode: w_qkv must be [(H + 2 KVH) Dh, D] = [", (d.H + 2 * d.KVH) * d.Dh, ", ", d.D,
+              "], got ", w_qkv.sizes());
+  TORCH_CHECK(w_o.dim() == 2 && w_o.size(0) == d.D && w_o.size(1) == d.H * d.Dh, "attention_decode: w_o must be [",
+              d.D, ", ", d.H * d.Dh, "], got ", w_o.sizes());
+  TORCH_CHECK(cos.sizes() == sin.sizes() && cos.dim() == 2 && cos.size(0) == d.T && cos.size(1) == d.Dh,
+              "attention_decode: cos and sin must be [T, Dh] = [", d.T, ", ", d.Dh, "], got ", cos.sizes());
+  const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
+  const at::Tensor tables = block_tables.to(at::kLong).contiguous();
+  const at::Tensor ctx = context_lens.to(at::kLong).contiguous();
+  TORCH_CHECK(slots.numel() == d.T && ctx.numel() == d.T && tables.dim() == 2 && tables.size(0) == d.T,
+              "attention_decode: one slot, one block table row and one context length per token expected, got ",
+              slots.sizes(), ", ", tables.sizes(), ", ", ctx.sizes(), " for T = ", d.T);
+  const int64_t num_blocks = k_cache.size(0);
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* cp = ctx.data_ptr<int64_t>();
+  for (int64_t t = 0; t < d.T; ++t) {
+    TORCH_CHECK(cp[t] >= 1 && cp[t] <= d.table_width * d.block_size, "attention_decode: context length ", cp[t],
+                " of token ", t, " outside [1, ", d.table_width * d.block_size, "]");
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < num_blocks * d.block_size, "attention_decode: slot ", sp[t], " of token ", t,
+                " outside the cache's ", num_blocks * d.block_size, " slots");
+    for (int64_t b = 0; b < (cp[t] + d.block_size - 1) / d.block_size; ++b)
+      TORCH_CHECK(tp[t * d.table_width + b] >= 0 && tp[t * d.table_width + b] < num_blocks, "attention_decode: block ",
+                  tp[t * d.table_width + b], " of token ", t, " outside [0, ", num_blocks, ")");
+  }
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({d.T, d.D}, x.options());
+  if (dt == at::kBFloat16)
+    run<c10::BFloat16>(x, w_qkv, w_o, cos, sin, k_cache, v_cache, sp, tp, cp, d, out.data_ptr<float>());
+  else
+    run<c10::Half>(x, w_qkv, w_o, cos, sin, k_cache, v_cache, sp, tp, cp, d, out.data_ptr<float>());
+  return out.to(dt);
+}
+
+}  // namespace moe_cpu

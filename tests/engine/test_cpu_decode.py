@@ -1,0 +1,126 @@
+"""The native decode path (`model.cpu_decode.CpuDecode`): the same decode step as the model's torch ops.
+
+Against the same model with the fast paths on but the native decode path off (`attention_fp32`, native
+linears, the `cpu` MoE backend), from the same KV cache: final hidden states within atol 5e-2 (values of
+order 1 after the final norm; summation order only), the written KV rows within atol 2e-2, router counts
+equal. Engine-level greedy tokens through this path are checked in test_native_kernels.py and
+test_generate_parity.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_runtime.engine.kv_cache import allocate_kv_cache
+from moe_runtime.kernels import cpu
+from moe_runtime.model.attention import AttentionMetadata
+from moe_runtime.model.cpu_decode import MAX_TOKENS, CpuDecode
+from moe_runtime.model.loader import load_model
+
+HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+pytestmark = pytest.mark.skipif(not HAS_AVX2, reason="the native CPU kernels run only on AVX2 CPUs")
+
+BLOCK = 4
+PROMPTS = ([1, 300, 301, 302, 9, 10], [1, 17], [1, *range(40, 51)])
+
+
+def _prefilled(tiny_model_dir, dtype="bfloat16"):
+    """A fast model, and KV caches holding PROMPTS (blocks of 4 tokens, sequence b owns blocks 8b...)."""
+    model = load_model(tiny_model_dir, dtype=dtype, device="cpu")
+    model.use_fast_cpu_paths()
+    kv = allocate_kv_cache(model.config, 32, BLOCK, model.dtype, model.device)
+    tables = torch.tensor([[8 * b + j for j in range(8)] for b in range(len(PROMPTS))])  # [B, 8]
+    for b, p in enumerate(PROMPTS):
+        slots = torch.tensor([tables[b, i // BLOCK] * BLOCK + i % BLOCK for i in range(len(p))])
+        meta = AttentionMetadata([0, len(p)], [len(p)], slots, tables[b : b + 1])
+        model(torch.tensor(p), torch.arange(len(p)), meta, kv)  # prefill: the torch path
+    return model, kv, tables
+
+
+def _decode_inputs(tables, rows):
+    """One new token for each sequence in `rows`, at the position after its prompt."""
+    ctx = [len(PROMPTS[b]) + 1 for b in rows]
+    slots = torch.tensor(
+        [tables[b, (c - 1) // BLOCK] * BLOCK + (c - 1) % BLOCK for b, c in zip(rows, ctx, strict=True)]
+    )
+    meta = AttentionMetadata(list(range(len(rows) + 1)), ctx, slots, tables[rows])
+    return torch.tensor([500 + b for b in rows]), torch.tensor(ctx) - 1, meta
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_native_step_matches_the_torch_ops(tiny_model_dir, dtype, monkeypatch):
+    model, kv, tables = _prefilled(tiny_model_dir, dtype)
+    calls = []
+    for op in ("rms_norm", "attention_decode", "moe_decode"):
+        real = getattr(cpu, op)
+        monkeypatch.setattr(
+            cpu, op, lambda *a, _real=real, _op=op, **kw: calls.append(_op) or _real(*a, **kw)
+        )
+    assert isinstance(model.cpu_decode, CpuDecode)
+    ids, positions, meta = _decode_inputs(tables, [0, 1, 2])
+    kv_ref = [(k.clone(), v.clone()) for k, v in kv]
+    model.take_router_counts()
+
+    got = model(ids, positions, meta, kv)  # native
+    got_counts = model.take_router_counts()
+    native, model.cpu_decode = model.cpu_decode, None
+    want = model(ids, positions, meta, kv_ref)  # the fast paths' torch ops
+    model.cpu_decode = native
+    L = model.config.num_hidden_layers
+    assert sorted(calls) == sorted(["rms_norm"] * (2 * L + 1) + ["attention_decode", "moe_decode"] * L)
+    torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=0)
+    assert torch.equal(got_counts, model.take_router_counts())
+    assert got_counts.sum() == 3 * model.config.num_experts_per_tok * model.config.num_hidden_layers
+    for (k, v), (k_ref, v_ref) in zip(kv, kv_ref, strict=True):
+        torch.testing.assert_close(k.float(), k_ref.float(), atol=2e-2, rtol=0)
+        torch.testing.assert_close(v.float(), v_ref.float(), atol=2e-2, rtol=0)
+
+
+def test_applies_to_decode_steps_only(tiny_model_dir):
+    model, kv, tables = _prefilled(tiny_model_dir)
+    ids, positions, meta = _decode_inputs(tables, [0, 2])
+    assert CpuDecode.applies(2, meta, kv)
+    assert not CpuDecode.applies(2, meta, None)  # no cache: whole prompts
+    mixed = AttentionMetadata([0, 1, 3], [7, 13], torch.tensor([6, 75, 76]), tables[[0, 2]])
+    assert not CpuDecode.applies(3, mixed, kv)  # a prompt chunk in the step
+    many = AttentionMetadata(
+        list(range(MAX_TOKENS + 2)), [2] * (MAX_TOKENS + 1), None, tables[[0] * (MAX_TOKENS + 1)]
+    )
+    assert not CpuDecode.applies(MAX_TOKENS + 1, many, kv)
+
+
+def test_qkv_weights_are_views_of_one_tensor_and_follow_a_reload(tiny_model_dir):
+    model, kv, tables = _prefilled(tiny_model_dir)
+    ids, positions, meta = _decode_inputs(tables, [0, 1])
+    model(ids, positions, meta, [(k.clone(), v.clone()) for k, v in kv])
+    attn = model.layers[0].self_attn
+    fused = model.cpu_decode.w_qkv(0)
+    assert attn.q_proj.weight.data_ptr() == fused.data_ptr()  # no second copy of the weights
+    assert (
+        attn.v_proj.weight.data_ptr() + attn.v_proj.weight.numel() * 2 == fused.data_ptr() + fused.numel() * 2
+    )
+
+    attn.v_proj.weight = torch.nn.Parameter(
+        torch.zeros_like(attn.v_proj.weight), requires_grad=False
+    )  # a reload
+    native = model(ids, positions, meta, [(k.clone(), v.clone()) for k, v in kv])
+    model.cpu_decode, saved = None, model.cpu_decode
+    want = model(ids, positions, meta, [(k.clone(), v.clone()) for k, v in kv])
+    model.cpu_decode = saved
+    torch.testing.assert_close(native.float(), want.float(), atol=5e-2, rtol=0)
+    assert model.cpu_decode.w_qkv(0)[-attn.v_proj.weight.shape[0] :].abs().sum() == 0
+
+
+def test_other_moe_backends_keep_their_block(tiny_model_dir):
+    """A layer whose MoE backend is not `cpu` (set in the config, or offloaded experts) runs its
+    SparseMoeBlock inside the native step; the result is the same step."""
+    model, kv, tables = _prefilled(tiny_model_dir)
+    ids, positions, meta = _decode_inputs(tables, [1, 2])
+    want = model(ids, positions, meta, [(k.clone(), v.clone()) for k, v in kv])
+    model.layers[1].block_sparse_moe.backend = "torch"
+    calls = []
+    model.layers[1].block_sparse_moe.register_forward_hook(lambda *a: calls.append(1))
+    got = model(ids, positions, meta, [(k.clone(), v.clone()) for k, v in kv])
+    assert calls == [1]
+    torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=0)
