@@ -29,33 +29,6 @@
 namespace moe_cpu {
 namespace {
 
-template <typename Act>
-AVX2_FN float dot_avx2(const float* q, const Act* k, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(k + i), acc);
-  return hsum(acc);
-}
-
-template <typename Act>
-AVX2_FN void axpy_avx2(float a, const Act* v, float* o, int64_t n) {
-  const __m256 av = _mm256_set1_ps(a);
-  for (int64_t i = 0; i < n; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(av, load8(v + i), _mm256_loadu_ps(o + i)));
-}
-
-template <typename Act>
-float dot(const float* q, const Act* k, int64_t n, bool simd) {
-  if (simd && n % 8 == 0) return dot_avx2(q, k, n);
-  float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += q[i] * static_cast<float>(k[i]);
-  return s;
-}
-
-template <typename Act>
-void axpy(float a, const Act* v, float* o, int64_t n, bool simd) {
-  if (simd && n % 8 == 0) return axpy_avx2(a, v, o, n);
-  for (int64_t i = 0; i < n; ++i) o[i] += a * static_cast<float>(v[i]);
-}
-
 // x[0:Dh] of one head rotated in place: x * cos + cat(-x2, x1) * sin, each product and sum rounded.
 template <typename Act>
 void rope(float* x, const Act* cos, const Act* sin, int64_t Dh) {
@@ -72,33 +45,106 @@ struct Dims {
   int64_t T, D, H, KVH, Dh, block_size, table_width, sliding_window;
 };
 
-// out[t, h*Dh:(h+1)*Dh] for every (t, h): attention of query head h of token t over its context.
+// One task of `attend`: the `group` query heads q [group, Dh] (fp32) that share a KV head, over the n
+// keys and values at element offsets rows[j] of kc / vc. o [group, Dh] gets the fp32 result; scores is
+// scratch of group * n. Scores are q . k * scale, softmax per head, then the weighted sum of the values.
+template <typename Act>
+void attend_group_scalar(const float* q, const Act* kc, const Act* vc, const int64_t* rows, int64_t n,
+                         int64_t group, int64_t Dh, float scale, float* scores, float* o) {
+  for (int64_t r = 0; r < group; ++r) {
+    float* s = scores + r * n;
+    for (int64_t j = 0; j < n; ++j) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < Dh; ++i) acc += q[r * Dh + i] * static_cast<float>(kc[rows[j] + i]);
+      s[j] = acc * scale;
+    }
+    const float mx = *std::max_element(s, s + n);
+    float sum = 0.f;
+    for (int64_t j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - mx));
+    float* out = o + r * Dh;
+    std::fill_n(out, Dh, 0.f);
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t i = 0; i < Dh; ++i) out[i] += s[j] / sum * static_cast<float>(vc[rows[j] + i]);
+  }
+}
+
+// The same with AVX2 (Dh a multiple of 8): each key and value row is widened once for the whole group,
+// the exponentials eight at a time (`exp8`).
+template <typename Act>
+AVX2_FN void attend_group_avx2(const float* q, const Act* kc, const Act* vc, const int64_t* rows, int64_t n,
+                               int64_t group, int64_t Dh, float scale, float* scores, float* o) {
+  for (int64_t j = 0; j < n; ++j) {
+    const Act* k = kc + rows[j];
+    for (int64_t r = 0; r < group; ++r) {
+      const float* qr = q + r * Dh;
+      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+      int64_t i = 0;
+      for (; i + 16 <= Dh; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + i), load8(k + i), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + i + 8), load8(k + i + 8), acc1);
+      }
+      if (i < Dh) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + i), load8(k + i), acc0);
+      scores[r * n + j] = hsum(_mm256_add_ps(acc0, acc1)) * scale;
+    }
+  }
+  for (int64_t r = 0; r < group; ++r) {
+    float* s = scores + r * n;
+    const float mx = *std::max_element(s, s + n);
+    const __m256 m = _mm256_set1_ps(mx);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), m));
+      _mm256_storeu_ps(s + j, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    float sum = hsum(acc);
+    for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - mx));
+    const float inv = 1.f / sum;
+    for (j = 0; j < n; ++j) s[j] *= inv;
+  }
+  std::fill_n(o, group * Dh, 0.f);
+  for (int64_t j = 0; j < n; ++j) {
+    const Act* v = vc + rows[j];
+    for (int64_t r = 0; r < group; ++r) {
+      const __m256 p = _mm256_set1_ps(scores[r * n + j]);
+      float* out = o + r * Dh;
+      for (int64_t i = 0; i < Dh; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_fmadd_ps(p, load8(v + i), _mm256_loadu_ps(out + i)));
+    }
+  }
+}
+
+// out[t, h*Dh:(h+1)*Dh] for every (t, h): attention of query head h of token t over its context. One task
+// per (token, KV head): the group's query heads read each key and value row while it is in L1.
 template <typename Act>
 void attend(const float* qkv, int64_t ldqkv, const Act* kc, const Act* vc, const int64_t* tables,
             const int64_t* ctx_lens, const Dims& d, float* out, bool simd) {
   const int64_t group = d.H / d.KVH;
   const float scale = 1.f / std::sqrt(static_cast<float>(d.Dh));
   const int64_t longest = *std::max_element(ctx_lens, ctx_lens + d.T);
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, longest * d.Dh));
-  at::parallel_for(0, d.T * d.H, grain, [&](int64_t p0, int64_t p1) {
-    std::vector<float> scores(longest);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, longest * d.Dh * group));
+  simd = simd && d.Dh % 8 == 0;
+  at::parallel_for(0, d.T * d.KVH, grain, [&](int64_t p0, int64_t p1) {
+    std::vector<float> scores(group * longest);  // [group, context]
+    std::vector<int64_t> rows(longest);
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t t = p / d.H, h = p % d.H, g = h / group;
-      const float* q = qkv + t * ldqkv + h * d.Dh;
+      const int64_t t = p / d.KVH, g = p % d.KVH;
       const int64_t ctx = ctx_lens[t];
       const int64_t lo = d.sliding_window > 0 ? std::max<int64_t>(0, ctx - d.sliding_window) : 0;
-      auto row = [&](int64_t j) {  // element offset of key / value j of token t, head g
-        const int64_t slot = tables[t * d.table_width + j / d.block_size] * d.block_size + j % d.block_size;
-        return (slot * d.KVH + g) * d.Dh;
-      };
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t j = lo; j < ctx; ++j) mx = std::max(mx, scores[j] = dot(q, kc + row(j), d.Dh, simd) * scale);
-      float sum = 0.f;
-      for (int64_t j = lo; j < ctx; ++j) sum += (scores[j] = std::exp(scores[j] - mx));
-      float* o = out + t * d.H * d.Dh + h * d.Dh;
-      std::fill_n(o, d.Dh, 0.f);
-      for (int64_t j = lo; j < ctx; ++j) axpy(scores[j] / sum, vc + row(j), o, d.Dh, simd);
-      for (int64_t i = 0; i < d.Dh; ++i) o[i] = round_to<Act>(o[i]);
+      const int64_t n = ctx - lo;
+      for (int64_t j = 0; j < n; ++j) {  // element offset of key / value lo + j of token t, KV head g
+        const int64_t pos = lo + j;
+        const int64_t slot = tables[t * d.table_width + pos / d.block_size] * d.block_size + pos % d.block_size;
+        rows[j] = (slot * d.KVH + g) * d.Dh;
+      }
+      const float* q = qkv + t * ldqkv + g * group * d.Dh;  // the group's query heads, one after another
+      float* o = out + t * d.H * d.Dh + g * group * d.Dh;
+      if (simd)
+        attend_group_avx2(q, kc, vc, rows.data(), n, group, d.Dh, scale, scores.data(), o);
+      else
+        attend_group_scalar(q, kc, vc, rows.data(), n, group, d.Dh, scale, scores.data(), o);
+      for (int64_t i = 0; i < group * d.Dh; ++i) o[i] = round_to<Act>(o[i]);
     }
   });
 }

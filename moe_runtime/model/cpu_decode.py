@@ -20,9 +20,13 @@ Layers whose experts are offloaded, and MoE backends other than `cpu` chosen in 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch import nn
 
 from moe_runtime.kernels import cpu
+from moe_runtime.kernels.cpu import hugepages
 from moe_runtime.model.attention import AttentionMetadata, KVCache
 
 # T tokens (= sequences), D hidden, H query heads, KVH key/value heads, Dh head dim, L layers
@@ -31,12 +35,30 @@ from moe_runtime.model.attention import AttentionMetadata, KVCache
 MAX_TOKENS = 32
 
 
+@dataclass(frozen=True)
+class _Layer:
+    """What the native calls of one layer take, looked up once (module attribute lookups cost ~1 us each)."""
+
+    attn: nn.Module
+    moe: nn.Module  # its experts, weights and backend are read at each step (placement may change them)
+    w_qkv: torch.Tensor  # [(H + 2 KVH) Dh, D]
+    w_o: torch.Tensor  # [D, H Dh]
+    norm_attn: tuple[torch.Tensor, float]  # input_layernorm's weight [D] and eps
+    norm_moe: tuple[torch.Tensor, float]  # post_attention_layernorm's
+    router_counts: torch.Tensor  # [E] int64, this layer's row of the model's counts
+
+
 class CpuDecode:
-    """The native decode path of one `MixtralForCausalLM` (built by `use_fast_cpu_paths`)."""
+    """The native decode path of one `MixtralForCausalLM` (built by `use_fast_cpu_paths`).
+
+    It holds the layers' attention and norm weights as they were when it was built. Loading new values
+    in place (`load_state_dict`, `copy_`) is seen, since the q/k/v parameters are views of the stacked
+    weight; assigning new parameter objects needs `use_fast_cpu_paths()` again, as the fp32 copies do.
+    """
 
     def __init__(self, model):
         self.model = model
-        self._qkv: list[tuple[torch.Tensor, ...] | None] = [None] * len(model.layers)  # fused, q, k, v
+        self._layers = [self._plan(i) for i in range(len(model.layers))]
 
     @staticmethod
     def applies(num_tokens: int, meta: AttentionMetadata, kv_caches: list[KVCache] | None) -> bool:
@@ -49,26 +71,30 @@ class CpuDecode:
         )
 
     def w_qkv(self, i: int) -> torch.Tensor:
-        """Layer i's q, k and v weights stacked [(H + 2 KVH) Dh, D]; the three parameters become views of it.
+        """Layer i's q, k and v weights stacked [(H + 2 KVH) Dh, D]; the three parameters are views of it."""
+        return self._layers[i].w_qkv
 
-        Built on first use and rebuilt if a parameter was replaced since (a reload), so no weight is held
-        twice and none goes stale.
-        """
-        attn = self.model.layers[i].self_attn
-        params = attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight
-        cached = self._qkv[i]
-        if cached is not None and all(p is c for p, c in zip(params, cached[1:], strict=True)):
-            return cached[0]
-        fused = torch.cat(params)  # [(H + 2 KVH) Dh, D]
-        nq, nk = params[0].shape[0], params[1].shape[0]
-        views = []
-        for proj, part in zip(
-            (attn.q_proj, attn.k_proj, attn.v_proj), fused.split([nq, nk, nk]), strict=True
-        ):
-            proj.weight = torch.nn.Parameter(part, requires_grad=False)
-            views.append(proj.weight)
-        self._qkv[i] = (fused, *views)
-        return fused
+    def _plan(self, i: int) -> _Layer:
+        """Stack layer i's q, k, v weights into one tensor (on huge pages) and make the three parameters
+        views of it, so no weight is held twice."""
+        layer = self.model.layers[i]
+        attn = layer.self_attn
+        projs = attn.q_proj, attn.k_proj, attn.v_proj
+        rows = [p.weight.shape[0] for p in projs]
+        fused = hugepages.empty((sum(rows), attn.q_proj.weight.shape[1]), attn.q_proj.weight.dtype)
+        torch.cat([p.weight for p in projs], out=fused)  # [(H + 2 KVH) Dh, D]
+        for proj, part in zip(projs, fused.split(rows), strict=True):
+            proj.weight = nn.Parameter(part, requires_grad=False)
+        ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+        return _Layer(
+            attn=attn,
+            moe=layer.block_sparse_moe,
+            w_qkv=fused,
+            w_o=attn.o_proj.weight,
+            norm_attn=(ln1.weight, ln1.eps),
+            norm_moe=(ln2.weight, ln2.eps),
+            router_counts=self.model.router_counts[i],
+        )
 
     @torch.inference_mode()
     def __call__(
@@ -83,15 +109,14 @@ class CpuDecode:
         h = m.embed_tokens(input_ids)  # [T, D], the residual stream, updated in place by rms_norm
         cos, sin = m.rotary(positions, h.dtype)  # [T, Dh] each
         context_lens = torch.tensor(meta.context_lens, dtype=torch.long)  # [T]
-        norms = [layer.input_layernorm for layer in m.layers] + [m.norm]
-        x = cpu.rms_norm(h, norms[0].weight, norms[0].eps)  # [T, D]
-        for i, layer in enumerate(m.layers):
-            attn, moe = layer.self_attn, layer.block_sparse_moe
-            k_cache, v_cache = kv_caches[i]
+        layers = self._layers
+        x = cpu.rms_norm(h, *layers[0].norm_attn)  # [T, D]
+        for i, (p, (k_cache, v_cache)) in enumerate(zip(layers, kv_caches, strict=True)):
+            attn, moe = p.attn, p.moe
             a = cpu.attention_decode(
                 x,
-                self.w_qkv(i),
-                attn.o_proj.weight,
+                p.w_qkv,
+                p.w_o,
                 cos,
                 sin,
                 k_cache,
@@ -103,13 +128,11 @@ class CpuDecode:
                 attn.n_kv_heads,
                 attn.sliding_window,
             )  # [T, D]
-            post = layer.post_attention_layernorm
-            x = cpu.rms_norm(a, post.weight, post.eps, residual=h)  # h += a; [T, D]
+            x = cpu.rms_norm(a, *p.norm_moe, residual=h)  # h += a; [T, D]
             if moe.experts is None and moe.backend == "cpu":
-                y = cpu.moe_decode(
-                    x, moe.gate.weight, moe.w13, moe.w2, moe.top_k, m.router_counts[i]
-                )  # [T, D]
+                y = cpu.moe_decode(x, moe.gate.weight, moe.w13, moe.w2, moe.top_k, p.router_counts)  # [T, D]
             else:
-                y = moe(x, m.router_counts[i])  # [T, D]
-            x = cpu.rms_norm(y, norms[i + 1].weight, norms[i + 1].eps, residual=h)  # h += y; [T, D]
+                y = moe(x, p.router_counts)  # [T, D]
+            w, eps = layers[i + 1].norm_attn if i + 1 < len(layers) else (m.norm.weight, m.norm.eps)
+            x = cpu.rms_norm(y, w, eps, residual=h)  # h += y; [T, D]
         return x

@@ -18,6 +18,7 @@ from torch import nn
 
 from moe_runtime.config import ModelConfig
 from moe_runtime.kernels import RoutingResult, cpu, fused_moe, route
+from moe_runtime.kernels.cpu import hugepages
 from moe_runtime.model.attention import AttentionMetadata, KVCache, attention, attention_fp32
 from moe_runtime.model.cpu_decode import CpuDecode
 
@@ -245,7 +246,8 @@ class MixtralForCausalLM(nn.Module):
         linear layers of up to NATIVE_MAX_ROWS rows on the native kernels (kernels/cpu), the `auto` MoE
         backend becomes `cpu` (native kernels for small expert groups), decode attention in fp32 matmuls
         (`attention_fp32`), and decode steps of up to 32 sequences run each layer in four native calls
-        (`cpu_decode.CpuDecode`).
+        (`cpu_decode.CpuDecode`). Weights of 4 MiB or more move to huge pages where Linux gives them
+        (`kernels.cpu.hugepages`; values unchanged).
 
         Not torch's arithmetic: the same rounding points (each GEMM's result rounded to the activation
         dtype; logits of the native head stay fp32, as with the fp32 copies) but fp32 accumulation in
@@ -256,6 +258,9 @@ class MixtralForCausalLM(nn.Module):
         """
         if self.device.type != "cpu" or self.dtype not in (torch.bfloat16, torch.float16):
             return
+        for p in self.parameters():  # streamed once per decode step: fewer TLB misses on 2 MiB pages
+            if p.numel() * p.element_size() >= hugepages.MIN_BYTES:
+                p.data = hugepages.copy(p.data)
         for layer in self.layers:
             layer.self_attn.attend = attention_fp32
         for module in self.modules():
