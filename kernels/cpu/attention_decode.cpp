@@ -152,8 +152,7 @@ void attend(const float* qkv, int64_t ldqkv, const Act* kc, const Act* vc, const
 template <typename Act>
 void run(const at::Tensor& x, const at::Tensor& w_qkv, const at::Tensor& w_o, const at::Tensor& cos,
          const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache, const int64_t* slots,
-         const int64_t* tables, const int64_t* ctx_lens, const Dims& d, float* out) {
-  const bool simd = cpu_has_avx2();
+         const int64_t* tables, const int64_t* ctx_lens, const Dims& d, float* out, bool simd) {
   const int64_t nq = d.H * d.Dh, nkv = d.KVH * d.Dh, ld = nq + 2 * nkv;
   std::vector<float> qkv(d.T * ld), attn(d.T * nq);
   gemm(x.data_ptr<float>(), d.D, w_qkv.data_ptr<Act>(), d.D, qkv.data(), ld, d.T, ld, d.D, simd);
@@ -182,7 +181,8 @@ at::Tensor attention_decode(const at::Tensor& x_in, const at::Tensor& w_qkv, con
                             const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
                             const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                             const at::Tensor& context_lens, int64_t n_heads, int64_t n_kv_heads,
-                            int64_t sliding_window) {
+                            int64_t sliding_window, bool simd) {
+  simd = simd && cpu_has_avx2();
   const at::ScalarType dt = x_in.scalar_type();
   TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "attention_decode: x must be bfloat16 or float16, got ", dt);
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&w_qkv, &w_o, &cos, &sin, &k_cache, &v_cache})
@@ -225,9 +225,9 @@ at::Tensor attention_decode(const at::Tensor& x_in, const at::Tensor& w_qkv, con
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({d.T, d.D}, x.options());
   if (dt == at::kBFloat16)
-    run<c10::BFloat16>(x, w_qkv, w_o, cos, sin, k_cache, v_cache, sp, tp, cp, d, out.data_ptr<float>());
+    run<c10::BFloat16>(x, w_qkv, w_o, cos, sin, k_cache, v_cache, sp, tp, cp, d, out.data_ptr<float>(), simd);
   else
-    run<c10::Half>(x, w_qkv, w_o, cos, sin, k_cache, v_cache, sp, tp, cp, d, out.data_ptr<float>());
+    run<c10::Half>(x, w_qkv, w_o, cos, sin, k_cache, v_cache, sp, tp, cp, d, out.data_ptr<float>(), simd);
   return out.to(dt);
 }
 

@@ -128,7 +128,8 @@ void check_experts(const at::Tensor& hidden, const at::Tensor& w13, const at::Te
 
 // See kernels/cpu/__init__.py `moe_fp32`.
 at::Tensor moe_fp32(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& slots,
-                    const at::Tensor& weights) {
+                    const at::Tensor& weights, bool simd) {
+  simd = simd && cpu_has_avx2();
   check_experts(hidden, w13, w2);
   const int64_t T = hidden.size(0), H = hidden.size(1), S = w13.size(0), I = w2.size(2);
   TORCH_CHECK(slots.dim() == 2 && slots.size(0) == T && weights.sizes() == slots.sizes(), "moe: slots ",
@@ -141,7 +142,6 @@ at::Tensor moe_fp32(const at::Tensor& hidden, const at::Tensor& w13, const at::T
   for (int64_t p = 0; p < T * k; ++p)
     TORCH_CHECK(sp[p] >= -1 && sp[p] < S, "moe: slot ", sp[p], " of pair ", p, " outside [-1, ", S, ")");
   at::Tensor out = at::empty({T, H}, x.options());
-  const bool simd = cpu_has_avx2();
   dispatch(w13, hidden.scalar_type(), [&](auto w, auto a) {
     using W = decltype(w);
     using Act = decltype(a);
@@ -171,7 +171,8 @@ at::Tensor expert_mlp(const at::Tensor& rows, const at::Tensor& w13, const at::T
 
 // See kernels/cpu/__init__.py `moe_decode`.
 at::Tensor moe_decode(const at::Tensor& hidden, const at::Tensor& gate, const at::Tensor& w13, const at::Tensor& w2,
-                      int64_t top_k, at::Tensor& counts) {
+                      int64_t top_k, at::Tensor& counts, bool simd) {
+  simd = simd && cpu_has_avx2();
   check_experts(hidden, w13, w2);
   const int64_t T = hidden.size(0), H = hidden.size(1), E = w13.size(0), I = w2.size(2);
   TORCH_CHECK(gate.dim() == 2 && gate.size(0) == E && gate.size(1) == H && gate.stride(1) == 1 &&
@@ -185,7 +186,6 @@ at::Tensor moe_decode(const at::Tensor& hidden, const at::Tensor& gate, const at
   std::vector<float> logits(T * E), weights(T * top_k);
   std::vector<int64_t> ids(T * top_k);
   at::Tensor out = at::empty({T, H}, x.options());
-  const bool simd = cpu_has_avx2();
   int64_t* cnt = counts.data_ptr<int64_t>();
   dispatch(w13, hidden.scalar_type(), [&](auto w, auto a) {
     using W = decltype(w);

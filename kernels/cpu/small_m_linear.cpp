@@ -12,15 +12,15 @@ namespace moe_cpu {
 
 // Defined in moe_decode.cpp, attention_decode.cpp and rms_norm.cpp.
 at::Tensor moe_fp32(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& slots,
-                    const at::Tensor& weights);
+                    const at::Tensor& weights, bool simd);
 at::Tensor expert_mlp(const at::Tensor& rows, const at::Tensor& w13, const at::Tensor& w2);
 at::Tensor moe_decode(const at::Tensor& hidden, const at::Tensor& gate, const at::Tensor& w13, const at::Tensor& w2,
-                      int64_t top_k, at::Tensor& counts);
+                      int64_t top_k, at::Tensor& counts, bool simd);
 at::Tensor attention_decode(const at::Tensor& x, const at::Tensor& w_qkv, const at::Tensor& w_o, const at::Tensor& cos,
                             const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
                             const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                             const at::Tensor& context_lens, int64_t n_heads, int64_t n_kv_heads,
-                            int64_t sliding_window);
+                            int64_t sliding_window, bool simd);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, std::optional<at::Tensor> residual);
 
 namespace {
@@ -58,7 +58,8 @@ bool has_avx2() { return cpu_has_avx2(); }
 }  // namespace
 }  // namespace moe_cpu
 
-// Documented in kernels/cpu/__init__.py, which wraps each.
+// Documented in kernels/cpu/__init__.py, which wraps each. `simd` false forces the scalar fallback of
+// any CPU (tests compare both paths on AVX2 machines).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace moe_cpu;
   m.def("has_avx2", &has_avx2, "whether this CPU has AVX2, FMA and F16C");
@@ -67,13 +68,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("expert_mlp", &expert_mlp, "one expert's SwiGLU MLP, the torch backend's rounding", py::arg("rows"),
         py::arg("w13"), py::arg("w2"));
   m.def("moe_fp32", &moe_fp32, "a MoE layer of small expert groups, fp32 result", py::arg("hidden"), py::arg("w13"),
-        py::arg("w2"), py::arg("slots"), py::arg("weights"));
+        py::arg("w2"), py::arg("slots"), py::arg("weights"), py::arg("simd") = true);
   m.def("moe_decode", &moe_decode, "router + experts of a few tokens, in the activation dtype", py::arg("hidden"),
-        py::arg("gate"), py::arg("w13"), py::arg("w2"), py::arg("top_k"), py::arg("counts"));
+        py::arg("gate"), py::arg("w13"), py::arg("w2"), py::arg("top_k"), py::arg("counts"), py::arg("simd") = true);
   m.def("attention_decode", &attention_decode, "qkv, RoPE, KV cache write, paged attention and o_proj of one-token "
         "queries", py::arg("x"), py::arg("w_qkv"), py::arg("w_o"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("slot_mapping"), py::arg("block_tables"), py::arg("context_lens"),
-        py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("sliding_window"));
+        py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("sliding_window"), py::arg("simd") = true);
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after residual += x", py::arg("x"), py::arg("w"), py::arg("eps"),
         py::arg("residual") = py::none());
 }

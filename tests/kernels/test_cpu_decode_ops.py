@@ -182,3 +182,32 @@ def test_moe_decode_rejects_bad_arguments():
         cpu.moe_decode(hidden, gate, w13, w2, 2, torch.zeros(8, dtype=torch.int32))
     with pytest.raises(RuntimeError, match=r"gate must be \[E, H\] = \[8, 64\]"):
         cpu.moe_decode(hidden, gate[:4], w13, w2, 2, counts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The scalar fallback (CPUs without AVX2) against the AVX2 path
+
+
+def test_scalar_fallback_matches_avx2():
+    """`simd=False` runs the portable loops (std::exp, no FMA): the same results within fp32 summation
+    order, hence atol 2e-2 on 16-bit outputs; the KV cache rows both paths write agree as well."""
+    ext = cpu.extension()
+    hidden, gate, w13, w2 = _moe_case(torch.bfloat16, 6)
+    counts = [torch.zeros(8, dtype=torch.long) for _ in range(2)]
+    fast, slow = (
+        ext.moe_decode(hidden, gate, w13, w2, 2, c, simd=s)
+        for c, s in zip(counts, (True, False), strict=True)
+    )
+    torch.testing.assert_close(slow.float(), fast.float(), atol=2e-2, rtol=0)
+    assert torch.equal(counts[0], counts[1])
+
+    attn, x, cos, sin, k_cache, v_cache, meta = _attention_case(torch.bfloat16, sliding_window=5)
+    w_qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    caches = [(k_cache.clone(), v_cache.clone()) for _ in range(2)]
+    outs = [
+        ext.attention_decode(x, w_qkv, attn.o_proj.weight, cos, sin, k, v, meta.slot_mapping, meta.block_tables,
+                             torch.tensor(meta.context_lens), attn.n_heads, attn.n_kv_heads, 5, simd=s)
+        for (k, v), s in zip(caches, (True, False), strict=True)
+    ]  # fmt: skip
+    torch.testing.assert_close(outs[1].float(), outs[0].float(), atol=2e-2, rtol=0)
+    torch.testing.assert_close(caches[1][0].float(), caches[0][0].float(), atol=2e-2, rtol=0)
