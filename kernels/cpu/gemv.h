@@ -3,9 +3,9 @@
 //
 // Why: on CPUs without native bf16 GEMMs (AVX2, no AVX512-BF16/AMX) torch multiplies a bf16 weight by a
 // few rows at about one GEMV per row. Here each 16-bit weight element is loaded once per block of up to
-// three activation rows, widened to fp32 in registers (bf16: a 16-bit shift; fp16: F16C `vcvtph2ps`) and
-// accumulated with FMA in fp32. A block of weight rows stays in L1 while every M-block of x passes over
-// it, so the weights stream from memory once for all M rows.
+// three activation rows, widened to fp32 in registers (bf16: a mask or a 16-bit shift, x permuted to
+// match; fp16: F16C `vcvtph2ps`) and accumulated with FMA in fp32. A block of weight rows stays in L1
+// while every M-block of x passes over it, so the weights stream from memory once for all M rows.
 //
 // Layout: x rows have unit stride along K (any row stride); W is [N, K] with unit stride along K (expert
 // slices w13[s], w2[s] of the stacked tensors qualify). Threads split N (at::parallel_for, OpenMP).
@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace moe_cpu {
 
@@ -121,19 +122,169 @@ AVX2_FN inline float row_dot(const float* x, const W* w, int64_t K) {
 // 17.7 GB/s for [1024, 3584]).
 constexpr int64_t kRowDotMaxK = 2048;
 
-// All M rows against weight rows [n0, n1): NB weight rows at a time, M in blocks of three (12
-// accumulators + 3 x vectors + 1 weight vector = the 16 ymm registers). One row: 8 weight rows at once.
+template <typename W>
+AVX2_FN void gemv_avx2(const float* x, const W* w, int64_t ldw, float* y, int64_t n0, int64_t n1, int64_t K) {
+  int64_t n = n0;
+  if (K > kRowDotMaxK)
+    for (; n + 8 <= n1; n += 8) block<1, 8>(x, 0, w + n * ldw, ldw, y + n, 0, K);
+  for (; n < n1; ++n) y[n] = row_dot(x, w + n * ldw, K);
+}
+
+// ----------------------------------------------------------------------------------------------------
+// Two or more rows of x (small-M GEMM). Widening dominates here, not memory: a 3 x 4 tile that widens
+// with zext + shift runs at 77 GFLOP/s from L1 on one Zen 3 core (3.15 GHz, FMA peak 100), the same
+// tile on fp32 weights at 100. So bf16 widens with one AND per 8 weights (a logic op, in place of a
+// zext shuffle and a shift): a 32-bit lane of 16 bf16 weights w[k..k+15] holds (w[2i],
+// w[2i+1]); masking its low half leaves w[2i+1] as an exact fp32 (the odd elements), and the same mask
+// on a load 2 bytes earlier leaves w[2i] (the even ones; at k = 0 a shift instead, to read nothing
+// before the row). x is copied once per call into the matching order, per 16 elements [even | odd]
+// (`permute_x`). fp16 keeps `vcvtph2ps` and x's own order. Tiles measured from L1 (GFLOP/s, same
+// process, best of 30 alternating rounds): 3x3 97, 3x4 93, 2x5 93, 4x2 71, 4x3 68 (spills), 1x6 55;
+// the old 3x4 with zext + shift 77, its 1x4 43. (fp16 takes the same tiles; not measured separately.)
+
+template <typename W>
+struct Widen;  // 16 weights from p -> lo, hi: fp32 vectors matching x[k..k+7], x[k+8..k+15] of permute_x
+
+template <>
+struct Widen<c10::BFloat16> {
+  static constexpr bool kEvenOdd = true;
+  template <bool kFirst>
+  AVX2_FN static inline __m256 lo(const c10::BFloat16* p) {  // w[k + 2i], i < 8
+    if (kFirst)
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), 16));
+    return _mm256_castsi256_ps(_mm256_and_si256(_mm256_set1_epi32(int(0xFFFF0000u)),
+                                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p - 1))));
+  }
+  AVX2_FN static inline __m256 hi(const c10::BFloat16* p) {  // w[k + 2i + 1]
+    return _mm256_castsi256_ps(_mm256_and_si256(_mm256_set1_epi32(int(0xFFFF0000u)),
+                                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+  }
+};
+
+template <>
+struct Widen<c10::Half> {
+  static constexpr bool kEvenOdd = false;
+  template <bool kFirst>
+  AVX2_FN static inline __m256 lo(const c10::Half* p) { return load8(p); }
+  AVX2_FN static inline __m256 hi(const c10::Half* p) { return load8(p + 8); }
+};
+
+// xp[k..k+15] = x[k, k+2, ..., k+14, k+1, k+3, ..., k+15] for each whole 16 of K; the K % 16 tail as is.
+AVX2_FN inline void permute_x(const float* x, float* xp, int64_t K) {
+  const __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m256 a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + k), idx);      // x0 x2 x4 x6 | x1 x3 x5 x7
+    __m256 b = _mm256_permutevar8x32_ps(_mm256_loadu_ps(x + k + 8), idx);  // x8 .. x14 | x9 .. x15
+    _mm256_storeu_ps(xp + k, _mm256_permute2f128_ps(a, b, 0x20));
+    _mm256_storeu_ps(xp + k + 8, _mm256_permute2f128_ps(a, b, 0x31));
+  }
+  for (; k < K; ++k) xp[k] = x[k];
+}
+
+// 16 elements of K for a tile: x rows held in registers, weights widened one row at a time.
+template <int MB, int NB, bool kFirst, typename W>
+AVX2_FN inline void tile_step(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t k, __m256 (&acc)[MB][NB]) {
+  __m256 xv[MB];
+#pragma GCC unroll 4
+  for (int i = 0; i < MB; ++i) xv[i] = _mm256_loadu_ps(x + i * ldx + k);
+#pragma GCC unroll 8
+  for (int j = 0; j < NB; ++j) {
+    const __m256 wv = Widen<W>::template lo<kFirst>(w + j * ldw + k);
+#pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < MB; ++i) xv[i] = _mm256_loadu_ps(x + i * ldx + k + 8);
+#pragma GCC unroll 8
+  for (int j = 0; j < NB; ++j) {
+    const __m256 wv = Widen<W>::hi(w + j * ldw + k);
+#pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
+  }
+}
+
+// y[MB, NB] = x[MB, :K] @ w[NB, :K]^T, x in permute_x order; the K % 16 tail 8 at a time in x's own
+// order, then scalar.
+template <int MB, int NB, typename W>
+AVX2_FN inline void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, float* y, int64_t ldy, int64_t K) {
+  __m256 acc[MB][NB];
+#pragma GCC unroll 4
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
+  int64_t k = 0;
+  if (K >= 16) {
+    tile_step<MB, NB, true>(x, ldx, w, ldw, k, acc);
+    k = 16;
+  }
+  for (; k + 16 <= K; k += 16) {
+    if ((k & 31) == 0) {  // one cache line of each row of the next tile (first pass over the weights)
+#pragma GCC unroll 8
+      for (int j = 0; j < NB; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + (NB + j) * ldw + k), _MM_HINT_T0);
+    }
+    tile_step<MB, NB, false>(x, ldx, w, ldw, k, acc);
+  }
+  for (; k + 8 <= K; k += 8) {
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) {
+      const __m256 wv = load8(w + j * ldw + k);
+#pragma GCC unroll 4
+      for (int i = 0; i < MB; ++i) acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * ldx + k), wv, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) {
+      float s = hsum(acc[i][j]);
+      for (int64_t kk = k; kk < K; ++kk) s += x[i * ldx + kk] * static_cast<float>(w[j * ldw + kk]);
+      y[i * ldy + j] = s;
+    }
+}
+
+// All M rows of x, 3 at a time then a remainder of 2 or 4 rows as 2-row tiles, against NB weight rows:
+// the NB rows stay in L1 while every M block passes over them, so W streams from memory once.
+template <int NB, typename W>
+AVX2_FN inline void m_blocks(const float* x, int64_t ldx, const W* w, int64_t ldw, float* y, int64_t ldy, int64_t M,
+                             int64_t K) {
+  const int64_t m3 = M % 3 == 1 ? M - 4 : M - M % 3;  // rows in 3-row blocks
+  for (int64_t m = 0; m < m3; m += 3) tile<3, NB>(x + m * ldx, ldx, w, ldw, y + m * ldy, ldy, K);
+  for (int64_t m = m3; m < M; m += 2) tile<2, NB>(x + m * ldx, ldx, w, ldw, y + m * ldy, ldy, K);
+}
+
+// All M >= 2 rows (x in permute_x order, K <= kTileMaxK) against weight rows [n0, n1). Register tiles
+// (16 ymm): 3x3 and 2x3 (9 or 6 accumulators + x rows + 1 weight + the mask); 2x5 where M is 2 or 4,
+// which would otherwise run 2-row tiles of 3 only. 3x4 spills here (17 registers with the mask) and
+// lost 0-10% to the old kernel from memory. Against the old kernel (`rows_blocks`) on w13 [7168, 1024]
+// from memory (256 MiB of copies), one core, medians of 10 alternating rounds, same process, two runs:
+// M = 2 1.15-1.25x, 4 1.15x, 8 1.1-1.15x, 16 1.0-1.1x, 32 1.05-1.15x (w13 M = 32: 51 vs 49 GFLOP/s on a
+// loaded machine, 74 vs 64 on a quiet one). x rows are 4 KiB here: a 3-row block stays in L1.
 template <typename W>
 AVX2_FN void rows_avx2(const float* x, int64_t ldx, const W* w, int64_t ldw, float* y, int64_t ldy, int64_t M,
                        int64_t n0, int64_t n1, int64_t K) {
   int64_t n = n0;
-  if (M == 1 && K <= kRowDotMaxK) {
-    for (; n < n1; ++n) y[n] = row_dot(x, w + n * ldw, K);
-    return;
-  }
-  if (M == 1) {
-    for (; n + 8 <= n1; n += 8) block<1, 8>(x, ldx, w + n * ldw, ldw, y + n, ldy, K);
-  }
+  if (M == 2 || M == 4)
+    for (; n + 5 <= n1; n += 5) m_blocks<5>(x, ldx, w + n * ldw, ldw, y + n, ldy, M, K);
+  for (; n + 3 <= n1; n += 3) m_blocks<3>(x, ldx, w + n * ldw, ldw, y + n, ldy, M, K);
+  for (; n < n1; ++n) m_blocks<1>(x, ldx, w + n * ldw, ldw, y + n, ldy, M, K);
+}
+
+// Rows of x longer than this go through `block` tiles (3x4 in x's own order, zext + shift widening):
+// there 3 x rows (12 bytes per k) no longer stay in L1 and are reread from L2 for every tile, and the
+// 3x3 tiles' extra x traffic per FMA (10.7 vs 8 bytes) costs more than their cheaper widening saves.
+// Measured against `block<3, 4>` from memory, one core, median of 10 alternating rounds: w2
+// [1024, 3584] at M = 3..32 0.8-1.0x, Mixtral's [4096, 14336] 0.9-1.0x (M = 2 and 4 on 2x5 tiles:
+// 1.0-1.1x, not kept); all rows on 2x5 tiles 0.75-0.95x; M blocks outermost (x in L1, W from L2)
+// 0.9-0.95x; K chunks of 256 so all of x stays in L1: 0.8-0.9x at M = 8..32.
+constexpr int64_t kTileMaxK = 2048;
+
+inline bool uses_tiles(int64_t M, int64_t K) { return M > 1 && K <= kTileMaxK; }
+
+// All M rows (x in its own order) against weight rows [n0, n1): 4 weight rows at a time, M in blocks
+// of three (12 accumulators + 3 x vectors + 1 weight vector = the 16 ymm registers).
+template <typename W>
+AVX2_FN void rows_blocks(const float* x, int64_t ldx, const W* w, int64_t ldw, float* y, int64_t ldy, int64_t M,
+                         int64_t n0, int64_t n1, int64_t K) {
+  int64_t n = n0;
   for (; n + 4 <= n1; n += 4) {
     const W* wb = w + n * ldw;
     int64_t m = 0;
@@ -156,22 +307,42 @@ inline bool cpu_has_avx2() {
   return ok;
 }
 
-// Weight rows per parallel task: a multiple of both register blocks (8 and 4).
+// Weight rows per parallel task: a multiple of the register blocks (8 and 4 rows for `block`; 3 and 5
+// for `tile`), and small: two threads split N at a task boundary (30-row tasks made w2 [1024, 3584]
+// 5-10% slower on two threads: 540 vs 484 rows).
 constexpr int64_t kRowsPerTask = 16;
+constexpr int64_t kRowsPerTaskTiles = 15;
 
 // y[m * ldy + n] = sum_k x[m * ldx + k] * w[n * ldw + k] for m < M, n < N; threads split N.
 template <typename W>
 void gemm(const float* x, int64_t ldx, const W* w, int64_t ldw, float* y, int64_t ldy, int64_t M, int64_t N,
           int64_t K, bool simd) {
-  const int64_t tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
+  if (M <= 0 || N <= 0) return;
+  const bool tiles = simd && uses_tiles(M, K);
+  const int64_t rows = tiles ? kRowsPerTaskTiles : kRowsPerTask;
+  const int64_t tasks = (N + rows - 1) / rows;
   // Below ~64k weight elements per thread, a parallel region costs more than it saves.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (K * kRowsPerTask));
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (std::max<int64_t>(K, 1) * rows));
+  std::vector<float> xp;  // x rows in the tiles' k order (bf16: permute_x), [M, K]
+  if (tiles) {
+    xp.resize(M * K);
+    for (int64_t m = 0; m < M; ++m) {
+      if (Widen<W>::kEvenOdd)
+        permute_x(x + m * ldx, xp.data() + m * K, K);
+      else
+        std::copy(x + m * ldx, x + m * ldx + K, xp.data() + m * K);
+    }
+  }
   at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
-    const int64_t n0 = t0 * kRowsPerTask, n1 = std::min(N, t1 * kRowsPerTask);
-    if (simd)
-      rows_avx2<W>(x, ldx, w, ldw, y, ldy, M, n0, n1, K);
-    else
+    const int64_t n0 = t0 * rows, n1 = std::min(N, t1 * rows);
+    if (!simd)
       rows_scalar<W>(x, ldx, w, ldw, y, ldy, M, n0, n1, K);
+    else if (M == 1)
+      gemv_avx2<W>(x, w, ldw, y, n0, n1, K);
+    else if (!tiles)
+      rows_blocks<W>(x, ldx, w, ldw, y, ldy, M, n0, n1, K);
+    else
+      rows_avx2<W>(xp.data(), K, w, ldw, y, ldy, M, n0, n1, K);
   });
 }
 

@@ -48,6 +48,40 @@ def test_linear_fp32_matches_fp32_reference(M, N, K, dtype):
     torch.testing.assert_close(simd_off, want, atol=1e-4, rtol=0)
 
 
+# Every register-tile path of gemv.h: M = 1 (GEMV; K > 2048 in 8-row blocks); K <= 2048: M = 2 and 4
+# (2x5 tiles), 3k, 3k + 1 (last 4 rows as two 2-row tiles), 3k + 2 (x permuted, bf16 peels k < 16);
+# K > 2048: 3x4 blocks. K: whole 16s, an 8 tail, a scalar tail, both, under 16, under 8, the boundary.
+# N = 67: a remainder for the 3-, 5- and 8-row tiles and the 16- and 30-row tasks.
+ALL_ROWS = tuple(range(1, 34))
+K_TAILS = (16, 24, 31, 15, 7, 2048, 2050, 3001)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", K_TAILS)
+@pytest.mark.parametrize("M", ALL_ROWS)
+def test_every_row_count_and_k_tail(M, K, dtype):
+    x, w = _inputs(M, 67, K, dtype, seed=M)
+    want = x.float() @ w.float().T  # [M, N]
+    atol = 1e-4 if K < 1024 else 3e-4  # fp32 rounding of K products of |x w| < 0.2 (inputs randn/10)
+    torch.testing.assert_close(cpu.linear_fp32(x, w), want, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("K", (1100, 2200))
+@pytest.mark.parametrize("M", (1, 4, 7))
+def test_strided_rows_and_many_threads(M, K):
+    """Column slices as x (row stride > K) and two threads splitting N (30-row tasks, 16 for M = 1)."""
+    x, w = _inputs(M, 131, K, torch.bfloat16)
+    wide = torch.zeros(M, K + 100)
+    wide[:, 40 : 40 + K] = x.float()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = cpu.linear_fp32(wide[:, 40 : 40 + K], w)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(got, x.float() @ w.float().T, atol=3e-4, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", ROWS)
 def test_linear_rounds_once_to_the_activation_dtype(M, dtype):
