@@ -48,8 +48,7 @@ def test_linear_fp32_matches_fp32_reference(M, N, K, dtype):
     torch.testing.assert_close(simd_off, want, atol=1e-4, rtol=0)
 
 
-# Every register-tile path of gemv.h: M = 1 (GEMV; K <= 2048 in 3 streams, N = 67 leaving one row over;
-# K > 2048 in 8-row blocks); K <= 2048: M = 2 and 4
+# Every register-tile path of gemv.h: M = 1 (GEMV in 3 streams, N = 67 leaving one row over); K <= 2048: M = 2 and 4
 # (2x5 tiles), 3k, 3k + 1 (last 4 rows as two 2-row tiles), 3k + 2 (x permuted, bf16 peels k < 16);
 # K > 2048: 3x4 blocks. K: whole 16s, an 8 tail, a scalar tail, both, under 16, under 8, the boundary.
 # N = 67: a remainder for the 3-, 5- and 8-row tiles and the 16- and 30-row tasks.
