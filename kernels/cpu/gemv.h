@@ -242,9 +242,11 @@ AVX2_FN inline void tile_step(const float* x, int64_t ldx, const W* w, int64_t l
 }
 
 // y[MB, NB] = x[MB, :K] @ w[NB, :K]^T, x in permute_x order; the K % 16 tail 8 at a time in x's own
-// order, then scalar.
+// order, then scalar. Output column j goes to y[i * ldy + j * ycs]; `pf` is where the next tile's rows
+// start relative to this tile's (prefetched one cache line ahead of the loads).
 template <int MB, int NB, typename W>
-AVX2_FN inline void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, float* y, int64_t ldy, int64_t K) {
+AVX2_FN inline void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, float* y, int64_t ldy, int64_t K,
+                         int64_t ycs, int64_t pf) {
   __m256 acc[MB][NB];
 #pragma GCC unroll 4
   for (int i = 0; i < MB; ++i)
@@ -258,7 +260,7 @@ AVX2_FN inline void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, f
   for (; k + 16 <= K; k += 16) {
     if ((k & 31) == 0) {  // one cache line of each row of the next tile (first pass over the weights)
 #pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + (NB + j) * ldw + k), _MM_HINT_T0);
+      for (int j = 0; j < NB; ++j) _mm_prefetch(reinterpret_cast<const char*>(w + j * ldw + pf + k), _MM_HINT_T0);
     }
     tile_step<MB, NB, false>(x, ldx, w, ldw, k, acc);
   }
@@ -274,18 +276,34 @@ AVX2_FN inline void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, f
     for (int j = 0; j < NB; ++j) {
       float s = hsum(acc[i][j]);
       for (int64_t kk = k; kk < K; ++kk) s += x[i * ldx + kk] * static_cast<float>(w[j * ldw + kk]);
-      y[i * ldy + j] = s;
+      y[i * ldy + j * ycs] = s;
     }
 }
 
-// All M rows of x, 3 at a time then a remainder of 2 or 4 rows as 2-row tiles, against NB weight rows:
-// the NB rows stay in L1 while every M block passes over them, so W streams from memory once.
+// All M rows of x, 3 at a time then a remainder of 2 or 4 rows as 2-row tiles, against NB weight rows
+// (ldw apart; outputs ycs apart): the NB rows stay in L1 while every M block passes over them, so W
+// streams from memory once.
 template <int NB, typename W>
 AVX2_FN inline void m_blocks(const float* x, int64_t ldx, const W* w, int64_t ldw, float* y, int64_t ldy, int64_t M,
-                             int64_t K) {
+                             int64_t K, int64_t ycs = 1, int64_t pf = -1) {
+  if (pf < 0) pf = NB * ldw;  // neighbouring rows: the next tile's rows follow these
   const int64_t m3 = M % 3 == 1 ? M - 4 : M - M % 3;  // rows in 3-row blocks
-  for (int64_t m = 0; m < m3; m += 3) tile<3, NB>(x + m * ldx, ldx, w, ldw, y + m * ldy, ldy, K);
-  for (int64_t m = m3; m < M; m += 2) tile<2, NB>(x + m * ldx, ldx, w, ldw, y + m * ldy, ldy, K);
+  for (int64_t m = 0; m < m3; m += 3) tile<3, NB>(x + m * ldx, ldx, w, ldw, y + m * ldy, ldy, K, ycs, pf);
+  for (int64_t m = m3; m < M; m += 2) tile<2, NB>(x + m * ldx, ldx, w, ldw, y + m * ldy, ldy, K, ycs, pf);
+}
+
+// m_blocks over NB equal slices of the weight rows [n0, n1): tile i takes row i of every slice, so the
+// weights stream from NB places at once (as `rows_dot_streams`); returns the first row left over.
+// Against neighbouring rows, w13 [7168, 1024] from memory, one core, three alternating runs of two
+// builds (GFLOP/s): M = 2 22-24 -> 34-36, M = 4 35-38 -> 39-43, M = 8 and 16 level within the noise
+// (47-63 both ways); memory-bound small M gains, compute-bound M neither gains nor loses.
+template <int NB, typename W>
+AVX2_FN inline int64_t m_blocks_streams(const float* x, int64_t ldx, const W* w, int64_t ldw, float* y, int64_t ldy,
+                                        int64_t M, int64_t n0, int64_t n1, int64_t K) {
+  const int64_t per = (n1 - n0) / NB;
+  for (int64_t i = 0; i < per; ++i)
+    m_blocks<NB>(x, ldx, w + (n0 + i) * ldw, per * ldw, y + n0 + i, ldy, M, K, per, ldw);
+  return n0 + NB * per;
 }
 
 // All M >= 2 rows (x in permute_x order, K <= kTileMaxK) against weight rows [n0, n1). Register tiles
@@ -298,7 +316,8 @@ AVX2_FN inline void m_blocks(const float* x, int64_t ldx, const W* w, int64_t ld
 template <typename W>
 AVX2_FN void rows_avx2(const float* x, int64_t ldx, const W* w, int64_t ldw, float* y, int64_t ldy, int64_t M,
                        int64_t n0, int64_t n1, int64_t K) {
-  int64_t n = n0;
+  int64_t n = M == 2 || M == 4 ? m_blocks_streams<5>(x, ldx, w, ldw, y, ldy, M, n0, n1, K)
+                                : m_blocks_streams<3>(x, ldx, w, ldw, y, ldy, M, n0, n1, K);
   if (M == 2 || M == 4)
     for (; n + 5 <= n1; n += 5) m_blocks<5>(x, ldx, w + n * ldw, ldw, y + n, ldy, M, K);
   for (; n + 3 <= n1; n += 3) m_blocks<3>(x, ldx, w + n * ldw, ldw, y + n, ldy, M, K);
