@@ -31,7 +31,22 @@ namespace {
 
 // x[0:Dh] of one head rotated in place: x * cos + cat(-x2, x1) * sin, each product and sum rounded.
 template <typename Act>
-void rope(float* x, const Act* cos, const Act* sin, int64_t Dh) {
+AVX2_FN void rope_avx2(float* x, const Act* cos, const Act* sin, int64_t Dh) {  // Dh % 16 == 0
+  const int64_t half = Dh / 2;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t i = 0; i < half; i += 8) {
+    const __m256 x1 = _mm256_loadu_ps(x + i), x2 = _mm256_loadu_ps(x + i + half);
+    const __m256 r1 = round8<Act>(_mm256_mul_ps(_mm256_xor_ps(x2, sign), load8(sin + i)));
+    const __m256 r2 = round8<Act>(_mm256_mul_ps(x1, load8(sin + i + half)));
+    _mm256_storeu_ps(x + i, round8<Act>(_mm256_add_ps(round8<Act>(_mm256_mul_ps(x1, load8(cos + i))), r1)));
+    _mm256_storeu_ps(x + i + half,
+                     round8<Act>(_mm256_add_ps(round8<Act>(_mm256_mul_ps(x2, load8(cos + i + half))), r2)));
+  }
+}
+
+template <typename Act>
+void rope(float* x, const Act* cos, const Act* sin, int64_t Dh, bool simd) {
+  if (simd && Dh % 16 == 0) return rope_avx2(x, cos, sin, Dh);
   const int64_t half = Dh / 2;
   for (int64_t i = 0; i < half; ++i) {
     const float x1 = x[i], x2 = x[i + half];
@@ -144,7 +159,7 @@ void attend(const float* qkv, int64_t ldqkv, const Act* kc, const Act* vc, const
         attend_group_avx2(q, kc, vc, rows.data(), n, group, d.Dh, scale, scores.data(), o);
       else
         attend_group_scalar(q, kc, vc, rows.data(), n, group, d.Dh, scale, scores.data(), o);
-      for (int64_t i = 0; i < group * d.Dh; ++i) o[i] = round_to<Act>(o[i]);
+      round_all<Act>(o, group * d.Dh, simd);
     }
   });
 }
@@ -156,14 +171,14 @@ void run(const at::Tensor& x, const at::Tensor& w_qkv, const at::Tensor& w_o, co
   const int64_t nq = d.H * d.Dh, nkv = d.KVH * d.Dh, ld = nq + 2 * nkv;
   std::vector<float> qkv(d.T * ld), attn(d.T * nq);
   gemm(x.data_ptr<float>(), d.D, w_qkv.data_ptr<Act>(), d.D, qkv.data(), ld, d.T, ld, d.D, simd);
-  for (float& v : qkv) v = round_to<Act>(v);
+  round_all<Act>(qkv.data(), d.T * ld, simd);
   Act* kc = k_cache.data_ptr<Act>();
   Act* vc = v_cache.data_ptr<Act>();
   for (int64_t t = 0; t < d.T; ++t) {
     float* row = qkv.data() + t * ld;
     const Act* c = cos.data_ptr<Act>() + t * d.Dh;
     const Act* s = sin.data_ptr<Act>() + t * d.Dh;
-    for (int64_t h = 0; h < d.H + d.KVH; ++h) rope(row + h * d.Dh, c, s, d.Dh);  // q heads, then k heads
+    for (int64_t h = 0; h < d.H + d.KVH; ++h) rope(row + h * d.Dh, c, s, d.Dh, simd);  // q heads, then k heads
     for (int64_t i = 0; i < nkv; ++i) {  // the values are already rounded: exact
       kc[slots[t] * nkv + i] = Act(row[nq + i]);
       vc[slots[t] * nkv + i] = Act(row[nq + nkv + i]);
@@ -171,7 +186,7 @@ void run(const at::Tensor& x, const at::Tensor& w_qkv, const at::Tensor& w_o, co
   }
   attend(qkv.data(), ld, kc, vc, tables, ctx_lens, d, attn.data(), simd);
   gemm(attn.data(), nq, w_o.data_ptr<Act>(), nq, out, d.D, d.T, d.D, nq, simd);
-  for (int64_t i = 0; i < d.T * d.D; ++i) out[i] = round_to<Act>(out[i]);
+  round_all<Act>(out, d.T * d.D, simd);
 }
 
 }  // namespace

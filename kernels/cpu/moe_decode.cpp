@@ -41,7 +41,7 @@ void expert_rows(const float* x, int64_t n, int64_t H, int64_t I, const W* w13, 
       silu_mul_scalar<Act>(h, h + I, buf.act.data() + i * I, I);
   }
   gemm(buf.act.data(), I, w2, I, y, H, n, H, I, simd);  // [n, H]
-  for (int64_t e = 0; e < n * H; ++e) y[e] = round_to<Act>(y[e]);
+  round_all<Act>(y, n * H, simd);
 }
 
 // out[t, :] (fp32, [T, H]) = sum over j < k, in j order, of weights[t, j] * expert_{slots[t, j]}(x[t]);

@@ -44,6 +44,32 @@ AVX2_FN inline __m256 round8(__m256 v) {
   }
 }
 
+// v[0:n] rounded to Act in place (eight lanes at a time with AVX2).
+template <typename Act>
+AVX2_FN inline void round_all_avx2(float* v, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(v + i, round8<Act>(_mm256_loadu_ps(v + i)));
+  for (; i < n; ++i) v[i] = round_to<Act>(v[i]);
+}
+
+template <typename Act>
+inline void round_all(float* v, int64_t n, bool simd) {
+  if constexpr (std::is_same_v<Act, float>) return;
+  if (simd) return round_all_avx2<Act>(v, n);
+  for (int64_t i = 0; i < n; ++i) v[i] = round_to<Act>(v[i]);
+}
+
+// Eight fp32 lanes that already hold values of Act -> eight Act elements at p (exact).
+AVX2_FN inline void store8(c10::BFloat16* p, __m256 v) {
+  const __m256i b = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1)));
+}
+
+AVX2_FN inline void store8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+
 // exp(x) for fp32 lanes: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial for exp(r) (Cephes'
 // coefficients), 2^n through the exponent bits. Inputs are clamped to [-87.3, 88.3] (no denormals, no inf).
 AVX2_FN inline __m256 exp8(__m256 x) {

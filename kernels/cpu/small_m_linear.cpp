@@ -21,7 +21,8 @@ at::Tensor attention_decode(const at::Tensor& x, const at::Tensor& w_qkv, const 
                             const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                             const at::Tensor& context_lens, int64_t n_heads, int64_t n_kv_heads,
                             int64_t sliding_window, bool simd);
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, std::optional<at::Tensor> residual);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, std::optional<at::Tensor> residual,
+                    bool simd);
 
 namespace {
 
@@ -76,5 +77,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v_cache"), py::arg("slot_mapping"), py::arg("block_tables"), py::arg("context_lens"),
         py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("sliding_window"), py::arg("simd") = true);
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after residual += x", py::arg("x"), py::arg("w"), py::arg("eps"),
-        py::arg("residual") = py::none());
+        py::arg("residual") = py::none(), py::arg("simd") = true);
 }

@@ -52,6 +52,20 @@ def test_rms_norm_adds_the_residual_in_place_first(dtype):
     torch.testing.assert_close(got.float(), norm(want_h).float(), atol=2e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_scalar_fallback_matches_avx2(dtype):
+    """`simd=False` (any CPU): the same residual bits, the norm within the sum-of-squares order."""
+    gen = torch.Generator().manual_seed(2)
+    w = (torch.rand(128, generator=gen) + 0.5).to(dtype)
+    x = torch.randn(4, 128, generator=gen).to(dtype)
+    h = torch.randn(4, 128, generator=gen).to(dtype)
+    h2 = h.clone()
+    fast = cpu.extension().rms_norm(x, w, 1e-5, h, simd=True)
+    slow = cpu.extension().rms_norm(x, w, 1e-5, h2, simd=False)
+    assert torch.equal(h, h2)
+    torch.testing.assert_close(fast.float(), slow.float(), atol=2e-2, rtol=1e-2)
+
+
 def test_rms_norm_rejects_mismatched_inputs():
     x = torch.zeros(2, 8, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match=r"x \[T, D\] and w \[D\] expected"):
