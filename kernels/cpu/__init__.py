@@ -8,7 +8,8 @@
     attention_decode(x[T, D], w_qkv, w_o, cos, sin, k_cache, v_cache, ...) -> [T, D]  attention_decode.cpp
     rms_norm(x[T, D], w[D], eps, residual=None) -> [T, D]                              rms_norm.cpp
 
-All share the GEMM core in gemv.h (and numerics.h for rounding and SiLU).
+All share the GEMM core in gemv.h (small_m_tiles.h for two or more rows, vec.h for the AVX2 basics;
+numerics.h for rounding and SiLU).
 
 w is bfloat16 or float16 with unit stride along K (expert slices w13[s] of stacked tensors qualify); x may
 be any float dtype and any row stride. Every product accumulates in fp32 and is rounded where torch rounds

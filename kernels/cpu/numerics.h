@@ -16,7 +16,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "gemv.h"  // AVX2_FN, load8
+#include "vec.h"  // AVX2_FN, load8, hsum
 
 namespace moe_cpu {
 

@@ -1,0 +1,41 @@
+// AVX2 basics of the native CPU ops: the target attribute, 16-bit loads widened to fp32, a horizontal
+// sum, and the run-time check. The AVX2 functions carry `target` attributes, so no translation unit needs
+// -mavx2 and the scalar fallbacks run anywhere; `cpu_has_avx2()` picks at run time.
+
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+
+namespace moe_cpu {
+
+// ----------------------------------------------------------------------------------------------------
+// AVX2 + FMA (+ F16C for fp16 weights).
+
+#define AVX2_FN __attribute__((target("avx2,fma,f16c")))
+
+// Eight 16-bit weights -> eight fp32 lanes.
+AVX2_FN inline __m256 load8(const c10::BFloat16* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  // bf16 = top half of fp32
+}
+
+AVX2_FN inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+AVX2_FN inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                         __builtin_cpu_supports("f16c");
+  return ok;
+}
+
+}  // namespace moe_cpu
