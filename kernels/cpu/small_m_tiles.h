@@ -14,16 +14,22 @@
 
 namespace moe_cpu {
 
+// Every accumulator of a register tile set to 0.
+template <int MB, int NB>
+AVX2_FN inline void zero(__m256 (&acc)[MB][NB]) {
+#pragma GCC unroll 4
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
+}
+
 // One register block: MB rows of x times NB rows of W, MB * NB accumulators of 8 lanes each. K % 8 tail
 // in scalar code after the horizontal sum.
 template <int MB, int NB, typename W>
 AVX2_FN inline void block(const float* x, int64_t ldx, const W* w, int64_t ldw, float* y, int64_t ldy,
                           int64_t K) {
   __m256 acc[MB][NB];
-#pragma GCC unroll 4
-  for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
+  zero(acc);
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
     if ((k & 31) == 0) {  // one cache line of each row of the next block: keeps one long prefetch stream
@@ -129,10 +135,7 @@ template <int MB, int NB, typename W>
 AVX2_FN inline void tile(const float* x, int64_t ldx, const W* w, int64_t ldw, float* y, int64_t ldy, int64_t K,
                          int64_t ycs, int64_t pf) {
   __m256 acc[MB][NB];
-#pragma GCC unroll 4
-  for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
+  zero(acc);
   int64_t k = 0;
   if (K >= 16) {
     tile_step<MB, NB, true>(x, ldx, w, ldw, k, acc);
