@@ -31,8 +31,11 @@ from moe_runtime.model.attention import AttentionMetadata, KVCache
 
 # T tokens (= sequences), D hidden, H query heads, KVH key/value heads, Dh head dim, L layers
 
-# Most tokens a native decode step takes: the native GEMMs' limit (`mixtral.NATIVE_MAX_ROWS`).
-MAX_TOKENS = 32
+# Most tokens a native decode step takes. At 64 the native GEMMs are level with torch's fp32 ones
+# (bench/cpu_linear.py) and the ops around them cost less: batch 64 on mini decoded 112 vs 91 tok/s with
+# 1 thread and 194 vs 157 with 2 against the torch ops (bench/engine_throughput.py --batches 64, same
+# session); beyond that, not measured.
+MAX_TOKENS = 64
 
 
 @dataclass(frozen=True)

@@ -245,7 +245,7 @@ class MixtralForCausalLM(nn.Module):
         """Run 16-bit weights on CPU where torch's bf16 arithmetic is slow (no native bf16 GEMMs):
         linear layers of up to NATIVE_MAX_ROWS rows on the native kernels (kernels/cpu), the `auto` MoE
         backend becomes `cpu` (native kernels for small expert groups), decode attention in fp32 matmuls
-        (`attention_fp32`), and decode steps of up to 32 sequences run each layer in four native calls
+        (`attention_fp32`), and decode steps of up to 64 sequences run each layer in four native calls
         (`cpu_decode.CpuDecode`). Weights of 4 MiB or more move to huge pages where Linux gives them
         (`kernels.cpu.hugepages`; values unchanged).
 

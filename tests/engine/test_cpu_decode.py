@@ -25,22 +25,22 @@ BLOCK = 4
 PROMPTS = ([1, 300, 301, 302, 9, 10], [1, 17], [1, *range(40, 51)])
 
 
-def _prefilled(tiny_model_dir, dtype="bfloat16"):
-    """A fast model, and KV caches holding PROMPTS (blocks of 4 tokens, sequence b owns blocks 8b...)."""
+def _prefilled(tiny_model_dir, dtype="bfloat16", prompts=PROMPTS):
+    """A fast model, and KV caches holding `prompts` (blocks of 4 tokens, sequence b owns blocks 8b...)."""
     model = load_model(tiny_model_dir, dtype=dtype, device="cpu")
     model.use_fast_cpu_paths()
-    kv = allocate_kv_cache(model.config, 32, BLOCK, model.dtype, model.device)
-    tables = torch.tensor([[8 * b + j for j in range(8)] for b in range(len(PROMPTS))])  # [B, 8]
-    for b, p in enumerate(PROMPTS):
+    kv = allocate_kv_cache(model.config, 8 * len(prompts), BLOCK, model.dtype, model.device)
+    tables = torch.tensor([[8 * b + j for j in range(8)] for b in range(len(prompts))])  # [B, 8]
+    for b, p in enumerate(prompts):
         slots = torch.tensor([tables[b, i // BLOCK] * BLOCK + i % BLOCK for i in range(len(p))])
         meta = AttentionMetadata([0, len(p)], [len(p)], slots, tables[b : b + 1])
         model(torch.tensor(p), torch.arange(len(p)), meta, kv)  # prefill: the torch path
     return model, kv, tables
 
 
-def _decode_inputs(tables, rows):
+def _decode_inputs(tables, rows, prompts=PROMPTS):
     """One new token for each sequence in `rows`, at the position after its prompt."""
-    ctx = [len(PROMPTS[b]) + 1 for b in rows]
+    ctx = [len(prompts[b]) + 1 for b in rows]
     slots = torch.tensor(
         [tables[b, (c - 1) // BLOCK] * BLOCK + (c - 1) % BLOCK for b, c in zip(rows, ctx, strict=True)]
     )
@@ -72,6 +72,23 @@ def test_native_step_matches_the_torch_ops(tiny_model_dir, dtype, monkeypatch):
     torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=0)
     assert torch.equal(got_counts, model.take_router_counts())
     assert got_counts.sum() == 3 * model.config.num_experts_per_tok * model.config.num_hidden_layers
+    for (k, v), (k_ref, v_ref) in zip(kv, kv_ref, strict=True):
+        torch.testing.assert_close(k.float(), k_ref.float(), atol=2e-2, rtol=0)
+        torch.testing.assert_close(v.float(), v_ref.float(), atol=2e-2, rtol=0)
+
+
+def test_native_step_with_max_tokens_sequences(tiny_model_dir):
+    """MAX_TOKENS sequences of mixed lengths in one native step: the same hidden states and KV rows."""
+    prompts = [PROMPTS[b % 3][: 2 + b % 10] for b in range(MAX_TOKENS)]
+    model, kv, tables = _prefilled(tiny_model_dir, prompts=prompts)
+    ids, positions, meta = _decode_inputs(tables, list(range(MAX_TOKENS)), prompts)
+    assert CpuDecode.applies(MAX_TOKENS, meta, kv)
+    kv_ref = [(k.clone(), v.clone()) for k, v in kv]
+    got = model(ids, positions, meta, kv)
+    native, model.cpu_decode = model.cpu_decode, None
+    want = model(ids, positions, meta, kv_ref)
+    model.cpu_decode = native
+    torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=0)
     for (k, v), (k_ref, v_ref) in zip(kv, kv_ref, strict=True):
         torch.testing.assert_close(k.float(), k_ref.float(), atol=2e-2, rtol=0)
         torch.testing.assert_close(v.float(), v_ref.float(), atol=2e-2, rtol=0)
