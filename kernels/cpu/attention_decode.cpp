@@ -76,10 +76,11 @@ void attend_group_scalar(const float* q, const Act* kc, const Act* vc, const int
     const float mx = *std::max_element(s, s + n);
     float sum = 0.f;
     for (int64_t j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - mx));
+    for (int64_t j = 0; j < n; ++j) s[j] /= sum;
     float* out = o + r * Dh;
     std::fill_n(out, Dh, 0.f);
     for (int64_t j = 0; j < n; ++j)
-      for (int64_t i = 0; i < Dh; ++i) out[i] += s[j] / sum * static_cast<float>(vc[rows[j] + i]);
+      for (int64_t i = 0; i < Dh; ++i) out[i] += s[j] * static_cast<float>(vc[rows[j] + i]);
   }
 }
 

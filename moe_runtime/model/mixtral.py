@@ -258,9 +258,6 @@ class MixtralForCausalLM(nn.Module):
         """
         if self.device.type != "cpu" or self.dtype not in (torch.bfloat16, torch.float16):
             return
-        for p in self.parameters():  # streamed once per decode step: fewer TLB misses on 2 MiB pages
-            if p.numel() * p.element_size() >= hugepages.MIN_BYTES:
-                p.data = hugepages.copy(p.data)
         for layer in self.layers:
             layer.self_attn.attend = attention_fp32
         for module in self.modules():
@@ -270,7 +267,11 @@ class MixtralForCausalLM(nn.Module):
             for layer in self.layers:
                 if layer.block_sparse_moe.backend == "auto":
                     layer.block_sparse_moe.backend = "cpu"
-            self.cpu_decode = CpuDecode(self)
+            self.cpu_decode = CpuDecode(self)  # stacks each layer's q/k/v weights, on huge pages
+        for p in self.parameters():  # streamed once per decode step: fewer TLB misses on 2 MiB pages
+            nbytes = p.numel() * p.element_size()
+            if nbytes >= hugepages.MIN_BYTES and p.untyped_storage().nbytes() == nbytes:  # not the stacked q/k/v
+                p.data = hugepages.copy(p.data)
 
     @property
     def device(self) -> torch.device:
