@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from paged_cases import shuffled_pages
 
 from moe_runtime.model.attention import AttentionMetadata, attention, attention_fp32
 
@@ -25,17 +26,9 @@ def _paged_step(ctx: tuple[int, ...], dtype: torch.dtype, seed: int = 0):
     num_blocks = sum(-(-c // BS) for c in ctx) + 3
     k_cache = (torch.randn(num_blocks, BS, KVH, Dh, generator=gen) / 2).to(dtype)
     v_cache = (torch.randn(num_blocks, BS, KVH, Dh, generator=gen) / 2).to(dtype)
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
-    tables, used = [], 0
-    for c in ctx:
-        n = -(-c // BS)
-        tables.append(perm[used : used + n])
-        used += n
-    width = max(len(t) for t in tables)
-    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    block_tables, slots = shuffled_pages(ctx, BS, num_blocks, gen)
     B = len(ctx)
     q, k, v = (torch.randn(B, h, Dh, generator=gen).to(dtype) for h in (H, KVH, KVH))
-    slots = torch.tensor([tables[b][(c - 1) // BS] * BS + (c - 1) % BS for b, c in enumerate(ctx)])
     meta = AttentionMetadata(list(range(B + 1)), list(ctx), slots, block_tables)
     return q, k, v, meta, (k_cache, v_cache)
 

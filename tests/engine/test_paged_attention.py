@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from paged_cases import shuffled_pages
 
 from moe_runtime.model.attention import AttentionMetadata, attention
 
@@ -18,24 +19,18 @@ def test_batched_decode_equals_one_by_one(ctx, window):
     num_blocks = sum(-(-c // bs) for c in ctx) + 3
     k_cache = torch.randn(num_blocks, bs, KVH, Dh, generator=gen) / 10
     v_cache = torch.randn(num_blocks, bs, KVH, Dh, generator=gen) / 10
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
-    tables, used = [], 0
-    for c in ctx:
-        n = -(-c // bs)
-        tables.append(perm[used : used + n])
-        used += n
-    width = max(len(t) for t in tables)
-    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    block_tables, slots = shuffled_pages(ctx, bs, num_blocks, gen)
     B = len(ctx)
     q = torch.randn(B, H, Dh, generator=gen)
     k = torch.randn(B, KVH, Dh, generator=gen)
     v = torch.randn(B, KVH, Dh, generator=gen)
-    slots = torch.tensor([tables[b][(c - 1) // bs] * bs + (c - 1) % bs for b, c in enumerate(ctx)])
     meta = AttentionMetadata(list(range(B + 1)), list(ctx), slots, block_tables)
     caches = (k_cache.clone(), v_cache.clone())
     batched = attention(q, k, v, meta, caches, window)
     assert (meta.decode_batch(bs) is None) == (sum(c > 1 for c in ctx) < 2)
     for b, c in enumerate(ctx):
         one = AttentionMetadata([0, 1], [c], slots[b : b + 1], block_tables[b : b + 1])
-        alone = attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], one, (k_cache.clone(), v_cache.clone()), window)
+        alone = attention(
+            q[b : b + 1], k[b : b + 1], v[b : b + 1], one, (k_cache.clone(), v_cache.clone()), window
+        )
         torch.testing.assert_close(batched[b], alone[0], atol=1e-6, rtol=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from paged_cases import shuffled_pages
 
 from moe_runtime.config import ModelConfig
 from moe_runtime.kernels import cpu
@@ -90,18 +91,11 @@ def _attention_case(dtype, sliding_window=None, ctx=(1, 7, 16, 40), block_size=8
         p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     attn.attend = attention_fp32
     T, Dh, KVH = len(ctx), cfg.head_dim, cfg.num_key_value_heads
-    widths = [-(-c // block_size) for c in ctx]
-    num_blocks = sum(widths) + 3
-    perm = torch.randperm(num_blocks, generator=gen).tolist()  # pages in no particular order
-    tables, start = [], 0
-    for w in widths:
-        tables.append(perm[start : start + w] + [0] * (max(widths) - w))
-        start += w
-    tables = torch.tensor(tables)  # [T, W]
+    num_blocks = sum(-(-c // block_size) for c in ctx) + 3
+    # [T, W] and [T]: each sequence's pages in no particular order, the slot of its newest token
+    tables, slots = shuffled_pages(ctx, block_size, num_blocks, gen)
     k_cache = torch.randn(num_blocks, block_size, KVH, Dh, generator=gen).to(dtype)
     v_cache = torch.randn(num_blocks, block_size, KVH, Dh, generator=gen).to(dtype)
-    slots = torch.tensor([tables[t, (c - 1) // block_size] * block_size + (c - 1) % block_size
-                          for t, c in enumerate(ctx)])  # fmt: skip
     meta = AttentionMetadata(list(range(T + 1)), list(ctx), slots, tables)
     x = torch.randn(T, cfg.hidden_size, generator=gen).to(dtype)
     cos, sin = RotaryEmbedding(Dh, cfg.rope_theta)(torch.tensor(ctx) - 1, dtype)  # [T, Dh]
