@@ -13,6 +13,7 @@ tensors) it gives ordinary memory: the advice is best effort and never changes a
 
 from __future__ import annotations
 
+import math
 import mmap
 
 import torch
@@ -26,10 +27,7 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
 
     The tensor keeps its mapping alive (it views the mmap's buffer) and frees it when collected.
     """
-    numel = 1
-    for n in shape:
-        numel *= n
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if nbytes < MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
         return torch.empty(shape, dtype=dtype)
     # private anonymous memory (Python's default for -1 is shared memory, which THP leaves alone here)
