@@ -81,11 +81,12 @@ def test_rms_norm_rejects_mismatched_inputs():
 # attention_decode
 
 
-def _attention_case(dtype, sliding_window=None, ctx=(1, 7, 16, 40), block_size=8, seed=0):
-    """An `Attention` module (tiny preset's heads: 4 over 2 KV heads of 32) with random weights, and one
-    decode token per sequence over a paged cache whose earlier rows hold random keys and values."""
+def _attention_case(dtype, sliding_window=None, ctx=(1, 7, 16, 40), block_size=8, seed=0, **heads):
+    """An `Attention` module (tiny preset's heads unless `heads` overrides them: 4 over 2 KV heads of 32)
+    with random weights, and one decode token per sequence over a paged cache whose earlier rows hold
+    random keys and values."""
     gen = torch.Generator().manual_seed(seed)
-    cfg = ModelConfig.from_hf(preset_config("tiny", sliding_window=sliding_window))
+    cfg = ModelConfig.from_hf(preset_config("tiny", sliding_window=sliding_window, **heads))
     attn = Attention(cfg).to(dtype).requires_grad_(False)
     for p in attn.parameters():
         p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
@@ -126,6 +127,21 @@ def test_attention_decode_matches_the_module(dtype, sliding_window):
     for got_c, want_c in zip(flat, flat_ref, strict=True):
         assert torch.equal(got_c[~written], want_c[~written])  # nothing else written
         torch.testing.assert_close(got_c[written].float(), want_c[written].float(), atol=2e-2, rtol=0)
+
+
+# Query heads per KV head 1, 2, 3, 4, 5, 6, 8 (the kernel takes a group's rows four at a time, then 3, 2
+# or 1), head dims with and without a tail of 8 after whole 16s, contexts shorter and longer than the keys
+# it prefetches ahead (8), not multiples of 8 (the vectorized exp's tail).
+@pytest.mark.parametrize(
+    "n_heads, n_kv_heads, head_dim",
+    [(2, 2, 8), (4, 2, 24), (12, 4, 32), (8, 2, 64), (10, 2, 24), (12, 2, 40), (16, 2, 16), (4, 1, 128)],
+)
+def test_attention_decode_head_layouts(n_heads, n_kv_heads, head_dim):
+    heads = dict(num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=head_dim)
+    attn, x, cos, sin, k_cache, v_cache, meta = _attention_case(torch.float16, ctx=(1, 9, 57, 130), **heads)
+    want = attn(x, cos, sin, meta, (k_cache.clone(), v_cache.clone()))  # [T, D]
+    got = _native(attn, x, cos, sin, k_cache, v_cache, meta)
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=0)
 
 
 def test_attention_decode_reads_only_the_context():
