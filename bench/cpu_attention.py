@@ -15,19 +15,15 @@ the call reads.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
+from cpu_linear import compare  # bench/ is the script's folder, first on sys.path
 
 from moe_runtime.config import ModelConfig
 from moe_runtime.kernels import cpu
 from moe_runtime.model.attention import AttentionMetadata, attention_fp32
 from moe_runtime.model.mixtral import Attention, RotaryEmbedding
 from moe_runtime.model.presets import preset_config
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_linear import compare  # noqa: E402
 
 LAYERS = 8
 NUM_BLOCKS = 2048

@@ -55,7 +55,7 @@ SOURCES = [
     "moe_decode.cpp",
     "attention_decode.cpp",
     "rms_norm.cpp",
-]  # + gemv.h, numerics.h
+]  # + the headers gemv.h, small_m_tiles.h, vec.h, numerics.h
 _NAME = "moe_runtime_cpu_small_m"
 _FLAGS = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP in torch's CPU build; AVX2 is per function
 

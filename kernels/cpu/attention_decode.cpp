@@ -100,10 +100,10 @@ AVX2_FN inline void prefetch_row(const Act* p, int64_t Dh) {
   for (int64_t b = 0; b < Dh * int64_t(sizeof(Act)); b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
 }
 
-// scores[r * n + j] = scale * q_r . k_j for R query rows (ldq apart); each key is widened once for all R
+// scores[r * n + j] = scale * q_r . k_j for R query rows (q [R, Dh]); each key is widened once for all R
 // rows, 16 elements at a time, two accumulators per row.
 template <int R, typename Act>
-AVX2_FN void scores_rows(const float* q, int64_t ldq, const Act* kc, const int64_t* rows, int64_t n, int64_t Dh,
+AVX2_FN void scores_rows(const float* q, const Act* kc, const int64_t* rows, int64_t n, int64_t Dh,
                          float scale, float* scores) {
   for (int64_t j = 0; j < n; ++j) {
     if (j + kKvPrefetch < n) prefetch_row(kc + rows[j + kKvPrefetch], Dh);
@@ -116,14 +116,14 @@ AVX2_FN void scores_rows(const float* q, int64_t ldq, const Act* kc, const int64
       const __m256 k0 = load8(k + i), k1 = load8(k + i + 8);
 #pragma GCC unroll 4
       for (int r = 0; r < R; ++r) {
-        acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * ldq + i), k0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * ldq + i + 8), k1, acc[r][1]);
+        acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * Dh + i), k0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * Dh + i + 8), k1, acc[r][1]);
       }
     }
     if (i < Dh) {  // Dh % 16 == 8
       const __m256 k0 = load8(k + i);
 #pragma GCC unroll 4
-      for (int r = 0; r < R; ++r) acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * ldq + i), k0, acc[r][0]);
+      for (int r = 0; r < R; ++r) acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * Dh + i), k0, acc[r][0]);
     }
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) scores[r * n + j] = hsum(_mm256_add_ps(acc[r][0], acc[r][1])) * scale;
@@ -169,7 +169,7 @@ AVX2_FN void values_rows(const float* p, const Act* vc, const int64_t* rows, int
 template <int R, typename Act>
 AVX2_FN void attend_rows_avx2(const float* q, const Act* kc, const Act* vc, const int64_t* rows, int64_t n,
                               int64_t Dh, float scale, float* scores, float* o) {
-  scores_rows<R>(q, Dh, kc, rows, n, Dh, scale, scores);
+  scores_rows<R>(q, kc, rows, n, Dh, scale, scores);
   for (int64_t r = 0; r < R; ++r) {
     float* s = scores + r * n;
     const float mx = *std::max_element(s, s + n);

@@ -72,7 +72,10 @@ AVX2_FN inline float row_dot(const float* x, const W* w, int64_t K) {
 // memory, medians of 8 alternating rounds in one process (/tmp harness, 2026-11-27): one row at a time
 // 15.8 / 16.0 GB/s, 2 streams 20.0 / 20.9, 3 streams 21.4 / 23.0, 4 streams 20.3 / 21.5, 8 streams
 // 16.4 / 16.7; a plain AVX2 read loop over the same bytes 17.5-18.1 GB/s (one stream). Rows left over
-// after the slices go one at a time.
+// after the slices go one at a time. Every GEMV takes it at any K: rows longer than 2048 elements used to
+// go 8 neighbours at a time (`block<1, 8>`), and three slices beat that too (one core, cold weights,
+// median of 7 rounds, one build after the other on a quiet machine): [1024, 3584] 16.8 -> 21.8 GB/s,
+// Mixtral's [4096, 14336] 14.8 -> 25.7 GB/s.
 constexpr int kStreams = 3;
 
 template <typename W>
@@ -107,15 +110,6 @@ AVX2_FN void rows_dot_streams(const float* x, const W* w, int64_t ldw, float* y,
   for (int64_t n = n0 + kStreams * per; n < n1; ++n) y[n] = row_dot(x, w + n * ldw, K);
 }
 
-// One row of x (GEMV): `kStreams` streams at every K. Rows longer than 2048 elements used to go 8
-// neighbours at a time (`block<1, 8>`); three slices beat that too (one core, cold weights, median of 7
-// rounds, one build after the other on a quiet machine): [1024, 3584]
-// 16.8 -> 21.8 GB/s, Mixtral's [4096, 14336] 14.8 -> 25.7 GB/s.
-template <typename W>
-AVX2_FN void gemv_avx2(const float* x, const W* w, int64_t ldw, float* y, int64_t n0, int64_t n1, int64_t K) {
-  rows_dot_streams(x, w, ldw, y, n0, n1, K);
-}
-
 // Weight rows per parallel task: a multiple of the register blocks (8 and 4 rows for `block`; 3 and 5
 // for `tile`), and small: two threads split N at a task boundary (30-row tasks made w2 [1024, 3584]
 // 5-10% slower on two threads: 540 vs 484 rows).
@@ -147,7 +141,7 @@ void gemm(const float* x, int64_t ldx, const W* w, int64_t ldw, float* y, int64_
     if (!simd)
       rows_scalar<W>(x, ldx, w, ldw, y, ldy, M, n0, n1, K);
     else if (M == 1)
-      gemv_avx2<W>(x, w, ldw, y, n0, n1, K);
+      rows_dot_streams<W>(x, w, ldw, y, n0, n1, K);  // one row of x (GEMV)
     else if (!tiles)
       rows_blocks<W>(x, ldx, w, ldw, y, ldy, M, n0, n1, K);
     else
