@@ -48,6 +48,15 @@ def _decode_inputs(tables, rows, prompts=PROMPTS):
     return torch.tensor([500 + b for b in rows]), torch.tensor(ctx) - 1, meta
 
 
+def _torch_ops(model, ids, positions, meta, kv):
+    """The same step with the native decode path off: the fast paths' torch ops."""
+    native, model.cpu_decode = model.cpu_decode, None
+    try:
+        return model(ids, positions, meta, kv)
+    finally:
+        model.cpu_decode = native
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_native_step_matches_the_torch_ops(tiny_model_dir, dtype, monkeypatch):
     model, kv, tables = _prefilled(tiny_model_dir, dtype)
@@ -64,9 +73,7 @@ def test_native_step_matches_the_torch_ops(tiny_model_dir, dtype, monkeypatch):
 
     got = model(ids, positions, meta, kv)  # native
     got_counts = model.take_router_counts()
-    native, model.cpu_decode = model.cpu_decode, None
-    want = model(ids, positions, meta, kv_ref)  # the fast paths' torch ops
-    model.cpu_decode = native
+    want = _torch_ops(model, ids, positions, meta, kv_ref)
     L = model.config.num_hidden_layers
     assert sorted(calls) == sorted(["rms_norm"] * (2 * L + 1) + ["attention_decode", "moe_decode"] * L)
     torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=0)
@@ -85,9 +92,7 @@ def test_native_step_with_max_tokens_sequences(tiny_model_dir):
     assert CpuDecode.applies(MAX_TOKENS, meta, kv)
     kv_ref = [(k.clone(), v.clone()) for k, v in kv]
     got = model(ids, positions, meta, kv)
-    native, model.cpu_decode = model.cpu_decode, None
-    want = model(ids, positions, meta, kv_ref)
-    model.cpu_decode = native
+    want = _torch_ops(model, ids, positions, meta, kv_ref)
     torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=0)
     for (k, v), (k_ref, v_ref) in zip(kv, kv_ref, strict=True):
         torch.testing.assert_close(k.float(), k_ref.float(), atol=2e-2, rtol=0)
@@ -122,9 +127,7 @@ def test_qkv_weights_are_views_of_one_tensor(tiny_model_dir):
     model.load_state_dict(state, strict=False)  # a reload: in place
     assert fused[-attn.v_proj.weight.shape[0] :].abs().sum() == 0
     native = model(ids, positions, meta, [(k.clone(), v.clone()) for k, v in kv])
-    model.cpu_decode, saved = None, model.cpu_decode
-    want = model(ids, positions, meta, [(k.clone(), v.clone()) for k, v in kv])
-    model.cpu_decode = saved
+    want = _torch_ops(model, ids, positions, meta, [(k.clone(), v.clone()) for k, v in kv])
     torch.testing.assert_close(native.float(), want.float(), atol=5e-2, rtol=0)
 
 
