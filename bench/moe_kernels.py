@@ -1,7 +1,7 @@
 """Fused MoE benchmark: ours vs a naive per-expert loop, and vs torch._grouped_mm (CUDA) or the reference (CPU).
 
-    .venv/bin/python bench/kernels.py                                  # CUDA if present, else CPU
-    .venv/bin/python bench/kernels.py --shapes mini --m 1,16,128 --repeats 3 --out table.md
+    .venv/bin/python bench/moe_kernels.py                                  # CUDA if present, else CPU
+    .venv/bin/python bench/moe_kernels.py --shapes mini --m 1,16,128 --repeats 3 --out table.md
 
 Ours is what the engine runs: on CUDA `fused_moe(backend="auto")`, the Triton kernels; on CPU the `cpu`
 backend (native kernels for small expert groups, `kernels/cpu`) when it built here, else the torch backend,

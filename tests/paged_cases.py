@@ -1,6 +1,6 @@
 """Paged KV layouts for the attention tests: each sequence's pages in shuffled blocks of the cache.
 
-Importable from every test folder (tests/ is on sys.path through its conftest.py).
+Importable from every test folder (tests/ is on pytest's pythonpath, pyproject.toml).
 """
 
 from __future__ import annotations

@@ -9,12 +9,11 @@ another in this process; the model level runs two processes over gloo, as the Ra
 from __future__ import annotations
 
 import doctest
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from expert_parallel_ranks import forward, free_port, run_rank
 
 from moe_runtime.cluster import expert_parallel
 from moe_runtime.cluster.expert_parallel import ShardedExperts, place_experts, shard_experts
@@ -22,7 +21,6 @@ from moe_runtime.cluster.placement import Placement, build_placement
 from moe_runtime.cluster.planner import round_robin
 from moe_runtime.config import PlacementConfig
 from moe_runtime.kernels import fused_moe, route
-from moe_runtime.model.attention import AttentionMetadata
 from moe_runtime.model.loader import load_model
 
 E, D, I = 6, 32, 48  # noqa: E741  experts, hidden, intermediate
@@ -64,43 +62,13 @@ def test_weights_must_match_placement():
         ShardedExperts(placement, 1, 0, torch.zeros(E, 2 * I, D), torch.zeros(E, D, I))
 
 
-PROMPTS = ([1, 17, 245, 3, 99, 870, 12, 5, 640, 33, 7], [5, 6, 7])
-
-
-def _worker(rank: int, world: int, port: int, model_dir: str, placements: list[Placement], out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        hidden = []
-        for placement in placements:
-            model = load_model(model_dir, "float32", "cpu")
-            shard_experts(model, placement, rank, dist.group.WORLD)
-            hidden.append(_forward(model))
-        if rank == 0:
-            torch.save(hidden, out)
-    finally:
-        dist.destroy_process_group()
-
-
-def _forward(model) -> torch.Tensor:
-    ids = torch.tensor([t for p in PROMPTS for t in p])
-    positions = torch.cat([torch.arange(len(p)) for p in PROMPTS])
-    return model(ids, positions, AttentionMetadata.for_prompts([len(p) for p in PROMPTS]))  # [T, D]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_ranks_match_local_model(tiny_model_dir, tmp_path):
     model = load_model(tiny_model_dir, "float32", "cpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers: fp32 GEMMs may block differently with another thread count
     try:
-        expected = _forward(model)
+        expected = forward(model)
     finally:
         torch.set_num_threads(threads)
     cfg = model.config
@@ -111,7 +79,7 @@ def test_two_ranks_match_local_model(tiny_model_dir, tmp_path):
         build_placement(PlacementConfig(workers=2, replicas=replicas), layers, experts),
     ]
     out = tmp_path / "hidden.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(tiny_model_dir), placements, str(out)), nprocs=2, join=True)
+    mp.spawn(run_rank, args=(2, free_port(), str(tiny_model_dir), placements, str(out)), nprocs=2, join=True)
     plain, replicated = torch.load(out)
     assert torch.equal(plain, expected)
     torch.testing.assert_close(replicated, expected)

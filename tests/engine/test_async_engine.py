@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from engine_cases import PROMPTS
 
 from moe_runtime.engine.async_engine import AsyncEngine
 from moe_runtime.engine.sampling_params import SamplingParams
 from moe_runtime.errors import EngineDeadError, RequestError
-from tests.engine.conftest import PROMPTS
 
 LONG = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_cases import PROMPTS, reference_greedy, reference_logits
 
 from moe_runtime.engine.sampling_params import SamplingParams
 from moe_runtime.errors import RequestError
-from tests.engine.conftest import PROMPTS, reference_greedy, reference_logits
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 CHUNK_BUDGETS = (1, 5, 16)  # max_num_batched_tokens: one token per step, odd chunks, a block per step

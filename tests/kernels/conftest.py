@@ -2,7 +2,6 @@
 
 `@triton.jit` reads TRITON_INTERPRET when a kernel is defined, so it is set here, before any test module
 imports a kernel module (moe_runtime.kernels itself imports them lazily, see kernels/backends.py).
-This directory also goes on sys.path (pytest's default import mode), so tests import `moe_cases`.
 """
 
 import os
