@@ -17,5 +17,9 @@ class RequestError(MoeRuntimeError, ValueError):
     """A generation request with an invalid field (sampling parameters, prompt)."""
 
 
+class MissingTokenizerError(MoeRuntimeError):
+    """Text in or out was asked of a checkpoint that has no tokenizer (token ids still work)."""
+
+
 class EngineDeadError(MoeRuntimeError, RuntimeError):
     """The engine's step loop died; every waiting request fails with this instead of hanging."""

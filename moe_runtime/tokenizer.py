@@ -7,11 +7,15 @@ tokenizers): the text is encoded without the tokenizer's own post-processor and 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from moe_runtime.errors import CheckpointError
+from moe_runtime.errors import CheckpointError, MissingTokenizerError
+
+log = logging.getLogger(__name__)
+TOKENIZER_FILE = "tokenizer.json"
 
 
 class Tokenizer:
@@ -25,7 +29,7 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
-        path = Path(model_dir) / "tokenizer.json"
+        path = Path(model_dir) / TOKENIZER_FILE
         try:
             tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for missing or malformed files
@@ -66,3 +70,24 @@ class Tokenizer:
     def backend(self) -> HFTokenizer:
         """The underlying `tokenizers.Tokenizer` (for incremental detokenization)."""
         return self._tok
+
+
+def load_tokenizer(model_dir: str | Path) -> Tokenizer | None:
+    """The checkpoint's tokenizer, or None when it has no tokenizer.json (what `save_pretrained` of a model
+    alone writes): then token ids go in and come out, and text is refused (`require_tokenizer`). A
+    tokenizer.json that exists but does not load is a `CheckpointError`."""
+    if not (Path(model_dir) / TOKENIZER_FILE).exists():
+        log.warning("%s has no %s: serving token ids only (text prompts and stop strings are refused, "
+                    "output text is empty)", model_dir, TOKENIZER_FILE)
+        return None
+    return Tokenizer.from_dir(model_dir)
+
+
+def require_tokenizer(tokenizer: Tokenizer | None, model_dir: str | Path, field: str) -> Tokenizer:
+    """`tokenizer`, or a `MissingTokenizerError` naming `field` (what asked for text) and the missing file."""
+    if tokenizer is None:
+        raise MissingTokenizerError(
+            f"{field}: text needs {Path(model_dir) / TOKENIZER_FILE}, which this checkpoint lacks; "
+            "send token ids instead (prompt_token_ids, stop_token_ids) or add the tokenizer to the checkpoint"
+        )
+    return tokenizer

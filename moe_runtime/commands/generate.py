@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from moe_runtime.errors import RequestError
+from moe_runtime.errors import MissingTokenizerError, RequestError
 
 
 def _token_ids(value: str) -> list[int]:
@@ -124,7 +124,7 @@ def run_offline(args: argparse.Namespace) -> int:
     engine = LLMEngine(cfg, progress=sys.stderr.isatty())
     try:
         outputs = engine.generate(prompts, params)
-    except RequestError as e:
+    except (RequestError, MissingTokenizerError) as e:
         print(f"moe-runtime generate: error: {e}", file=sys.stderr)
         return 2
     finally:

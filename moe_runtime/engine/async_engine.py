@@ -24,6 +24,7 @@ from moe_runtime.engine.llm_engine import LLMEngine
 from moe_runtime.engine.outputs import EngineStats, RequestOutput
 from moe_runtime.engine.sampling_params import SamplingParams
 from moe_runtime.errors import EngineDeadError, MoeRuntimeError, RequestError
+from moe_runtime.tokenizer import Tokenizer
 
 # Seconds between health checks of an idle executor (Ray workers), so a dead worker is found and replaced
 # before the next request needs it. Executors without `check_health` are not polled.
@@ -88,6 +89,15 @@ class AsyncEngine:
     def make_stats(self) -> EngineStats:
         """The snapshot taken after the latest step (or abort): a plain dataclass, safe to read anywhere."""
         return self._stats
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        """The checkpoint's tokenizer (None: token ids only). Read-only after start, safe from any thread."""
+        return self.engine.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a text prompt; `MissingTokenizerError` when the checkpoint has no tokenizer."""
+        return self.engine.encode(text)
 
     # ------------------------------------------------------------------------------------------------------
     # Requests

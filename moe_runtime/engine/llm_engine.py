@@ -15,7 +15,7 @@ from moe_runtime.engine.request import Request
 from moe_runtime.engine.sampling_params import SamplingParams, validate_prompt
 from moe_runtime.engine.scheduler import Scheduler
 from moe_runtime.errors import ConfigError, RequestError
-from moe_runtime.tokenizer import Tokenizer
+from moe_runtime.tokenizer import load_tokenizer, require_tokenizer
 
 
 def make_executor(cfg: RuntimeConfig, progress: bool = False) -> Executor:
@@ -34,11 +34,10 @@ class LLMEngine:
         self.config = cfg
         self.executor = executor if executor is not None else make_executor(cfg, progress)
         self.model_config = self.executor.model_config
-        self.tokenizer = Tokenizer.from_dir(cfg.model.path)
+        self.tokenizer = load_tokenizer(cfg.model.path)  # None: token ids only
         self.max_model_len = cfg.engine.max_model_len or self.model_config.max_position_embeddings
-        self.eos_token_ids = self.model_config.eos_token_ids or (
-            () if self.tokenizer.eos_token_id is None else (self.tokenizer.eos_token_id,)
-        )
+        tokenizer_eos = None if self.tokenizer is None else self.tokenizer.eos_token_id
+        self.eos_token_ids = self.model_config.eos_token_ids or (() if tokenizer_eos is None else (tokenizer_eos,))
         self.scheduler = Scheduler(cfg.engine, BlockManager(self.executor.num_kv_blocks, cfg.cache.block_size))
         self.num_steps = 0
         self._num_generate_calls = 0  # ids of `generate` requests: generate-<call>-<index>
@@ -58,6 +57,8 @@ class LLMEngine:
             raise RequestError(f"params={type(params).__name__}: expected SamplingParams")
         validate_prompt(prompt_token_ids, self.model_config.vocab_size)
         params.validate(self.max_model_len, self.model_config.vocab_size)
+        if params.stop:
+            require_tokenizer(self.tokenizer, self.config.model.path, "stop")
         total = len(prompt_token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise RequestError(
@@ -74,12 +75,16 @@ class LLMEngine:
                 f"{bm.num_blocks * bm.block_size + 1} tokens in all (raise cache.num_blocks or cache.memory_bytes)"
             )
 
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a text prompt (with BOS); `MissingTokenizerError` for a checkpoint without one."""
+        return require_tokenizer(self.tokenizer, self.config.model.path, "prompt").encode(text)
+
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
         """Validate and queue a request. `prompt` is text (tokenized with BOS) or token ids."""
         params = params if params is not None else SamplingParams()
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.validate(ids, params)
-        detok = IncrementalDetokenizer(self.tokenizer.backend, params.stop)
+        detok = None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer.backend, params.stop)
         req = Request(request_id, ids, params, self.eos_token_ids, detok, self.max_model_len)
         self.scheduler.add(req)
 

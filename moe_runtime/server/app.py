@@ -40,14 +40,18 @@ from moe_runtime.v1 import generation_pb2 as pb
 log = logging.getLogger(__name__)
 
 
-def model_info(cfg: ModelConfig, tokenizer: Tokenizer, model_dir: Path, max_context: int, dtype: str) -> pb.ModelInfo:
+def model_info(cfg: ModelConfig, tokenizer: Tokenizer | None, model_dir: Path, max_context: int,
+               dtype: str) -> pb.ModelInfo:
+    """`tokenizer` None (a checkpoint without one): its name and special ids are left empty."""
     return pb.ModelInfo(
         architecture=cfg.architecture, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size, num_layers=cfg.num_hidden_layers,
         num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
         head_dim=cfg.head_dim, num_experts=cfg.num_local_experts, experts_per_token=cfg.num_experts_per_tok,
-        dtype=dtype, max_context=max_context, tokenizer=tokenizer.name, model_path=str(model_dir),
-        eos_token_id=tokenizer.eos_token_id or 0, bos_token_id=tokenizer.bos_token_id or 0,
+        dtype=dtype, max_context=max_context, model_path=str(model_dir),
+        tokenizer="" if tokenizer is None else tokenizer.name,
+        eos_token_id=0 if tokenizer is None else tokenizer.eos_token_id or 0,
+        bos_token_id=0 if tokenizer is None else tokenizer.bos_token_id or 0,
     )
 
 
@@ -113,13 +117,13 @@ class ServerApp:
 
     def _attach(self, model_cfg: ModelConfig) -> None:
         model_dir = Path(self.cfg.model.path)
-        tokenizer = Tokenizer.from_dir(model_dir)
+        tokenizer = self.engine.tokenizer
         max_context = self.cfg.engine.max_model_len or model_cfg.max_position_embeddings
         stats = self.engine.make_stats()
         kv_tokens = stats.kv_blocks_total * self.cfg.cache.block_size if stats.kv_blocks_total else None
         dtype = self.cfg.model.dtype if self.cfg.model.dtype != "auto" else model_cfg.torch_dtype
         self.servicer.attach(Backend(
-            engine=self.engine, tokenizer=tokenizer,
+            engine=self.engine,
             limits=Limits(vocab_size=model_cfg.vocab_size, max_context=max_context, kv_capacity_tokens=kv_tokens),
             model_info=model_info(model_cfg, tokenizer, model_dir, max_context, dtype),
             telemetry=self.telemetry,

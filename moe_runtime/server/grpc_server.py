@@ -23,7 +23,13 @@ import grpc
 
 from moe_runtime.config import ServerConfig
 from moe_runtime.engine.sampling_params import SamplingParams
-from moe_runtime.errors import ConfigError, EngineDeadError, MoeRuntimeError, RequestError
+from moe_runtime.errors import (
+    ConfigError,
+    EngineDeadError,
+    MissingTokenizerError,
+    MoeRuntimeError,
+    RequestError,
+)
 from moe_runtime.server.auth import BearerTokenInterceptor
 from moe_runtime.server.convert import chunk_to_proto, final_fields, logprobs_to_proto, snapshot_to_proto
 from moe_runtime.server.health import ServingState
@@ -79,7 +85,6 @@ class Backend:
     """What the service needs once the model is loaded."""
 
     engine: Any  # AsyncEngine
-    tokenizer: Any  # moe_runtime.tokenizer.Tokenizer
     limits: Limits
     model_info: pb.ModelInfo
     telemetry: Telemetry
@@ -152,6 +157,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         except RequestError as e:
             call.status = "INVALID_ARGUMENT"
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except MissingTokenizerError as e:
+            call.status = "FAILED_PRECONDITION"
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         finally:
             self.in_flight.discard(valid.request_id)
             await stream.aclose()  # not finished: the engine aborts the request and frees its KV blocks
@@ -172,7 +180,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                              f"(server.max_queued_requests={self.max_queued_requests}); retry later")
         if code is None:
             try:
-                valid = validate_request(request, b.limits, b.tokenizer.encode)
+                valid = validate_request(request, b.limits, b.engine.encode)
                 if valid.request_id in self.in_flight:
                     raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT,
                                           f"request_id={valid.request_id!r}: already in flight; use a unique id "
@@ -182,6 +190,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 code, message = e.code, str(e)
             except RequestError as e:
                 code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+            except MissingTokenizerError as e:
+                code, message = grpc.StatusCode.FAILED_PRECONDITION, str(e)
         call.status = code.name
         await context.abort(code, message)
         raise AssertionError("unreachable: context.abort raises")
