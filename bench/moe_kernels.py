@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_runtime.kernels import fused_moe, route
-from moe_runtime.kernels.reference import RoutingResult, fused_moe_reference
+from moe_runtime.kernels.reference import RoutingResult
 
 # Mixtral-8x7B-v0.1 (../shared/fixtures config.json) and the embedded `mini` preset.
 SHAPES = {
@@ -92,7 +92,7 @@ def heuristic_tiles(
         load_table,
         table_path,
     )
-    from moe_runtime.kernels.triton.fused_moe import fused_moe_triton
+    from moe_runtime.kernels.triton.fused_moe import fused_moe_triton_fp32
 
     E, two_i, _ = w13.shape
     shape = MoeShape(
@@ -101,7 +101,7 @@ def heuristic_tiles(
     if not load_table(table_path(shape)):
         return {}
     cfg = default_tile_config(hidden.shape[0], routing.top_k, E)
-    return {"heuristic": lambda: fused_moe_triton(hidden, w13, w2, routing, None, cfg)}
+    return {"heuristic": lambda: fused_moe_triton_fp32(hidden, w13, w2, routing, None, cfg).to(hidden.dtype)}
 
 
 @dataclass(frozen=True)
@@ -205,7 +205,7 @@ def bench_one(shape_name: str, dtype_name: str, M: int, device: torch.device, ti
         if cpu.available():  # the engine's CPU path for 16-bit weights (model.exact: false)
             fns["ours"] = lambda: fused_moe(hidden, w13, w2, routing, backend="cpu")
             fns["torch"] = lambda: fused_moe(hidden, w13, w2, routing, backend="torch")
-        fns["reference"] = lambda: fused_moe_reference(hidden, w13, w2, routing)
+        fns["reference"] = lambda: fused_moe(hidden, w13, w2, routing, backend="reference")
         times = time_cpu(fns, timing.repeats, timing.clock)
     active = int(torch.unique(routing.ids).numel())
     elem = hidden.element_size()

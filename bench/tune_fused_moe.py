@@ -2,12 +2,13 @@
 
     python bench/tune_fused_moe.py --shape mixtral --dtype bf16 --m 1,2,4,8,16,32,64,128,512,2048,4096
 
-For each M it times the whole pipeline (align + both grouped GEMMs + combine), replayed from a CUDA graph,
-with the heuristic default and every candidate `TileConfig` (then, from 8 rows per expert up, tiles of
-GEMM 2's own), keeps the fastest, and prints its speedup over the heuristic; the file
-is named by `tile_config.table_path` so that `tile_config_for` finds it (nearest M). Candidates depend on
-the rows per expert (see `candidates`) and are pruned by shared memory before compiling. Expect ~1-3 s of
-compile per new config; compiled kernels are reused across M, and `--budget-s` bounds the whole run.
+For each M it times the whole layer as `kernels.fused_moe` runs it (align + both grouped GEMMs + combine +
+the final cast to the input dtype), replayed from a CUDA graph, with the heuristic default and every
+candidate `TileConfig` (then, from 8 rows per expert up, tiles of GEMM 2's own), keeps the fastest, and
+prints its speedup over the heuristic; the file is named by `tile_config.table_path` so that
+`tile_config_for` finds it (nearest M). Candidates depend on the rows per expert (see `candidates`) and are
+pruned by shared memory before compiling. Expect ~1-3 s of compile per new config; compiled kernels are
+reused across M, and `--budget-s` bounds the whole run.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from moe_runtime.kernels.tile_config import (
     save_table,
     table_path,
 )
-from moe_runtime.kernels.triton.fused_moe import fused_moe_triton
+from moe_runtime.kernels.triton.fused_moe import fused_moe_triton_fp32
 
 SHAPES = {
     "mixtral": dict(H=4096, I=14336, E=8, k=2),
@@ -117,7 +118,8 @@ def _compile(job: tuple[str, str, list[tuple[int, TileConfig]]]) -> int:
     for m, cfg in items:
         hidden = torch.randn(m, s["H"], device="cuda", dtype=dtype)
         try:
-            fused_moe_triton(hidden, w13, w2, route(torch.randn(m, s["E"], device="cuda"), s["k"]), None, cfg)
+            routing = route(torch.randn(m, s["E"], device="cuda"), s["k"])
+            fused_moe_triton_fp32(hidden, w13, w2, routing, None, cfg)
             done += 1
         except Exception:  # a config this GPU cannot run: tune_one reports it
             pass
@@ -148,6 +150,12 @@ def precompile(shape_name: str, dtype_name: str, ms: list[int], workers: int) ->
         print(
             f"precompile failed ({type(err).__name__}: {err}); compiling as the tuning goes", file=sys.stderr
         )
+
+
+def moe_layer(hidden, w13, w2, routing, config: TileConfig) -> torch.Tensor:
+    """The Triton MoE as the engine runs it (`kernels.fused_moe`: fp32 pipeline, rounded once), with fixed
+    tiles. hidden [T, H]; w13 [E, 2I, H]; w2 [E, H, I]. Returns [T, H] in hidden's dtype."""
+    return fused_moe_triton_fp32(hidden, w13, w2, routing, None, config).to(hidden.dtype)
 
 
 def graph_time(fn) -> float:
@@ -183,7 +191,7 @@ def tune_one(
                 print(f"  M={num_tokens}: budget spent, keeping the best so far", file=sys.stderr)
                 break
             try:
-                ms = graph_time(lambda c=cfg: fused_moe_triton(hidden, w13, w2, routing, None, c))
+                ms = graph_time(lambda c=cfg: moe_layer(hidden, w13, w2, routing, c))
             except Exception as err:  # out of shared memory, too many registers: skip the config
                 print(f"  skip {cfg}: {type(err).__name__}", file=sys.stderr)
                 continue
@@ -192,15 +200,16 @@ def tune_one(
         return best, best_ms
 
     heuristic = default_tile_config(num_tokens, shape["k"], shape["E"])
-    heuristic_ms = graph_time(lambda: fused_moe_triton(hidden, w13, w2, routing, None, heuristic))
+    heuristic_ms = graph_time(lambda: moe_layer(hidden, w13, w2, routing, heuristic))
     best, best_ms = best_of(candidates(num_tokens, shape["k"], shape["E"]), heuristic, heuristic_ms)
     if num_tokens * shape["k"] / shape["E"] >= 8:
         split = [replace(best, gemm2=c) for c in gemm2_candidates(best)]
         best, best_ms = best_of(split, best, best_ms)
-    # The winner must compute what the heuristic computes (both bf16 with fp32 accumulation; outputs are
-    # O(1) here, so 3e-2 is a few ulps): a fast wrong config never reaches the table.
-    want = fused_moe_triton(hidden, w13, w2, routing, None, heuristic).float()
-    got = fused_moe_triton(hidden, w13, w2, routing, None, best).float()
+    # The winner must compute what the heuristic computes (both bf16 inputs, fp32 accumulation, compared
+    # before the final rounding; outputs are O(1) here, so 3e-2 is a few bf16 ulps): a fast wrong config
+    # never reaches the table.
+    want = fused_moe_triton_fp32(hidden, w13, w2, routing, None, heuristic)
+    got = fused_moe_triton_fp32(hidden, w13, w2, routing, None, best)
     if not torch.allclose(got, want, atol=3e-2, rtol=0):
         err = (got - want).abs().max().item()
         print(

@@ -1,23 +1,42 @@
 """MoE kernels: top-k routing and the fused expert MLP over tokens grouped by expert.
 
-The public API (the model and the expert store use only this):
+The public API (the model, the expert store and the runtime's config use only this):
     route(router_logits[T, E], top_k, renormalize=True) -> RoutingResult
-    fused_moe(hidden[T, H], w13[S, 2I, H], w2[S, H, I], routing, *, slot_map=None, backend="auto")
-    fused_moe_fp32(...same...) -> [T, H] fp32: fused_moe before its final rounding (expert-parallel shares)
+    fused_moe_fp32(hidden[T, H], w13[S, 2I, H], w2[S, H, I], routing, *, slot_map=None, backend="auto")
+        -> [T, H] fp32: each token's k weighted pairs summed in fp32, not rounded (expert-parallel shares)
+    fused_moe(...same...) -> [T, H] in hidden's dtype: fused_moe_fp32 rounded once
+    BACKEND_NAMES: the names `backend` may take ("auto" first)
 
-Backends (`backends.BACKENDS`): "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (fastest CPU
-path), "reference" (transformers' eager arithmetic, bit for bit), "megablocks" (not wired yet);
-"auto" = triton on CUDA, torch elsewhere.
+Backends (`backends.BACKENDS`, each one function with `fused_moe_fp32`'s contract): "triton" (CUDA, or CPU
+under TRITON_INTERPRET=1), "torch" (fastest exact CPU path), "cpu" (torch with native expert GEMMs for small
+groups), "reference" (transformers' eager arithmetic, bit for bit), "megablocks" (not wired yet: raises
+BackendUnavailableError); "auto" = triton on CUDA, torch elsewhere. An unknown name raises
+UnknownBackendError.
 """
 
 from __future__ import annotations
 
 import torch
 
-from moe_runtime.kernels.backends import FP32_BACKENDS, resolve_backend
+from moe_runtime.kernels.backends import (
+    BACKEND_NAMES,
+    UNAVAILABLE_BACKENDS,
+    BackendUnavailableError,
+    UnknownBackendError,
+    resolve_backend,
+)
 from moe_runtime.kernels.reference import RoutingResult, route_reference
 
-__all__ = ["RoutingResult", "route", "fused_moe", "fused_moe_fp32"]
+__all__ = [
+    "RoutingResult",
+    "route",
+    "fused_moe",
+    "fused_moe_fp32",
+    "BACKEND_NAMES",
+    "UNAVAILABLE_BACKENDS",
+    "BackendUnavailableError",
+    "UnknownBackendError",
+]
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True) -> RoutingResult:
@@ -32,19 +51,6 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True) -> 
     return route_reference(router_logits, top_k, renormalize)
 
 
-def fused_moe(
-    hidden: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    routing: RoutingResult,
-    *,
-    slot_map: torch.Tensor | None = None,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """See `reference.fused_moe_reference` for the contract. Returns [T, H] in hidden's dtype."""
-    return resolve_backend(backend, hidden.device)(hidden, w13, w2, routing, slot_map)
-
-
 def fused_moe_fp32(
     hidden: torch.Tensor,
     w13: torch.Tensor,
@@ -54,10 +60,25 @@ def fused_moe_fp32(
     slot_map: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """`fused_moe` without its final rounding: [T, H] float32, each token's k weighted pairs summed in fp32.
+    """The experts' SwiGLU MLPs over the routed pairs, before the final rounding.
 
-    `fused_moe(...) == fused_moe_fp32(...).to(hidden.dtype)` bit for bit. Expert-parallel ranks each run
-    this on the pairs they own and sum the fp32 shares before rounding once (see `reference` for why that
-    is exact for top-2 routing).
+    hidden [T, H]; w13 [S, 2I, H]; w2 [S, H, I]; routing ids/weights [T, k]; slot_map [E] int or None
+    (-1 = not resident here: contributes zero). Returns [T, H] float32, each token's k weighted pairs summed
+    in fp32 (see `reference.fused_moe_reference_fp32` for the contract). Expert-parallel ranks each run this
+    on the pairs they own and sum the fp32 shares before rounding once (exact for top-2 routing).
     """
-    return resolve_backend(backend, hidden.device, FP32_BACKENDS)(hidden, w13, w2, routing, slot_map)
+    return resolve_backend(backend, hidden.device)(hidden, w13, w2, routing, slot_map)
+
+
+def fused_moe(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    routing: RoutingResult,
+    *,
+    slot_map: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """`fused_moe_fp32` rounded once: same arguments, returns [T, H] in hidden's dtype."""
+    fp32 = fused_moe_fp32(hidden, w13, w2, routing, slot_map=slot_map, backend=backend)  # [T, H]
+    return fp32.to(hidden.dtype)  # one rounding

@@ -1,11 +1,12 @@
-"""Backend registry: backend name -> fused MoE function, looked up once per call by name and device.
+"""Backend registry: backend name -> fused MoE function, looked up by name and device.
 
-Every entry has the contract of `reference.fused_moe_reference(hidden, w13, w2, routing, slot_map)`.
-`auto` means Triton on CUDA and the torch backend elsewhere; `cpu` is the torch backend with native
-expert GEMMs for small groups (kernels/cpu, not bit-identical to the reference; the engine picks it for
-`auto` on CPU unless `model.exact`). The Triton entry imports its kernel modules
-on first use, not at import time: `@triton.jit` reads TRITON_INTERPRET when a kernel is defined, so the
-interpreter switch (tests/kernels/conftest.py) must win the race with the first import.
+Every entry has the contract of `reference.fused_moe_reference_fp32(hidden, w13, w2, routing, slot_map)`:
+[T, H] float32, each token's k weighted pairs summed in fp32 and not rounded; `moe_runtime.kernels.fused_moe`
+rounds that once to hidden's dtype. `auto` means Triton on CUDA and the torch backend elsewhere; `cpu` is
+the torch backend with native expert GEMMs for small groups (kernels/cpu, not bit-identical to the
+reference; the engine picks it for `auto` on CPU unless `model.exact`). The Triton entry imports its kernel
+modules on first use, not at import time: `@triton.jit` reads TRITON_INTERPRET when a kernel is defined, so
+the interpreter switch (tests/kernels/conftest.py) must win the race with the first import.
 """
 
 from __future__ import annotations
@@ -14,21 +15,31 @@ from collections.abc import Callable
 
 import torch
 
-from moe_runtime.errors import ConfigError
-from moe_runtime.kernels.cpu.moe import fused_moe_cpu, fused_moe_cpu_fp32
-from moe_runtime.kernels.reference import RoutingResult, fused_moe_reference, fused_moe_reference_fp32
-from moe_runtime.kernels.torch_moe import fused_moe_torch, fused_moe_torch_fp32
+from moe_runtime.kernels.cpu.moe import fused_moe_cpu_fp32
+from moe_runtime.kernels.reference import RoutingResult, fused_moe_reference_fp32
+from moe_runtime.kernels.torch_moe import fused_moe_torch_fp32
 
-FusedMoeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, RoutingResult, "torch.Tensor | None"], torch.Tensor]
+FusedMoeFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, RoutingResult, "torch.Tensor | None"], torch.Tensor
+]
+
+
+class UnknownBackendError(ValueError):
+    """A MoE backend name that is neither registered nor "auto". The runtime's config checks
+    `model.moe_backend` against BACKEND_NAMES first, so users get its ConfigError instead."""
+
+
+class BackendUnavailableError(RuntimeError):
+    """A registered MoE backend that this build cannot run (see UNAVAILABLE_BACKENDS)."""
+
+
+# Registered backends this build cannot run: name -> why, and what to use instead.
+UNAVAILABLE_BACKENDS: dict[str, str] = {
+    "megablocks": "megablocks needs a CUDA host and is not wired yet; use 'auto', 'triton' or 'torch'",
+}
 
 
 def _triton(hidden, w13, w2, routing, slot_map):
-    from moe_runtime.kernels.triton.fused_moe import fused_moe_triton
-
-    return fused_moe_triton(hidden, w13, w2, routing, slot_map)
-
-
-def _triton_fp32(hidden, w13, w2, routing, slot_map):
     from moe_runtime.kernels.triton.fused_moe import fused_moe_triton_fp32
 
     return fused_moe_triton_fp32(hidden, w13, w2, routing, slot_map)
@@ -36,40 +47,34 @@ def _triton_fp32(hidden, w13, w2, routing, slot_map):
 
 def _megablocks(hidden, w13, w2, routing, slot_map):
     # TODO(kernels): wire megablocks' grouped GEMM once a CUDA host with megablocks can test it.
-    raise ConfigError(
-        "moe_backend='megablocks' is not available in this build (megablocks needs a CUDA host and is not "
-        "wired yet); use 'auto', 'triton' or 'torch'"
-    )
+    reason = UNAVAILABLE_BACKENDS["megablocks"]
+    raise BackendUnavailableError(f"moe_backend='megablocks' is not available in this build: {reason}")
 
 
 BACKENDS: dict[str, FusedMoeFn] = {
-    "reference": fused_moe_reference,
-    "torch": fused_moe_torch,
-    "cpu": fused_moe_cpu,
-    "triton": _triton,
-    "megablocks": _megablocks,
-}
-
-# The same backends before the final rounding: [T, H] fp32 (`moe_runtime.kernels.fused_moe_fp32`).
-FP32_BACKENDS: dict[str, FusedMoeFn] = {
     "reference": fused_moe_reference_fp32,
     "torch": fused_moe_torch_fp32,
     "cpu": fused_moe_cpu_fp32,
-    "triton": _triton_fp32,
+    "triton": _triton,
     "megablocks": _megablocks,
 }
 
 # What `auto` means on each device type.
 AUTO: dict[str, str] = {"cuda": "triton", "cpu": "torch"}
 
+# Every name `resolve_backend` accepts, "auto" first: what `model.moe_backend` may be.
+BACKEND_NAMES: tuple[str, ...] = ("auto", *BACKENDS)
 
-def resolve_backend(name: str, device: torch.device, table: dict[str, FusedMoeFn] = BACKENDS) -> FusedMoeFn:
-    """The fused MoE function for backend `name` on `device` ("auto" picks by device type), from `table`
-    (`BACKENDS`, or `FP32_BACKENDS` for the unrounded variants)."""
+
+def resolve_backend(name: str, device: torch.device) -> FusedMoeFn:
+    """The fp32 fused MoE function of backend `name` on `device` ("auto" picks by device type).
+
+    Raises UnknownBackendError for a name not in BACKEND_NAMES.
+    """
     if name == "auto":
         name = AUTO.get(device.type, "torch")
     try:
-        return table[name]
+        return BACKENDS[name]
     except KeyError:
-        allowed = ["auto", *BACKENDS]
-        raise ConfigError(f"moe_backend={name!r} is not known; allowed: {allowed}") from None
+        allowed = list(BACKEND_NAMES)
+        raise UnknownBackendError(f"moe_backend={name!r} is not known; allowed: {allowed}") from None

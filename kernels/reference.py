@@ -2,7 +2,8 @@
 
 Each function has the same signature as the kernel it checks. The MoE arithmetic deliberately follows
 transformers' `MixtralSparseMoeBlock` with its default experts implementation step by step, so that in bf16
-the reference gives the same bits as the reference implementation of the model, not merely close ones.
+the MoE reference, rounded once, gives the same bits as the reference implementation of the model, not
+merely close ones.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def route_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool =
     return RoutingResult(weights=weights, ids=ids.to(torch.int32))
 
 
-def fused_moe_reference(
+def fused_moe_reference_fp32(
     hidden: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
@@ -66,27 +67,14 @@ def fused_moe_reference(
     routing:  RoutingResult with ids [T, k] in [0, E)
     slot_map: [E] int, expert id -> slot in [0, S), or -1 for "not resident here" (contributes zero).
               None means S == E and slot == expert id.
-    Returns [T, H] in hidden's dtype.
+    Returns [T, H] float32, not rounded: the contract of every MoE backend (`backends.BACKENDS`).
 
     Each (token, k) pair's expert MLP runs in hidden's dtype; its output times the fp32 routing weight is
-    kept in fp32 and the k pairs of a token are summed in fp32 in k order, with one rounding at the end.
-    That is what transformers' default (`grouped_mm`) experts do, so bf16 outputs match it bit for bit.
-    """
-    return fused_moe_reference_fp32(hidden, w13, w2, routing, slot_map).to(hidden.dtype)  # one rounding
-
-
-def fused_moe_reference_fp32(
-    hidden: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    routing: RoutingResult,
-    slot_map: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """`fused_moe_reference` before its final rounding: the fp32 sum over k of the weighted pairs.
-
-    Same arguments; returns [T, H] float32. Expert-parallel ranks each compute the pairs they own (the
-    others dropped through `slot_map`), sum these fp32 partials and round once: for top-2 routing that is
-    exactly `fused_moe_reference`'s result, since each token's sum then has one nonzero addition.
+    kept in fp32 and the k pairs of a token are summed in fp32 in k order. Rounded once to hidden's dtype
+    (as `kernels.fused_moe` does), that is what transformers' default (`grouped_mm`) experts compute, so
+    bf16 outputs match them bit for bit. Expert-parallel ranks each compute the pairs they own (the others
+    dropped through `slot_map`), sum these fp32 partials and round once: for top-2 routing that is exactly
+    the one-rank result, since each token's sum then has one nonzero addition.
     """
     T, H = hidden.shape
     S = w13.shape[0]

@@ -4,8 +4,8 @@
    active expert sees one contiguous slice: no per-expert `where` scans and no index_add chains.
 2. Per active expert: one GEMM against the fused w13 (gate and up in one pass over x), SwiGLU in place,
    one GEMM against w2, routing weight applied in fp32 as the reference does.
-3. Scatter the fp32 rows back to (token, k) order, sum over k in fp32 and round once (the reference's
-   combine, and the Triton backend's).
+3. Scatter the fp32 rows back to (token, k) order and sum over k in fp32 (the reference's combine, and
+   the Triton backend's); `kernels.fused_moe` rounds that sum once.
 
 Why a loop over active experts and not `torch.nn.functional.grouped_mm`: on CPU (torch 2.13) grouped_mm
 runs the same per-group GEMMs (measured equal within noise), and the loop lets each expert choose how to
@@ -65,23 +65,6 @@ def _expert_mlp(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torc
     return _upcast_linear(h, w2) if upcast else F.linear(h, w2)  # [n, H]
 
 
-def fused_moe_torch(
-    hidden: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    routing: RoutingResult,
-    slot_map: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Same contract as `reference.fused_moe_reference`.
-
-    hidden: [T, H]; w13: [S, 2I, H]; w2: [S, H, I]; routing ids/weights [T, k]; slot_map: [E] int or None
-    (-1 = not resident: contributes zero). Returns [T, H] in hidden's dtype. Bit-identical to the
-    reference (same ops in the same order) except for 16-bit groups of >= UPCAST_MIN_ROWS rows on CPU,
-    which are computed in fp32: more accurate than the reference, and within a few output ulps of it.
-    """
-    return fused_moe_torch_fp32(hidden, w13, w2, routing, slot_map).to(hidden.dtype)  # one rounding
-
-
 def fused_moe_torch_fp32(
     hidden: torch.Tensor,
     w13: torch.Tensor,
@@ -89,9 +72,13 @@ def fused_moe_torch_fp32(
     routing: RoutingResult,
     slot_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`fused_moe_torch` before its final rounding (see `reference.fused_moe_reference_fp32`).
+    """Same contract as `reference.fused_moe_reference_fp32`.
 
-    Same arguments; returns [T, H] float32, the k weighted pairs of each token summed in fp32.
+    hidden: [T, H]; w13: [S, 2I, H]; w2: [S, H, I]; routing ids/weights [T, k]; slot_map: [E] int or None
+    (-1 = not resident: contributes zero). Returns [T, H] float32, the k weighted pairs of each token summed
+    in fp32, not rounded. Bit-identical to the reference (same ops in the same order) except for 16-bit
+    groups of >= UPCAST_MIN_ROWS rows on CPU, which are computed in fp32: more accurate than the reference,
+    and within a few output ulps of it once rounded.
     """
     return run_experts_fp32(hidden, w13, w2, routing, slot_map, _expert_mlp)
 

@@ -80,3 +80,15 @@ def test_default_model_is_created_once_in_the_cache(tmp_path, monkeypatch, capsy
     assert (model_dir / "config.json").exists()
     assert [p.name for p in model_dir.parent.iterdir()] == ["tiny"]  # no temporary directory left behind
     assert _run_json(capsys, argv) == first
+
+
+def test_the_cli_parser_and_client_commands_do_not_import_torch():
+    """`moe-runtime --help`, `stats --server` and `generate --server` start in a fraction of a second: building
+    the parser imports every command module, none of which may pull in torch (about 1.5 s) at import time."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from moe_runtime import cli; cli.build_parser(); "
+             "import moe_runtime.server.client, moe_runtime.commands.stats; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

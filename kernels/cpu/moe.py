@@ -1,11 +1,11 @@
 """The `cpu` MoE backend: the torch backend's sort / scatter with native expert GEMMs for small groups.
 
 Steps 1 and 3 are `torch_moe.run_experts_fp32` (sort the (token, k) pairs by slot once, gather, weight in
-fp32, scatter back, sum over k in fp32, round once). Step 2 differs: an active expert with 16-bit weights
-and at most `NATIVE_MAX_ROWS` rows runs `kernels.cpu.expert_mlp`, which reads its w13 and w2 once for
-all its rows (rounding where the torch backend rounds below UPCAST_MIN_ROWS); larger groups (prefill) and fp32 weights take
-the torch backend's path, whose fp32 GEMMs win there. Without the native kernels (no AVX2, no compiler)
-every group takes the torch path: this backend then equals `torch`.
+fp32, scatter back, sum over k in fp32; `kernels.fused_moe` rounds once). Step 2 differs: an active expert
+with 16-bit weights and at most `NATIVE_MAX_ROWS` rows runs `kernels.cpu.expert_mlp`, which reads its w13
+and w2 once for all its rows (rounding where the torch backend rounds below UPCAST_MIN_ROWS); larger groups
+(prefill) and fp32 weights take the torch backend's path, whose fp32 GEMMs win there. Without the native
+kernels (no AVX2, no compiler) every group takes the torch path: this backend then equals `torch`.
 
 Not bit-identical to the reference: the same rounding points, but fp32 accumulation in another order
 (tests/kernels/test_cpu_moe.py states the tolerance). `model.exact: true` keeps the `torch` backend.
@@ -32,18 +32,6 @@ def _native_expert_mlp(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) 
     return _expert_mlp(rows, w13, w2)
 
 
-def fused_moe_cpu(
-    hidden: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    routing: RoutingResult,
-    slot_map: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Same contract as `reference.fused_moe_reference`: hidden [T, H]; w13 [S, 2I, H]; w2 [S, H, I];
-    routing ids/weights [T, k]; slot_map [E] or None. Returns [T, H] in hidden's dtype. CPU tensors."""
-    return fused_moe_cpu_fp32(hidden, w13, w2, routing, slot_map).to(hidden.dtype)  # one rounding
-
-
 def fused_moe_cpu_fp32(
     hidden: torch.Tensor,
     w13: torch.Tensor,
@@ -51,7 +39,8 @@ def fused_moe_cpu_fp32(
     routing: RoutingResult,
     slot_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`fused_moe_cpu` before its final rounding: [T, H] float32.
+    """Same contract as `reference.fused_moe_reference_fp32`: hidden [T, H]; w13 [S, 2I, H]; w2 [S, H, I];
+    routing ids/weights [T, k]; slot_map [E] or None. Returns [T, H] float32, not rounded. CPU tensors.
 
     When no group can exceed NATIVE_MAX_ROWS (T * k rows in all: decode), the whole layer is one native
     call (`cpu.moe_fp32`, the same arithmetic without the Python per-expert loop).

@@ -2,7 +2,7 @@
 
 Rows of dropped pairs (slot -1: the expert lives elsewhere) are skipped rather than read, so grouped GEMM 2
 need not zero its output first. The k rows are added in order k = 0, 1, ... in fp32, as
-`reference.fused_moe_reference` does. Reference: `rows.sum(dim=1).to(dtype)` with dropped rows zero.
+`reference.fused_moe_reference_fp32` does. Reference: `rows.sum(dim=1).to(dtype)` with dropped rows zero.
 """
 
 from __future__ import annotations

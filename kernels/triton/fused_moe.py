@@ -2,7 +2,8 @@
 
 Four Triton launches per layer (align, the two GEMMs, the combine) and no other kernel, whatever the number
 of experts, with grids that depend only on shapes (not on routing), so a decode step can be captured in a
-CUDA graph. Reference: `reference.fused_moe_reference`.
+CUDA graph; `kernels.fused_moe` adds one cast of the fp32 result. Reference:
+`reference.fused_moe_reference_fp32`.
 """
 
 from __future__ import annotations
@@ -17,23 +18,6 @@ from moe_runtime.kernels.triton.grouped_gemm1 import grouped_gemm1
 from moe_runtime.kernels.triton.grouped_gemm2 import grouped_gemm2
 
 
-def fused_moe_triton(
-    hidden: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    routing: RoutingResult,
-    slot_map: torch.Tensor | None = None,
-    config: TileConfig | None = None,
-) -> torch.Tensor:
-    """Same contract as `reference.fused_moe_reference`; config=None looks up the tuned table.
-
-    hidden: [T, H]; w13: [S, 2I, H]; w2: [S, H, I]; routing ids [T, k] in [0, E); slot_map: [E] or None.
-    Returns [T, H] in hidden's dtype (fp32 accumulation inside each GEMM, the k rows summed in fp32 and
-    rounded once).
-    """
-    return _fused_moe(hidden, w13, w2, routing, slot_map, config, hidden.dtype)
-
-
 def fused_moe_triton_fp32(
     hidden: torch.Tensor,
     w13: torch.Tensor,
@@ -42,21 +26,18 @@ def fused_moe_triton_fp32(
     slot_map: torch.Tensor | None = None,
     config: TileConfig | None = None,
 ) -> torch.Tensor:
-    """`fused_moe_triton` before its final rounding (see `reference.fused_moe_reference_fp32`).
+    """Same contract as `reference.fused_moe_reference_fp32`; config=None looks up the tuned table.
 
-    Same arguments; returns [T, H] float32, the k fp32 rows of each token summed, not rounded.
+    hidden: [T, H]; w13: [S, 2I, H]; w2: [S, H, I]; routing ids [T, k] in [0, E); slot_map: [E] or None.
+    Returns [T, H] float32 (fp32 accumulation inside each GEMM, the k rows of each token summed in fp32 by
+    the combine, not rounded). `config` fixes the tiles (bench/tune_fused_moe.py times candidates with it).
     """
-    return _fused_moe(hidden, w13, w2, routing, slot_map, config, torch.float32)
-
-
-def _fused_moe(hidden, w13, w2, routing, slot_map, config, out_dtype: torch.dtype) -> torch.Tensor:
-    """The pipeline, its combine writing out_dtype (the rounding, if any, happens there, once)."""
     T, H = hidden.shape
     S, two_i, _ = w13.shape
     if w2.shape != (S, H, two_i // 2):
         raise ValueError(f"w2 must be [S={S}, H={H}, I={two_i // 2}], got {tuple(w2.shape)}")
     if T == 0:
-        return torch.zeros(T, H, dtype=out_dtype, device=hidden.device)
+        return torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
     k = routing.top_k
     if config is None:
         shape = MoeShape(
@@ -67,4 +48,4 @@ def _fused_moe(hidden, w13, w2, routing, slot_map, config, out_dtype: torch.dtyp
     aligned = align(slots, S, config.block_m)
     inter = grouped_gemm1(hidden, w13, aligned, config)  # [T*k, I]
     rows = grouped_gemm2(inter, w2, aligned, routing.weights, config, zero_dropped=False)  # [T, k, H] fp32
-    return combine(rows, slots, out_dtype)  # [T, H]: dropped pairs skipped, k rows summed in fp32
+    return combine(rows, slots, torch.float32)  # [T, H]: dropped pairs skipped, k rows summed in fp32

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from moe_runtime.config.base import ByteSize, Section
 from moe_runtime.config.model_config import ModelConfig
@@ -20,7 +20,7 @@ class ModelLoadConfig(Section):
     path: str | None = None  # HF checkpoint directory; None serves the embedded `tiny` model
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: the checkpoint's torch_dtype
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    moe_backend: Literal["auto", "torch", "cpu", "triton", "megablocks", "reference"] = "auto"
+    moe_backend: str = "auto"  # one of moe_runtime.kernels.BACKEND_NAMES
     # false (default): CPU fast paths for 16-bit weights (`MixtralForCausalLM.use_fast_cpu_paths`: native
     # kernels of kernels/cpu for a few rows, fp32 decode attention, fp32 weight copies for large batches);
     # they round where torch rounds but sum in another order, so bf16 logits move by a few ulps. true:
@@ -28,6 +28,20 @@ class ModelLoadConfig(Section):
     # torch MoE backend still widens expert groups of >= 16 rows to fp32; moe_backend: reference avoids
     # that too). Slower on CPUs without native bf16 GEMMs; no effect on GPUs or fp32 weights.
     exact: bool = False
+
+    @field_validator("moe_backend")
+    @classmethod
+    def _runnable_backend(cls, name: str) -> str:
+        # Imported here, not at the top: the kernels bring torch, which the CLI's client commands (stats,
+        # generate --server) never need; they import this module but build no config.
+        from moe_runtime.kernels import BACKEND_NAMES, UNAVAILABLE_BACKENDS
+
+        if name in UNAVAILABLE_BACKENDS:
+            raise ValueError(f"not available in this build: {UNAVAILABLE_BACKENDS[name]}")
+        if name not in BACKEND_NAMES:
+            allowed = [n for n in BACKEND_NAMES if n not in UNAVAILABLE_BACKENDS]
+            raise ValueError(f"not a MoE backend; allowed: {allowed}")
+        return name
 
 
 class EngineConfig(Section):
@@ -88,9 +102,10 @@ class OffloadConfig(Section):
             )
         return self
 
-    def resolve_slots(self, cfg: ModelConfig, bytes_per_element: int) -> int:
+    def resolve_slots(self, cfg: ModelConfig, expert_bytes: int) -> int:
         """Resident slots S per layer for this model, in [num_experts_per_tok, num_local_experts].
 
+        expert_bytes: one expert's weight bytes in the run's dtype (`checkpoint.layout.expert_bytes`).
         Raises `ConfigError` naming the field, the value and the minimum when the budget cannot hold the
         experts of one token (the least any step needs). A budget above E is capped at E.
         """
@@ -102,7 +117,6 @@ class OffloadConfig(Section):
                     f"{A} (num_experts_per_tok; one token's experts must fit); allowed: {A}..{E}"
                 )
             return min(self.resident_experts_per_layer, E)
-        expert_bytes = 3 * cfg.hidden_size * cfg.intermediate_size * bytes_per_element
         slots = self.device_memory_bytes // (L * expert_bytes)
         if slots < A:
             raise ConfigError(
@@ -142,7 +156,7 @@ class PlacementConfig(Section):
     """`placement:` where each (layer, expert) lives across workers (cluster/placement.py builds the plan).
 
     Layers without an `explicit` entry follow `strategy` (one copy per expert); `replicas` adds copies on
-    top. Expert and rank ranges need the model, so `moe_runtime.cluster.placement.build_placement` checks
+    top. Expert and rank ranges need the model, so `moe_runtime.cluster.placement_config.build_placement` checks
     them and names the YAML path. Example (4 workers, expert 0 doubled everywhere, layer 3 spelled out):
 
         placement:

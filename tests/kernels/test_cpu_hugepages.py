@@ -40,7 +40,7 @@ def test_memory_lives_as_long_as_the_tensor():
 
 def test_model_weights_move_and_keep_their_values(tiny_model_dir, monkeypatch):
     """`use_fast_cpu_paths` moves every weight of at least MIN_BYTES (lowered here for the tiny model)."""
-    from moe_runtime.model.loader import load_model
+    from moe_runtime.checkpoint.loader import load_model
 
     monkeypatch.setattr(hugepages, "MIN_BYTES", 64 * 1024)
     model = load_model(tiny_model_dir, dtype="bfloat16", device="cpu")

@@ -12,9 +12,9 @@ import torch
 from moe_cases import CASES, make_inputs
 
 from moe_runtime.kernels import cpu
-from moe_runtime.kernels.cpu.moe import NATIVE_MAX_ROWS, fused_moe_cpu, fused_moe_cpu_fp32
+from moe_runtime.kernels.cpu.moe import NATIVE_MAX_ROWS, fused_moe_cpu_fp32
 from moe_runtime.kernels.reference import RoutingResult, fused_moe_reference_fp32
-from moe_runtime.kernels.torch_moe import fused_moe_torch, run_experts_fp32
+from moe_runtime.kernels.torch_moe import fused_moe_torch_fp32, run_experts_fp32
 
 HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 pytestmark = pytest.mark.skipif(not HAS_AVX2, reason="the native CPU kernels run only on AVX2 CPUs")
@@ -25,10 +25,10 @@ pytestmark = pytest.mark.skipif(not HAS_AVX2, reason="the native CPU kernels run
 def test_16bit_matches_fp32_reference(case, dtype):
     x = make_inputs(case, dtype)
     want = fused_moe_reference_fp32(x.hidden.float(), x.w13.float(), x.w2.float(), x.routing, x.slot_map)
-    got32 = fused_moe_cpu_fp32(x.hidden, x.w13, x.w2, x.routing, x.slot_map)
-    torch.testing.assert_close(got32, want, atol=2e-2, rtol=0)
-    got = fused_moe_cpu(x.hidden, x.w13, x.w2, x.routing, x.slot_map)
-    assert got.dtype == dtype and torch.equal(got, got32.to(dtype))  # rounded once
+    got = fused_moe_cpu_fp32(x.hidden, x.w13, x.w2, x.routing, x.slot_map)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=0)
+    torch.testing.assert_close(got.to(dtype).float(), want, atol=2e-2, rtol=0)  # as `fused_moe` rounds it
 
 
 def test_large_groups_take_the_torch_path():
@@ -38,14 +38,15 @@ def test_large_groups_take_the_torch_path():
     reps = NATIVE_MAX_ROWS // case.T + 1
     big = torch.cat([x.hidden] * reps)  # [> NATIVE_MAX_ROWS, H], one group
     routing = RoutingResult(torch.cat([x.routing.weights] * reps), torch.cat([x.routing.ids] * reps))
-    assert torch.equal(fused_moe_cpu(big, x.w13, x.w2, routing), fused_moe_torch(big, x.w13, x.w2, routing))
+    got = fused_moe_cpu_fp32(big, x.w13, x.w2, routing)
+    assert torch.equal(got, fused_moe_torch_fp32(big, x.w13, x.w2, routing))
 
 
 @pytest.mark.parametrize("case", CASES[:3], ids=[c.name for c in CASES[:3]])
 def test_fp32_weights_equal_the_torch_backend(case):
     x = make_inputs(case, torch.float32)
-    got = fused_moe_cpu(x.hidden, x.w13, x.w2, x.routing, x.slot_map)
-    assert torch.equal(got, fused_moe_torch(x.hidden, x.w13, x.w2, x.routing, x.slot_map))
+    got = fused_moe_cpu_fp32(x.hidden, x.w13, x.w2, x.routing, x.slot_map)
+    assert torch.equal(got, fused_moe_torch_fp32(x.hidden, x.w13, x.w2, x.routing, x.slot_map))
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.T * c.k <= NATIVE_MAX_ROWS], ids=lambda c: c.name)

@@ -11,7 +11,7 @@ from moe_cases import CASES, make_inputs, num_slots
 import moe_runtime.kernels.reference as reference
 from moe_runtime.kernels.reference import (
     align_reference,
-    fused_moe_reference,
+    fused_moe_reference_fp32,
     grouped_gemm1_reference,
     grouped_gemm2_reference,
     max_blocks,
@@ -55,5 +55,5 @@ def test_pieces_compose_to_the_whole(case):
     a = align_reference(x.slot_ids, num_slots(x), block_m=16)
     inter = grouped_gemm1_reference(x.hidden, x.w13, a)  # [T*k, I]
     rows = grouped_gemm2_reference(inter, x.w2, a, x.routing.weights)  # [T, k, H]
-    want = fused_moe_reference(x.hidden, x.w13, x.w2, x.routing, x.slot_map)
+    want = fused_moe_reference_fp32(x.hidden, x.w13, x.w2, x.routing, x.slot_map)
     torch.testing.assert_close(rows.sum(dim=1), want, atol=1e-5, rtol=0)

@@ -11,7 +11,7 @@ import torch
 from moe_cases import CASES, make_inputs
 
 from moe_runtime.kernels import fused_moe, route
-from moe_runtime.kernels.reference import RoutingResult, fused_moe_reference, route_reference
+from moe_runtime.kernels.reference import RoutingResult, fused_moe_reference_fp32, route_reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -21,7 +21,7 @@ BACKENDS = ("triton", "torch")
 
 def fp32_reference(hidden, w13, w2, routing, slot_map=None):
     f = torch.float32
-    return fused_moe_reference(hidden.to(f), w13.to(f), w2.to(f), routing, slot_map)
+    return fused_moe_reference_fp32(hidden.to(f), w13.to(f), w2.to(f), routing, slot_map)
 
 
 def mixtral_inputs(T: int, seed: int = 7):

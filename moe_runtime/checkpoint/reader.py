@@ -1,0 +1,115 @@
+"""Read single tensors of safetensors files straight into caller-owned memory, through the page cache.
+
+Why not `CheckpointFiles.get`: it reads through a shared mmap of the whole file, and every page it touches
+stays mapped into the process and counts in its resident set (RssFile) until the file is closed. A store
+that streams experts from disk would then grow to the checkpoint's size. `pread` into the destination slot
+uses the kernel's page cache, which the process does not own, so resident memory stays bounded by what the
+store allocates. The format (8-byte little-endian header length, JSON header, data) is the documented one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moe_runtime.checkpoint.layout import SAFETENSORS_DTYPES
+from moe_runtime.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where one tensor's bytes are: file, absolute byte offset, length, dtype and shape."""
+
+    file: str
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def read_header(path: Path) -> dict[str, TensorLocation]:
+    """Parse a safetensors header. Raises `CheckpointError` naming the file on a malformed header."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(
+                f"{path}: tensor {name} has dtype {meta['dtype']}; allowed: {sorted(SAFETENSORS_DTYPES)}"
+            )
+        start, end = meta["data_offsets"]
+        out[name] = TensorLocation(
+            str(path), 8 + n + start, end - start, SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"])
+        )
+    return out
+
+
+class SafetensorsReader:
+    """Random access to the named tensors of a checkpoint directory. Owns one fd per file; `close()` them.
+
+    names: tensor name -> file name (relative to `model_dir`), e.g. `CheckpointFiles.location`.
+    """
+
+    def __init__(self, model_dir: str | Path, names: dict[str, str]):
+        self.dir = Path(model_dir)
+        self.locations: dict[str, TensorLocation] = {}
+        for fname in sorted(set(names.values())):
+            header = read_header(self.dir / fname)
+            self.locations.update({n: loc for n, loc in header.items() if names.get(n) == fname})
+        self._fds = {loc.file: os.open(loc.file, os.O_RDONLY) for loc in self.locations.values()}
+
+    def read_into(self, name: str, dst: torch.Tensor) -> int:
+        """Copy tensor `name` into `dst` (contiguous, CPU, same numel; converted if the dtype differs).
+
+        Returns the bytes read from the file.
+        """
+        loc = self.locations[name]
+        assert dst.is_contiguous() and dst.device.type == "cpu" and dst.numel() * loc.dtype.itemsize == loc.nbytes
+        raw = dst if dst.dtype == loc.dtype else torch.empty(dst.shape, dtype=loc.dtype)
+        view = memoryview(raw.view(torch.uint8).numpy()).cast("B")
+        done = 0
+        while done < loc.nbytes:
+            got = os.preadv(self._fds[loc.file], [view[done:]], loc.offset + done)
+            if got <= 0:
+                raise CheckpointError(f"{loc.file}: truncated while reading tensor {name}")
+            done += got
+        if raw is not dst:
+            dst.copy_(raw)
+        return loc.nbytes
+
+    def copy_into(self, name: str, dst: torch.Tensor) -> None:
+        """Copy tensor `name` into `dst` wherever it lives: straight from the file into contiguous CPU memory
+        (no staging copy), else through a CPU tensor of the stored dtype."""
+        if dst.device.type == "cpu" and dst.is_contiguous():
+            self.read_into(name, dst)
+        else:
+            dst.copy_(self.get(name))
+
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor `name` in a new CPU tensor of its stored dtype and shape."""
+        loc = self.locations[name]
+        out = torch.empty(loc.shape, dtype=loc.dtype)
+        self.read_into(name, out)
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
