@@ -23,7 +23,7 @@ from moe_runtime.config import ModelConfig
 from moe_runtime.kernels import cpu
 from moe_runtime.model.attention import AttentionMetadata, attention_fp32
 from moe_runtime.model.mixtral import Attention, RotaryEmbedding
-from moe_runtime.model.presets import preset_config
+from moe_runtime.presets.configs import preset_config
 
 LAYERS = 8
 NUM_BLOCKS = 2048

@@ -44,7 +44,7 @@ class Timing:
 
 def ensure_checkpoint(path: Path, preset: str) -> Path:
     if not (path / "config.json").exists():
-        from moe_runtime.model.init_model import init_model
+        from moe_runtime.presets.init_model import init_model
 
         print(f"creating the {preset} checkpoint in {path} (once)")
         init_model(preset, path, seed=0)
@@ -72,8 +72,8 @@ def make_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[lis
 
 def weight_bytes(model) -> tuple[int, int]:
     """(bytes of the weights every step reads, bytes of one expert of one layer)."""
-    layer0 = model.layers[0].block_sparse_moe
-    expert = (layer0.w13[0].numel() + layer0.w2[0].numel()) * layer0.w13.element_size()
+    experts = model.layers[0].block_sparse_moe.experts
+    expert = (experts.w13[0].numel() + experts.w2[0].numel()) * experts.w13.element_size()
     dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                 if "w13" not in n and "w2" not in n and "embed_tokens" not in n)
     return dense, expert

@@ -47,11 +47,11 @@ def model_dir(name: str, cache: Path) -> Path:
     path = cache / name
     if not (path / "config.json").exists():
         if name == "tiny-trained":
-            from moe_runtime.model.tiny_trained import write_tiny_trained
+            from moe_runtime.presets.tiny_trained import write_tiny_trained
 
             write_tiny_trained(path)
         else:
-            from moe_runtime.model.init_model import init_model
+            from moe_runtime.presets.init_model import init_model
 
             print(f"creating {name} checkpoint in {path} ...", flush=True)
             init_model(name, path, seed=0)
@@ -69,8 +69,8 @@ def make_engine(path: Path, args, batch: int, offload: list[str]) -> LLMEngine:
 def warm(engine: LLMEngine, prompts: list[list[int]]) -> None:
     """A short generate (allocator, caches, store slots), then zeroed store counters."""
     engine.generate(prompts, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
-    if engine.executor.model.expert_store is not None:
-        engine.executor.model.expert_store.reset_stats()
+    if engine.executor.expert_store is not None:
+        engine.executor.expert_store.reset_stats()
 
 
 def timed(engine: LLMEngine, prompts: list[list[int]], tokens: int) -> tuple[float, float, list[list[int]]]:
@@ -111,7 +111,7 @@ def bench_model(name: str, args, cache: Path) -> list[str]:
                         b_wall, b_cpu = min(b_wall, w), min(b_cpu, c)
                         w, c, tokens = timed(engine, prompts, args.tokens)
                         o_wall, o_cpu = min(o_wall, w), min(o_cpu, c)
-                    store = engine.executor.model.expert_store
+                    store = engine.executor.expert_store
                     st = store.stats()
                     store.close()
                     engine.shutdown()
@@ -146,7 +146,7 @@ engine = make_engine(path, args, 1, ["offload.enabled=true", f"offload.resident_
 prompts = [engine.tokenizer.encode(SNIPPETS[0])]
 warm(engine, prompts)
 timed(engine, prompts, args.tokens)
-model, store = engine.executor.model, engine.executor.model.expert_store
+model, store = engine.executor.model, engine.executor.expert_store
 nonexpert = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".w13" not in n and ".w2" not in n)
 # the engine keeps fp32 copies of 16-bit attention/head weights on CPU (MixtralForCausalLM.keep_fp32_copies)
 nonexpert += sum(m.weight_fp32.numel() * 4 for m in model.modules() if getattr(m, "weight_fp32", None) is not None)

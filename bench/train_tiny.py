@@ -4,12 +4,12 @@ Random weights route tokens uniformly at random, the worst case for an expert ca
 see. This script trains a Mixtral-architecture model (4 layers, 8 experts, top-2, ~2.4M parameters) for a
 few minutes on CPU, on Python standard-library sources read from this interpreter's installation, with a
 byte-level BPE tokenizer trained on the same text. Fixed seed; the result is committed (bf16, ~5 MB) under
-moe_runtime/model/assets/tiny-trained/ and written by `moe-runtime init-model --preset tiny-trained DIR`.
+moe_runtime/presets/assets/tiny-trained/ and written by `moe-runtime init-model --preset tiny-trained DIR`.
 
 transformers' MixtralForCausalLM is the trainer (a dev dependency, never imported by the runtime); it saves
 the hub tensor names (`block_sparse_moe.experts.{e}.w1|w2|w3`), which the loader reads.
 
-    .venv/bin/python bench/train_tiny.py [--steps 200] [--out moe_runtime/model/assets/tiny-trained]
+    .venv/bin/python bench/train_tiny.py [--steps 200] [--out moe_runtime/presets/assets/tiny-trained]
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from moe_runtime.model.bpe import SPECIAL_TOKENS
+from moe_runtime.presets.bpe import SPECIAL_TOKENS
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "moe_runtime" / "model" / "assets" / "tiny-trained"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "moe_runtime" / "presets" / "assets" / "tiny-trained"
 HF_CONFIG = {
     "vocab_size": 1024,
     "hidden_size": 128,
@@ -60,7 +60,7 @@ def stdlib_text(max_bytes: int) -> str:
 
 
 def train_tokenizer(text: str, vocab_size: int) -> Tokenizer:
-    """Byte-level BPE over `text`, with the same special tokens and template as moe_runtime.model.bpe."""
+    """Byte-level BPE over `text`, with the same special tokens and template as moe_runtime.presets.bpe."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -1,6 +1,10 @@
 """Expert-parallel MoE on one rank: compute the (token, expert) pairs the placement gives this rank, then sum
 every rank's partial output. The building block of the Ray executor's workers; no Ray import.
 
+`ShardedExpertsBuilder` is what a worker hands `load_model(..., experts=...)`: every layer's
+`ShardedExperts` holds only the experts `placement` gives this rank (the loader reads just those), and
+`apply(placement)` moves to a new placement between steps (keeping what stays, reading what arrives).
+
 Every rank runs the whole step on the same flat batch (attention and routers are replicated), so every rank
 sees the same x [T, D] and routing. Per MoE layer:
   1. `Placement.local_slots(rank, layer, ids)`: the slot of each (token, k) pair this rank computes, -1 for
@@ -19,46 +23,46 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
+from moe_runtime.checkpoint.layout import is_expert_tensor, read_expert
+from moe_runtime.checkpoint.reader import SafetensorsReader
 from moe_runtime.cluster.placement import Placement
 from moe_runtime.config import ModelConfig
 from moe_runtime.kernels import RoutingResult, fused_moe_fp32
-from moe_runtime.model.loader import CheckpointFiles
-from moe_runtime.offload.host_tier import expert_names
-from moe_runtime.offload.safetensors_reader import SafetensorsReader
+from moe_runtime.model.experts import Experts
 
 # T tokens, A activated (top-k), D hidden, I intermediate, S_r expert slots on this rank
 
 
-class ShardedExperts:
-    """One MoE layer's experts on one rank; plugs into `SparseMoeBlock.experts` (`run(x, routing, backend)`).
+class ShardedExperts(Experts):
+    """One MoE layer's experts on one rank: w13 [S_r, 2I, D] and w2 [S_r, D, I] hold the experts
+    `placement.local_experts(rank, layer)` gives it, in that (slot) order.
 
-    w13: [S_r, 2I, D] and w2: [S_r, D, I], the local experts in slot order (`placement.local_experts`).
     group: the expert-parallel process group; None runs alone (the share is the output: tests, one rank).
+    backend: the MoE kernel backend each share runs on (`model.moe_backend`).
     """
 
-    def __init__(
-        self,
-        placement: Placement,
-        rank: int,
-        layer: int,
-        w13: torch.Tensor,
-        w2: torch.Tensor,
-        group: dist.ProcessGroup | None = None,
-    ):
+    def __init__(self, cfg: ModelConfig, placement: Placement, rank: int, layer: int,
+                 group: dist.ProcessGroup | None = None, backend: str = "auto"):
+        super().__init__(cfg.num_local_experts)
+        if placement.num_experts != cfg.num_local_experts or not 0 <= layer < placement.num_layers:
+            raise ValueError(f"layer {layer}: placement is {placement.num_layers} layers x {placement.num_experts} "
+                             f"experts, the model has {cfg.num_hidden_layers} x {cfg.num_local_experts}")
+        self.placement, self.rank, self.layer, self.group, self.backend = placement, rank, layer, group, backend
         num_local = len(placement.local_experts(rank, layer))
-        if w13.shape[0] != num_local or w2.shape[0] != num_local:
-            raise ValueError(
-                f"rank {rank} layer {layer}: placement gives {num_local} experts, weights hold "
-                f"w13 {list(w13.shape)}, w2 {list(w2.shape)}"
-            )
-        self.placement, self.rank, self.layer, self.group = placement, rank, layer, group
-        self.w13, self.w2 = w13, w2
-        # slot s -> slot s, plus the extra id num_local for "computed elsewhere" -> -1
-        self.slot_map = torch.cat([torch.arange(num_local), torch.tensor([-1])]).to(w13.device)  # [S_r + 1]
+        D, I = cfg.hidden_size, cfg.intermediate_size
+        self.w13 = nn.Parameter(torch.empty(num_local, 2 * I, D), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_local, D, I), requires_grad=False)
 
-    def share(self, x: torch.Tensor, routing: RoutingResult, backend: str) -> torch.Tensor:
+    def held_experts(self) -> list[int]:
+        return self.placement.local_experts(self.rank, self.layer)
+
+    def share(self, x: torch.Tensor, routing: RoutingResult) -> torch.Tensor:
         """This rank's part of the layer output, before the sum over ranks. x: [T, D]. Returns fp32 [T, D].
+
+        The routing's ids become local slots, and pairs computed elsewhere go to one extra id whose slot_map
+        entry is -1 (they contribute zero).
 
         Example: with expert 1 on ranks (0, 1), rank 1 computes its pairs of odd tokens only:
             >>> p = Placement(2, (((0,), (0, 1)),))
@@ -68,85 +72,73 @@ class ShardedExperts:
         slots = self.placement.local_slots(self.rank, self.layer, routing.ids)  # [T, A], -1 = elsewhere
         num_local = self.w13.shape[0]
         ids = torch.where(slots >= 0, slots, num_local).to(routing.ids.dtype)  # [T, A] in [0, S_r]
+        elsewhere = torch.full((1,), -1, device=x.device)
+        slot_map = torch.cat([torch.arange(num_local, device=x.device), elsewhere])  # [S_r + 1]: s -> s, S_r -> -1
         local = RoutingResult(weights=routing.weights, ids=ids)
-        return fused_moe_fp32(x, self.w13, self.w2, local, slot_map=self.slot_map, backend=backend)  # [T, D]
+        return fused_moe_fp32(x, self.w13, self.w2, local, slot_map=slot_map, backend=self.backend)  # [T, D]
 
-    def run(self, x: torch.Tensor, routing: RoutingResult, backend: str) -> torch.Tensor:
+    def run(self, x: torch.Tensor, routing: RoutingResult) -> torch.Tensor:
         """The layer's MoE output, summed over the group in fp32. x: [T, D]. Returns [T, D] in x's dtype."""
-        out = self.share(x, routing, backend)  # [T, D] fp32
+        out = self.share(x, routing)  # [T, D] fp32
         if self.group is not None:
             dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
         return out.to(x.dtype)  # one rounding, as the local kernels do
 
+    def hold(self, placement: Placement, reader: SafetensorsReader) -> None:
+        """Hold `placement`'s experts from now on: the ones already here are kept (moved to their new
+        slots), the others are read through `reader` (the checkpoint's expert tensors)."""
+        held = {e: s for s, e in enumerate(self.held_experts())}
+        want = placement.local_experts(self.rank, self.layer)
+        w13 = torch.empty(len(want), *self.w13.shape[1:], dtype=self.w13.dtype, device=self.w13.device)
+        w2 = torch.empty(len(want), *self.w2.shape[1:], dtype=self.w2.dtype, device=self.w2.device)
+        for slot, e in enumerate(want):
+            if e in held:
+                w13[slot], w2[slot] = self.w13[held[e]], self.w2[held[e]]
+            else:
+                read_expert(reader.copy_into, self.layer, e, w13[slot], w2[slot])
+        self.w13 = nn.Parameter(w13, requires_grad=False)  # [S_r, 2I, D]
+        self.w2 = nn.Parameter(w2, requires_grad=False)  # [S_r, D, I]
+        self.placement = placement
 
-def shard_experts(model, placement: Placement, rank: int, group: dist.ProcessGroup | None = None) -> None:
-    """Keep only `rank`'s experts in a loaded `MixtralForCausalLM` (all E experts in w13/w2) and attach a
-    `ShardedExperts` to every MoE block. The blocks' w13/w2 then hold the S_r local experts only.
-    """
-    if placement.num_layers != len(model.layers) or placement.num_experts != model.config.num_local_experts:
-        raise ValueError(
-            f"placement is {placement.num_layers} layers x {placement.num_experts} experts, "
-            f"model {len(model.layers)} x {model.config.num_local_experts}"
-        )
-    for layer, block in enumerate(model.layers):
-        moe = block.block_sparse_moe
-        local = torch.tensor(placement.local_experts(rank, layer), dtype=torch.long, device=moe.w13.device)
-        moe.w13 = torch.nn.Parameter(moe.w13[local].clone(), requires_grad=False)  # [S_r, 2I, D]
-        moe.w2 = torch.nn.Parameter(moe.w2[local].clone(), requires_grad=False)  # [S_r, D, I]
-        moe.experts = ShardedExperts(placement, rank, layer, moe.w13, moe.w2, group)
-
-
-def place_experts(
-    model, placement: Placement, rank: int, model_dir: str, group: dist.ProcessGroup | None,
-    have: Placement | None = None,
-) -> None:
-    """Make every MoE block of `model` hold `rank`'s experts under `placement` and attach `ShardedExperts`.
-
-    Experts that `have` (the placement the blocks follow now; None: they hold nothing yet, as after
-    `load_model(..., experts=False)`) already gives this rank are kept; the others are read from the
-    checkpoint, one expert at a time (pread: no whole-checkpoint mmap pages stay resident).
-    """
-    inter = model.config.intermediate_size
-    with ExpertReader(model_dir, model.config) as reader:
-        for layer, block in enumerate(model.layers):
-            moe = block.block_sparse_moe
-            held = {} if have is None else {e: s for s, e in enumerate(have.local_experts(rank, layer))}
-            want = placement.local_experts(rank, layer)
-            w13 = torch.empty(len(want), *moe.w13.shape[1:], dtype=moe.w13.dtype, device=moe.w13.device)
-            w2 = torch.empty(len(want), *moe.w2.shape[1:], dtype=moe.w2.dtype, device=moe.w2.device)
-            for slot, e in enumerate(want):
-                if e in held:
-                    w13[slot], w2[slot] = moe.w13[held[e]], moe.w2[held[e]]
-                else:
-                    reader.read(layer, e, w13[slot], w2[slot], inter)
-            moe.w13 = torch.nn.Parameter(w13, requires_grad=False)  # [S_r, 2I, D]
-            moe.w2 = torch.nn.Parameter(w2, requires_grad=False)  # [S_r, D, I]
-            moe.experts = ShardedExperts(placement, rank, layer, w13, w2, group)
+    def expert_bytes(self) -> int:
+        """Bytes of the expert weights this rank holds for this layer."""
+        return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()
 
 
-class ExpertReader:
-    """Reads single experts from a checkpoint's safetensors files (for experts a rank gains on re-placement).
+class ShardedExpertsBuilder:
+    """Every layer's experts as rank `rank`'s share of `placement`, summed over `group`.
 
-    Use as a context manager: `read(layer, expert, w13 [2I, D], w2 [D, I], I)` fills the two tensors.
+    After `load_model`, `layers` are the L `ShardedExperts` it built; `apply(placement)` re-places them.
     """
 
-    def __init__(self, model_dir: str, cfg: ModelConfig):
-        with CheckpointFiles(model_dir, cfg) as ckpt:
-            location = {n: f for n, f in ckpt.location.items() if ".block_sparse_moe.experts." in n}
-        self.reader = SafetensorsReader(model_dir, location)
+    def __init__(self, placement: Placement, rank: int, group: dist.ProcessGroup | None = None,
+                 backend: str = "auto"):
+        self.placement, self.rank, self.group, self.backend = placement, rank, group, backend
+        self.layers: list[ShardedExperts] = []
+        self._experts_location: dict[str, str] = {}  # expert tensor name -> file, from the loader
+        self._model_dir = ""
 
-    def read(self, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor, inter: int) -> None:
-        w1_name, w3_name, w2_name = expert_names(layer, expert)
-        host13 = torch.empty(w13.shape, dtype=w13.dtype)  # [2I, D] on the host, then one copy
-        host2 = torch.empty(w2.shape, dtype=w2.dtype)  # [D, I]
-        self.reader.read_into(w1_name, host13[:inter])  # gate rows
-        self.reader.read_into(w3_name, host13[inter:])  # up rows
-        self.reader.read_into(w2_name, host2)
-        w13.copy_(host13)
-        w2.copy_(host2)
+    def build(self, cfg: ModelConfig, layer: int) -> Experts:
+        if (self.placement.num_layers, self.placement.num_experts) != (cfg.num_hidden_layers, cfg.num_local_experts):
+            raise ValueError(
+                f"placement is {self.placement.num_layers} layers x {self.placement.num_experts} experts, "
+                f"model {cfg.num_hidden_layers} x {cfg.num_local_experts}"
+            )
+        experts = ShardedExperts(cfg, self.placement, self.rank, layer, self.group, self.backend)
+        self.layers.append(experts)
+        return experts
 
-    def __enter__(self) -> ExpertReader:
-        return self
+    def finish(self, model: nn.Module, model_dir: str, location: dict[str, str]) -> None:
+        self._model_dir = model_dir
+        self._experts_location = {n: f for n, f in location.items() if is_expert_tensor(n)}
 
-    def __exit__(self, *exc) -> None:
-        self.reader.close()
+    def apply(self, placement: Placement) -> None:
+        """Hold `placement`'s experts in every layer (call between steps, on every rank)."""
+        with SafetensorsReader(self._model_dir, self._experts_location) as reader:  # pread: no mmap pages stay
+            for experts in self.layers:
+                experts.hold(placement, reader)
+        self.placement = placement
+
+    def expert_bytes(self) -> int:
+        """Bytes of the expert weights this rank holds, all layers."""
+        return sum(experts.expert_bytes() for experts in self.layers)

@@ -15,14 +15,14 @@ import socket
 import torch
 import torch.distributed as dist
 
-from moe_runtime.cluster.expert_parallel import place_experts
+from moe_runtime.checkpoint.loader import load_model
+from moe_runtime.cluster.expert_parallel import ShardedExpertsBuilder
 from moe_runtime.cluster.placement import Placement
 from moe_runtime.config import RuntimeConfig
 from moe_runtime.engine.kv_cache import allocate_kv_cache
 from moe_runtime.engine.model_runner import ModelRunner
 from moe_runtime.engine.sampler import Sampler
 from moe_runtime.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from moe_runtime.model.loader import load_model
 
 
 class ExpertWorker:
@@ -31,6 +31,7 @@ class ExpertWorker:
     def __init__(self, rank: int, cfg: RuntimeConfig, model_dir: str, placement: Placement, seed: int):
         self.rank, self.cfg, self.model_dir, self.placement, self.seed = rank, cfg, model_dir, placement, seed
         self.runner: ModelRunner | None = None
+        self.experts: ShardedExpertsBuilder | None = None
 
     def master_address(self) -> tuple[str, int]:
         """This node's address and a free port, for rank 0 to host the process group's store."""
@@ -58,9 +59,9 @@ class ExpertWorker:
         if self.cfg.engine.num_threads is not None:
             torch.set_num_threads(self.cfg.engine.num_threads)
         m = self.cfg.model
-        # replicated weights from the checkpoint, then only this rank's experts (never the whole model)
-        model = load_model(self.model_dir, m.dtype, m.device, m.moe_backend, experts=False)
-        place_experts(model, self.placement, self.rank, self.model_dir, dist.group.WORLD)
+        # the replicated weights and only this rank's experts (never the whole model)
+        self.experts = ShardedExpertsBuilder(self.placement, self.rank, dist.group.WORLD, m.moe_backend)
+        model = load_model(self.model_dir, m.dtype, m.device, experts=self.experts)
         if not m.exact:  # as LocalExecutor: the same arithmetic as the local engine, on CPU and 16-bit weights
             model.keep_fp32_copies()  # large batches
             model.use_fast_cpu_paths()  # small batches and expert groups (native kernels)
@@ -68,15 +69,15 @@ class ExpertWorker:
             model.config, num_kv_blocks, self.cfg.cache.block_size, model.dtype, model.device
         )
         self.runner = ModelRunner(model, kv, self.cfg.cache.block_size, Sampler(self.seed))
-        return self._expert_bytes()
+        return self.experts.expert_bytes()
 
     def apply_placement(self, placement: Placement) -> int:
         """Hold `placement`'s experts from now on: keep the ones already here, read the others from the
         checkpoint. Call between steps, on every rank. Returns the bytes of expert weights now held."""
-        assert self.runner is not None and placement.workers == self.placement.workers
-        place_experts(self.runner.model, placement, self.rank, self.model_dir, dist.group.WORLD, self.placement)
+        assert self.experts is not None and placement.workers == self.placement.workers
+        self.experts.apply(placement)
         self.placement = placement
-        return self._expert_bytes()
+        return self.experts.expert_bytes()
 
     def ping(self) -> bool:
         return self.runner is not None
@@ -87,10 +88,6 @@ class ExpertWorker:
 
         return ray.get_runtime_context().get_node_id()
 
-    def _expert_bytes(self) -> int:
-        blocks = [layer.block_sparse_moe for layer in self.runner.model.layers]
-        return sum(b.w13.numel() * b.w13.element_size() + b.w2.numel() * b.w2.element_size() for b in blocks)
-
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         """Run one step. Rank 0 returns the output; the others return None (their output is identical)."""
         assert self.runner is not None, "setup() first"
@@ -98,6 +95,6 @@ class ExpertWorker:
         return out if self.rank == 0 else None
 
     def shutdown(self) -> None:
-        self.runner = None
+        self.runner = self.experts = None
         if dist.is_initialized():
             dist.destroy_process_group()

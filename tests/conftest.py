@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_runtime.model.init_model import init_model
+from moe_runtime.presets.init_model import init_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

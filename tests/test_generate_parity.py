@@ -17,8 +17,8 @@ from transformers import AutoTokenizer, GenerationConfig
 from transformers import MixtralForCausalLM as HFMixtral
 
 from moe_runtime.cli import main
-from moe_runtime.model.init_model import write_checkpoint
-from moe_runtime.model.presets import preset_config
+from moe_runtime.presets.configs import preset_config
+from moe_runtime.presets.init_model import write_checkpoint
 
 PROMPTS = ("The expert router picks café", "日本語 and more words", "a")
 NEW_TOKENS = 32

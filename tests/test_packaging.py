@@ -40,8 +40,8 @@ def test_every_source_file_is_in_the_wheel(wheel):
 
 def test_data_files_are_in_the_wheel(wheel):
     names = set(wheel.namelist())
-    assets = ROOT / "moe_runtime" / "model" / "assets"
-    expected = {f"moe_runtime/model/assets/{p.relative_to(assets).as_posix()}" for p in assets.rglob("*") if p.is_file()}
+    assets = ROOT / "moe_runtime" / "presets" / "assets"
+    expected = {f"moe_runtime/presets/assets/{p.relative_to(assets).as_posix()}" for p in assets.rglob("*") if p.is_file()}
     assert expected and not expected - names, sorted(expected - names)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from moe_runtime.model.presets import PRESETS
+from moe_runtime.presets.configs import PRESETS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,11 +21,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.preset == "tiny-trained":
-        from moe_runtime.model.tiny_trained import write_tiny_trained
+        from moe_runtime.presets.tiny_trained import write_tiny_trained
 
         print(f"wrote tiny-trained checkpoint (trained by bench/train_tiny.py) to {write_tiny_trained(args.out_dir)}")
         return 0
-    from moe_runtime.model.init_model import init_model
+    from moe_runtime.presets.init_model import init_model
 
     out = init_model(args.preset, args.out_dir, seed=args.seed, max_shard_bytes=args.max_shard_bytes)
     print(f"wrote {args.preset} checkpoint (seed {args.seed}) to {out}")

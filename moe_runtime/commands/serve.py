@@ -38,7 +38,7 @@ def resolve_config(args: argparse.Namespace) -> RuntimeConfig:
             overrides.append(f"{key}={json.dumps(flag)}")  # JSON is YAML: quoted paths stay strings
     cfg = load_config(args.config, overrides)
     if cfg.model.path is None:
-        from moe_runtime.model.default_model import ensure_default_model
+        from moe_runtime.presets.default_model import ensure_default_model
 
         path = ensure_default_model(args.env["cache_dir"])
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": str(path)})})

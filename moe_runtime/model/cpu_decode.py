@@ -28,6 +28,7 @@ from torch import nn
 from moe_runtime.kernels import cpu
 from moe_runtime.kernels.cpu import hugepages
 from moe_runtime.model.attention import AttentionMetadata, KVCache
+from moe_runtime.model.experts import LocalExperts
 
 # T tokens (= sequences), D hidden, H query heads, KVH key/value heads, Dh head dim, L layers
 
@@ -48,7 +49,6 @@ class _Layer:
     w_o: torch.Tensor  # [D, H Dh]
     norm_attn: tuple[torch.Tensor, float]  # input_layernorm's weight [D] and eps
     norm_moe: tuple[torch.Tensor, float]  # post_attention_layernorm's
-    router_counts: torch.Tensor  # [E] int64, this layer's row of the model's counts
 
 
 class CpuDecode:
@@ -96,7 +96,6 @@ class CpuDecode:
             w_o=attn.o_proj.weight,
             norm_attn=(ln1.weight, ln1.eps),
             norm_moe=(ln2.weight, ln2.eps),
-            router_counts=self.model.router_counts[i],
         )
 
     @torch.inference_mode()
@@ -132,10 +131,11 @@ class CpuDecode:
                 attn.sliding_window,
             )  # [T, D]
             x = cpu.rms_norm(a, *p.norm_moe, residual=h)  # h += a; [T, D]
-            if moe.experts is None and moe.backend == "cpu":
-                y = cpu.moe_decode(x, moe.gate.weight, moe.w13, moe.w2, moe.top_k, p.router_counts)  # [T, D]
+            experts = moe.experts
+            if isinstance(experts, LocalExperts) and experts.backend == "cpu":
+                y = cpu.moe_decode(x, moe.gate.weight, experts.w13, experts.w2, moe.top_k, experts.routed_tokens)
             else:
-                y = moe(x, p.router_counts)  # [T, D]
+                y = moe(x)  # [T, D]
             w, eps = layers[i + 1].norm_attn if i + 1 < len(layers) else (m.norm.weight, m.norm.eps)
             x = cpu.rms_norm(y, w, eps, residual=h)  # h += y; [T, D]
         return x

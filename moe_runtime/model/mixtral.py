@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_runtime.config import ModelConfig
-from moe_runtime.kernels import RoutingResult, cpu, fused_moe, route
+from moe_runtime.kernels import RoutingResult, cpu, route
 from moe_runtime.kernels.cpu import hugepages
 from moe_runtime.model.attention import AttentionMetadata, KVCache, attention, attention_fp32
 from moe_runtime.model.cpu_decode import CpuDecode
+from moe_runtime.model.experts import Experts, ExpertsBuilder, LocalExperts, LocalExpertsBuilder
 
 # T tokens, E experts, A activated experts (top-k), D hidden, I intermediate, V vocab,
 # H query heads, KVH key/value heads, Dh head dim
@@ -134,68 +135,51 @@ class Attention(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    """Router picks the top-A of E experts per token; the fused kernel runs the experts' SwiGLU MLPs."""
+    """Router picks the top-A of E experts per token; `experts` runs their SwiGLU MLPs (wherever they live)."""
 
-    def __init__(self, cfg: ModelConfig, moe_backend: str):
+    def __init__(self, cfg: ModelConfig, experts: Experts):
         super().__init__()
-        E, D, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
-        self.num_experts, self.top_k = E, cfg.num_experts_per_tok
-        self.backend = moe_backend
-        self.gate = nn.Linear(D, E, bias=False)
-        self.w13 = nn.Parameter(torch.empty(E, 2 * I, D), requires_grad=False)  # gate rows, then up rows
-        self.w2 = nn.Parameter(torch.empty(E, D, I), requires_grad=False)
-        # None: all E experts resident in w13/w2. Offloading sets an `offload.LayerExperts`, which makes the
-        # routed experts resident in its own slots and runs them; w13/w2 are then empty.
-        self.experts = None
+        self.top_k = cfg.num_experts_per_tok
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
+        self.experts = experts
 
     def route(self, x: torch.Tensor) -> RoutingResult:
         return route(self.gate(x), self.top_k)  # weights [T, A] fp32, ids [T, A] int32
 
-    def forward(self, x: torch.Tensor, router_counts: torch.Tensor) -> torch.Tensor:
-        """x: [T, D]; router_counts: [E] int64, this layer's row of the model's counts (added in place)."""
-        routing = self.route(x)
-        router_counts += torch.bincount(routing.ids.flatten(), minlength=self.num_experts)  # no host sync
-        if self.experts is not None:
-            return self.experts.run(x, routing, self.backend)  # [T, D], same values as below
-        return fused_moe(x, self.w13, self.w2, routing, backend=self.backend)  # [T, D]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, D] -> [T, D]."""
+        return self.experts(x, self.route(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe_backend: str):
+    def __init__(self, cfg: ModelConfig, experts: Experts):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.block_sparse_moe = SparseMoeBlock(cfg, moe_backend)
+        self.block_sparse_moe = SparseMoeBlock(cfg, experts)
 
-    def forward(
-        self, h, cos, sin, meta: AttentionMetadata, kv_cache: KVCache | None, router_counts
-    ) -> torch.Tensor:
+    def forward(self, h, cos, sin, meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, kv_cache)
-        return h + self.block_sparse_moe(self.post_attention_layernorm(h), router_counts)
+        return h + self.block_sparse_moe(self.post_attention_layernorm(h))
 
 
 class MixtralForCausalLM(nn.Module):
     """The whole model. `forward` gives final hidden states; `compute_logits` applies the head to chosen rows."""
 
-    def __init__(self, cfg: ModelConfig, moe_backend: str = "auto"):
+    def __init__(self, cfg: ModelConfig, experts: ExpertsBuilder | None = None):
+        """experts: makes each layer's `Experts` (default: all local, on the `auto` MoE backend)."""
         super().__init__()
+        experts = experts if experts is not None else LocalExpertsBuilder()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, moe_backend) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, experts.build(cfg, l)) for l in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # [L, E] int64: tokens routed to each expert since the last `take_router_counts()` (telemetry).
-        self.register_buffer(
-            "router_counts",
-            torch.zeros(cfg.num_hidden_layers, cfg.num_local_experts, dtype=torch.long),
-            persistent=False,
-        )
-        self.expert_store = None  # an offload.ExpertStore when loaded with offloading enabled
         self.cpu_decode: CpuDecode | None = None  # native decode steps (`use_fast_cpu_paths`)
         self.requires_grad_(False)
 
@@ -213,13 +197,16 @@ class MixtralForCausalLM(nn.Module):
         h = self.embed_tokens(input_ids)  # [T, D]
         cos, sin = self.rotary(positions, h.dtype)  # [T, Dh] each
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, meta, None if kv_caches is None else kv_caches[i], self.router_counts[i])
+            h = layer(h, cos, sin, meta, None if kv_caches is None else kv_caches[i])
         return self.norm(h)
 
     def take_router_counts(self) -> torch.Tensor:
-        """Return the [L, E] routed-token counts accumulated since the last call, and reset them."""
-        counts = self.router_counts.clone()
-        self.router_counts.zero_()
+        """Return the [L, E] tokens routed to each expert since the last call (on the model's device), and
+        reset them."""
+        rows = [layer.block_sparse_moe.experts.routed_tokens for layer in self.layers]  # L x [E]
+        counts = torch.stack(rows)  # [L, E]
+        for row in rows:
+            row.zero_()
         return counts
 
     @torch.inference_mode()
@@ -265,8 +252,9 @@ class MixtralForCausalLM(nn.Module):
                 module.use_native_kernel()
         if cpu.available():
             for layer in self.layers:
-                if layer.block_sparse_moe.backend == "auto":
-                    layer.block_sparse_moe.backend = "cpu"
+                experts = layer.block_sparse_moe.experts
+                if isinstance(experts, LocalExperts) and experts.backend == "auto":
+                    experts.backend = "cpu"
             self.cpu_decode = CpuDecode(self)  # stacks each layer's q/k/v weights, on huge pages
         for p in self.parameters():  # streamed once per decode step: fewer TLB misses on 2 MiB pages
             nbytes = p.numel() * p.element_size()

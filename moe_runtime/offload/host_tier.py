@@ -12,16 +12,11 @@ from typing import Protocol
 
 import torch
 
+from moe_runtime.checkpoint.layout import read_expert
+from moe_runtime.checkpoint.reader import SafetensorsReader
 from moe_runtime.config import ModelConfig
-from moe_runtime.offload.safetensors_reader import SafetensorsReader
 
 # E experts, I intermediate, D hidden, T tokens, n experts asked for
-
-
-def expert_names(layer: int, expert: int) -> tuple[str, str, str]:
-    """Hub names of one expert's (w1 gate, w3 up, w2 down) matrices."""
-    p = f"model.layers.{layer}.block_sparse_moe.experts.{expert}."
-    return p + "w1.weight", p + "w3.weight", p + "w2.weight"
 
 
 class HostTier(Protocol):
@@ -45,10 +40,7 @@ class PinnedTier:
         self.w2 = [torch.empty(E, D, I, dtype=dtype, pin_memory=pin) for _ in range(cfg.num_hidden_layers)]
         for layer in range(cfg.num_hidden_layers):
             for e in range(E):
-                w1, w3, w2 = expert_names(layer, e)
-                reader.read_into(w1, self.w13[layer][e, :I])  # gate rows
-                reader.read_into(w3, self.w13[layer][e, I:])  # up rows
-                reader.read_into(w2, self.w2[layer][e])
+                read_expert(reader.read_into, layer, e, self.w13[layer][e], self.w2[layer][e])
 
     def copy_into(self, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor) -> int:
         """Copy one expert into a device slot (w13 [2I, D], w2 [D, I]); async from pinned memory on CUDA."""
@@ -78,9 +70,7 @@ class MmapTier:
         self.E, self.I, self.D = cfg.num_local_experts, cfg.intermediate_size, cfg.hidden_size
 
     def _read(self, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor) -> int:
-        w1, w3, w2_name = expert_names(layer, expert)
-        return (self.reader.read_into(w1, w13[: self.I]) + self.reader.read_into(w3, w13[self.I:])
-                + self.reader.read_into(w2_name, w2))
+        return sum(read_expert(self.reader.read_into, layer, expert, w13, w2))  # bytes read from the file
 
     def copy_into(self, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor) -> int:
         """Read one expert into a slot (w13 [2I, D], w2 [D, I]); through a CPU bounce buffer for CUDA slots."""

@@ -1,6 +1,7 @@
 """The expert store: per layer a few resident experts on the device, the rest in a host tier.
 
-Each MoE layer calls `ExpertStore.run(layer, x, routing, backend)` instead of `fused_moe` on all experts.
+Each MoE layer's `OffloadedExperts` calls `ExpertStore.run(layer, x, routing, backend)` instead of
+`fused_moe` on all experts.
 Per call (one layer of one step):
   1. Count the tokens routed to each expert (the one host sync: the store must know what to load).
   2. Score the previous layer's guess for this layer (prefetch accuracy).
@@ -25,6 +26,7 @@ import time
 import torch
 from torch import nn
 
+from moe_runtime.checkpoint.layout import expert_bytes
 from moe_runtime.config import ModelConfig, OffloadConfig
 from moe_runtime.kernels import RoutingResult, fused_moe, fused_moe_fp32
 from moe_runtime.offload.cost_model import CostModel
@@ -48,7 +50,7 @@ class ExpertStore:
                  device: torch.device, dtype: torch.dtype, cost: CostModel | None = None):
         self.cfg, self.offload, self.tier, self.gates = cfg, offload, tier, gates
         self.device = torch.device(device)
-        self.num_slots = offload.resolve_slots(cfg, torch.empty((), dtype=dtype).element_size())
+        self.num_slots = offload.resolve_slots(cfg, expert_bytes(cfg, dtype))
         E, S = cfg.num_local_experts, self.num_slots
         self.layers = [
             LayerSlots(E, S, (cfg.hidden_size, cfg.intermediate_size), dtype, self.device, POLICIES[offload.policy]())
@@ -230,14 +232,3 @@ class ExpertStore:
     def close(self) -> None:
         self.mover.close()
         self.tier.close()
-
-
-class LayerExperts:
-    """What a `SparseMoeBlock` holds in `experts` when offloading: runs its layer through the store."""
-
-    def __init__(self, store: ExpertStore, layer: int):
-        self.store, self.layer = store, layer
-
-    def run(self, x: torch.Tensor, routing: RoutingResult, backend: str) -> torch.Tensor:
-        """x: [T, D]; returns the MoE output [T, D], identical to fused_moe over all experts."""
-        return self.store.run(self.layer, x, routing, backend)

@@ -15,15 +15,19 @@ import torch
 import torch.multiprocessing as mp
 from expert_parallel_ranks import forward, free_port, run_rank
 
+from moe_runtime.checkpoint.loader import load_model
 from moe_runtime.cluster import expert_parallel
-from moe_runtime.cluster.expert_parallel import ShardedExperts, place_experts, shard_experts
-from moe_runtime.cluster.placement import Placement, build_placement
+from moe_runtime.cluster.expert_parallel import ShardedExperts, ShardedExpertsBuilder
+from moe_runtime.cluster.placement import Placement
+from moe_runtime.cluster.placement_config import build_placement
 from moe_runtime.cluster.planner import round_robin
-from moe_runtime.config import PlacementConfig
+from moe_runtime.config import ModelConfig, PlacementConfig
 from moe_runtime.kernels import fused_moe, route
-from moe_runtime.model.loader import load_model
 
 E, D, I = 6, 32, 48  # noqa: E741  experts, hidden, intermediate
+CFG = ModelConfig.from_hf({"architectures": ["MixtralForCausalLM"], "vocab_size": 64, "hidden_size": D,
+                           "intermediate_size": I, "num_hidden_layers": 1, "num_attention_heads": 4,
+                           "num_key_value_heads": 2, "num_local_experts": E, "num_experts_per_tok": 2})
 
 # (name, placement of one layer of E=6 experts)
 PLACEMENTS = (
@@ -47,19 +51,21 @@ def test_ranks_sum_to_local(name, placement, T, dtype):
     total = torch.zeros(T, D)
     for rank in range(placement.workers):
         local = placement.local_experts(rank, 0)
-        experts = ShardedExperts(placement, rank, 0, w13[local], w2[local])
-        total += experts.share(x, routing, "torch")  # fp32, rounded once below as the kernels do
-    assert experts.share(x, routing, "torch").dtype == torch.float32
+        experts = ShardedExperts(CFG, placement, rank, 0, backend="torch")
+        experts.w13.data, experts.w2.data = w13[local], w2[local]
+        total += experts.share(x, routing)  # fp32, rounded once below as the kernels do
+    assert experts.share(x, routing).dtype == torch.float32
     if int(placement.replica_counts().max()) == 1:
         assert torch.equal(total.to(dtype), expected)  # bf16 too: one rounding after the fp32 sum
     else:
         torch.testing.assert_close(total.to(dtype), expected)  # dtype's default tolerances
 
 
-def test_weights_must_match_placement():
-    placement = round_robin(1, E, 2)
-    with pytest.raises(ValueError, match="rank 1 layer 0: placement gives 3 experts"):
-        ShardedExperts(placement, 1, 0, torch.zeros(E, 2 * I, D), torch.zeros(E, D, I))
+def test_placement_must_match_the_model():
+    with pytest.raises(ValueError, match="layer 0: placement is 1 layers x 4 experts, the model has 1 x 6"):
+        ShardedExperts(CFG, round_robin(1, 4, 2), 1, 0)
+    with pytest.raises(ValueError, match="placement is 1 layers x 6 experts, model 2 x 6"):
+        ShardedExpertsBuilder(round_robin(1, E, 2), 1).build(CFG.model_copy(update={"num_hidden_layers": 2}), 0)
 
 
 @pytest.mark.slow
@@ -87,23 +93,27 @@ def test_two_ranks_match_local_model(tiny_model_dir, tmp_path):
     assert torch.equal(logits.argmax(-1), model.compute_logits(expected).argmax(-1))
 
 
-def test_place_experts_reads_only_this_ranks_experts(tiny_model_dir):
-    """What a Ray worker loads: replicated weights (`load_model(experts=False)`), then its own experts read
-    one by one; the same tensors as loading everything and keeping the rank's share."""
-    model = load_model(tiny_model_dir, "float32", "cpu", experts=False)
-    assert all(block.block_sparse_moe.w13.shape[0] == 0 for block in model.layers)
-    cfg = model.config
+def test_a_rank_loads_only_its_experts_and_re_places_them(tiny_model_dir):
+    """What a Ray worker loads: the replicated weights and only its own experts; the same tensors as the
+    full model's rows of those experts, before and after moving to another placement."""
+    full = load_model(tiny_model_dir, "float32", "cpu")
+    cfg = full.config
     placement = build_placement(PlacementConfig(workers=2, replicas={"*": {3: [0]}}), cfg.num_hidden_layers,
                                 cfg.num_local_experts)
-    place_experts(model, placement, 1, str(tiny_model_dir), None)
-    full = load_model(tiny_model_dir, "float32", "cpu")
-    shard_experts(full, placement, 1)
-    for got, want in zip(model.layers, full.layers, strict=True):
-        assert torch.equal(got.block_sparse_moe.w13, want.block_sparse_moe.w13)
-        assert torch.equal(got.block_sparse_moe.w2, want.block_sparse_moe.w2)
+    builder = ShardedExpertsBuilder(placement, 1)
+    model = load_model(tiny_model_dir, "float32", "cpu", experts=builder)
+
+    def check(placement):
+        for layer, (got, want) in enumerate(zip(model.layers, full.layers, strict=True)):
+            local = placement.local_experts(1, layer)
+            assert torch.equal(got.block_sparse_moe.experts.w13, want.block_sparse_moe.experts.w13[local])
+            assert torch.equal(got.block_sparse_moe.experts.w2, want.block_sparse_moe.experts.w2[local])
+
+    check(placement)
     moved = round_robin(cfg.num_hidden_layers, cfg.num_local_experts, 2)  # keeps some, reads the others
-    place_experts(model, moved, 1, str(tiny_model_dir), None, have=placement)
-    assert [b.block_sparse_moe.w13.shape[0] for b in model.layers] == [4] * cfg.num_hidden_layers
+    builder.apply(moved)
+    check(moved)
+    assert [b.block_sparse_moe.experts.w13.shape[0] for b in model.layers] == [4] * cfg.num_hidden_layers
 
 
 def test_doctests():

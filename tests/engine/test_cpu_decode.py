@@ -12,11 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moe_runtime.checkpoint.loader import load_model
 from moe_runtime.engine.kv_cache import allocate_kv_cache
 from moe_runtime.kernels import cpu
 from moe_runtime.model.attention import AttentionMetadata
 from moe_runtime.model.cpu_decode import MAX_TOKENS, CpuDecode
-from moe_runtime.model.loader import load_model
 
 HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 pytestmark = pytest.mark.skipif(not HAS_AVX2, reason="the native CPU kernels run only on AVX2 CPUs")
@@ -137,7 +137,7 @@ def test_other_moe_backends_keep_their_block(tiny_model_dir):
     model, kv, tables = _prefilled(tiny_model_dir)
     ids, positions, meta = _decode_inputs(tables, [1, 2])
     want = model(ids, positions, meta, [(k.clone(), v.clone()) for k, v in kv])
-    model.layers[1].block_sparse_moe.backend = "torch"
+    model.layers[1].block_sparse_moe.experts.backend = "torch"
     calls = []
     model.layers[1].block_sparse_moe.register_forward_hook(lambda *a: calls.append(1))
     got = model(ids, positions, meta, [(k.clone(), v.clone()) for k, v in kv])

@@ -20,7 +20,7 @@ def _greedy_tokens(engine, prompts=PROMPTS, params=GREEDY) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def expected(tiny_model_dir):
     """Each prompt alone through the reference loop."""
-    from moe_runtime.model.loader import load_model
+    from moe_runtime.checkpoint.loader import load_model
 
     model = load_model(tiny_model_dir, device="cpu")
     return [reference_greedy(model, p, GREEDY.max_tokens) for p in PROMPTS]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from moe_runtime.checkpoint.loader import load_model
 from moe_runtime.model.attention import AttentionMetadata
-from moe_runtime.model.loader import load_model
 from moe_runtime.model.mixtral import FP32_MIN_ROWS
 
 

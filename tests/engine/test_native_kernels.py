@@ -14,11 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moe_runtime.checkpoint.loader import load_model
 from moe_runtime.config import load_config
 from moe_runtime.engine.sampling_params import SamplingParams
 from moe_runtime.errors import ConfigError
 from moe_runtime.model.attention import AttentionMetadata
-from moe_runtime.model.loader import load_model
 from moe_runtime.model.mixtral import NATIVE_MAX_ROWS, Linear
 
 HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -44,7 +44,7 @@ def test_native_logits_close_to_torch(tiny_model_dir, dtype):
     exact = load_model(tiny_model_dir, dtype=dtype, device="cpu")
     fast = load_model(tiny_model_dir, dtype=dtype, device="cpu")
     fast.use_fast_cpu_paths()
-    assert fast.lm_head.native and fast.layers[0].block_sparse_moe.backend == "cpu"
+    assert fast.lm_head.native and fast.layers[0].block_sparse_moe.experts.backend == "cpu"
     for n in (1, 5, NATIVE_MAX_ROWS):
         got, want = _logits(fast, n), _logits(exact, n)
         assert not torch.equal(got, want)  # the native path ran: other summation order
@@ -55,7 +55,7 @@ def test_fp32_weights_stay_on_torch(tiny_model_dir):
     model = load_model(tiny_model_dir, dtype="float32", device="cpu")
     model.use_fast_cpu_paths()
     assert not any(m.native for m in model.modules() if isinstance(m, Linear))
-    assert model.layers[0].block_sparse_moe.backend == "auto"
+    assert model.layers[0].block_sparse_moe.experts.backend == "auto"
 
 
 @pytest.mark.skipif(not HAS_AVX2, reason="the native CPU kernels run only on AVX2 CPUs")
@@ -68,7 +68,7 @@ def test_engine_switch(make_engine, tiny_model_dir):
         engine = make_engine(model__dtype="bfloat16", model__exact=exact)
         model = engine.executor.model
         assert model.lm_head.native is (not exact) and (model.lm_head.weight_fp32 is None) is exact
-        assert model.layers[0].block_sparse_moe.backend == ("auto" if exact else "cpu")
+        assert model.layers[0].block_sparse_moe.experts.backend == ("auto" if exact else "cpu")
     reference = load_model(tiny_model_dir, dtype="bfloat16", device="cpu")
     for prompt, out in zip(prompts, engine.generate(prompts, params), strict=True):
         ids = prompt + out.token_ids[:-1]

@@ -11,8 +11,8 @@ from transformers import AutoConfig
 
 from moe_runtime.cli import main
 from moe_runtime.config import ModelConfig
-from moe_runtime.model.init_model import init_model, write_checkpoint
-from moe_runtime.model.presets import PRESETS, preset_config
+from moe_runtime.presets.configs import PRESETS, preset_config
+from moe_runtime.presets.init_model import init_model, write_checkpoint
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 

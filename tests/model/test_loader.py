@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from moe_runtime.checkpoint.loader import load_model
 from moe_runtime.errors import CheckpointError
-from moe_runtime.model.init_model import write_checkpoint
-from moe_runtime.model.loader import load_model
-from moe_runtime.model.presets import preset_config
+from moe_runtime.presets.configs import preset_config
+from moe_runtime.presets.init_model import write_checkpoint
 
 EXPERT = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
 
@@ -57,9 +57,9 @@ def test_experts_are_stacked_gate_then_up(single):
     raw = load_file(single / "model.safetensors")
     moe, I = model.layers[1].block_sparse_moe, model.config.intermediate_size
     p = "model.layers.1.block_sparse_moe.experts.3."
-    assert torch.equal(moe.w13[3, :I], raw[p + "w1.weight"])
-    assert torch.equal(moe.w13[3, I:], raw[p + "w3.weight"])
-    assert torch.equal(moe.w2[3], raw[p + "w2.weight"])
+    assert torch.equal(moe.experts.w13[3, :I], raw[p + "w1.weight"])
+    assert torch.equal(moe.experts.w13[3, I:], raw[p + "w3.weight"])
+    assert torch.equal(moe.experts.w2[3], raw[p + "w2.weight"])
 
 
 @pytest.mark.parametrize("dtype, expected", [("auto", torch.float32), ("bfloat16", torch.bfloat16),

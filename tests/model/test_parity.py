@@ -11,10 +11,10 @@ import torch
 from transformers import GenerationConfig
 from transformers import MixtralForCausalLM as HFMixtral
 
+from moe_runtime.checkpoint.loader import load_model
 from moe_runtime.model.attention import AttentionMetadata
-from moe_runtime.model.init_model import write_checkpoint
-from moe_runtime.model.loader import load_model
-from moe_runtime.model.presets import preset_config
+from moe_runtime.presets.configs import preset_config
+from moe_runtime.presets.init_model import write_checkpoint
 
 NEW_TOKENS = 32
 PROMPT = [1, 17, 245, 3, 99, 870, 12, 5, 640, 33, 7]

@@ -36,7 +36,7 @@ def expected(tiny_model_dir):
 def test_engine_tokens_equal_all_resident(offload, engine_sets, tiny_model_dir, expected):
     sets = ["offload.enabled=true", *(f"offload.{s}" for s in offload), *engine_sets]
     engine = _engine(tiny_model_dir, sets)
-    store = engine.executor.model.expert_store
+    store = engine.executor.expert_store
     assert store is not None
     assert [out.token_ids for out in engine.generate(list(PROMPTS), GREEDY)] == expected
     s = store.stats()

@@ -7,8 +7,8 @@ import torch
 
 from moe_runtime.config import ModelConfig, OffloadConfig
 from moe_runtime.kernels import RoutingResult
-from moe_runtime.model.presets import preset_config
 from moe_runtime.offload import ExpertStore, LFUPolicy, LRUPolicy
+from moe_runtime.presets.configs import preset_config
 
 
 def test_lru_evicts_least_recent():

@@ -15,8 +15,8 @@ import sys
 
 import pytest
 
-from moe_runtime.model.init_model import write_checkpoint
-from moe_runtime.model.presets import preset_config
+from moe_runtime.presets.configs import preset_config
+from moe_runtime.presets.init_model import write_checkpoint
 
 # 2 layers x 8 experts x 3 x 256 x 4096 x 4 B = 201 MB of experts; 2 resident per layer = 50 MB.
 BIG_EXPERTS = {"hidden_size": 256, "intermediate_size": 4096, "vocab_size": 2048}
@@ -27,7 +27,8 @@ import json, sys
 import torch
 from moe_runtime.config import OffloadConfig
 from moe_runtime.model.attention import AttentionMetadata
-from moe_runtime.model.loader import load_model
+from moe_runtime.checkpoint.loader import load_model
+from moe_runtime.offload import OffloadedExpertsBuilder
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -45,12 +46,13 @@ if mode == "floor":  # everything but weights: imports, the model skeleton, one 
     print(json.dumps({"hwm": status("VmHWM")}))
     sys.exit(0)
 offload = OffloadConfig(enabled=True, resident_experts_per_layer=2, host_tier="mmap", miss="fetch")
-model = load_model(model_dir, device="cpu", offload=offload if mode == "offload" else None)
+builder = OffloadedExpertsBuilder(offload) if mode == "offload" else None
+model = load_model(model_dir, device="cpu", experts=builder)
 toks = [1, 5, 77, 300, 12, 999, 40, 41]
 for _ in range(4):
     h = model(torch.tensor(toks), torch.arange(len(toks)), AttentionMetadata.for_prompts([len(toks)]))
     toks.append(int(model.compute_logits(h[-1:]).argmax(-1)))
-store = model.expert_store
+store = builder.store if builder else None
 nonexpert = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".w13" not in n and ".w2" not in n)
 print(json.dumps({"hwm": status("VmHWM"), "nonexpert": nonexpert,
                   "resident": store.device_bytes() if store else 0,

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 import moe_runtime.offload.store as store_module
 from moe_runtime.config import ModelConfig, OffloadConfig
 from moe_runtime.kernels import RoutingResult, fused_moe, fused_moe_fp32
-from moe_runtime.model.presets import preset_config
 from moe_runtime.offload import CostModel, ExpertStore
+from moe_runtime.presets.configs import preset_config
 
 L, E, A, D, I = 2, 6, 2, 8, 16  # noqa: E741
 CFG = ModelConfig.from_hf(preset_config("tiny", num_hidden_layers=L, num_local_experts=E, hidden_size=D,

@@ -4,10 +4,11 @@ offloading it in bf16 (its own dtype; steps run in parts round once) keeps the g
 from __future__ import annotations
 
 import pytest
+from offload_cases import load_offloaded
 
+from moe_runtime.checkpoint.loader import load_model
 from moe_runtime.cli import main
 from moe_runtime.config import OffloadConfig
-from moe_runtime.model.loader import load_model
 from moe_runtime.tokenizer import Tokenizer
 
 TEXTS = ("def __init__(self, name):\n    self.", "import os\nfor path in sys.argv[1:]:\n", "class Error(Exception):",
@@ -27,12 +28,12 @@ def trained_dir(tmp_path_factory):
 def test_bf16_offloaded_tokens_equal(trained_dir, greedy, slots, miss, tier):
     prompts = [Tokenizer.from_dir(trained_dir).encode(t) for t in TEXTS]
     ref = greedy(load_model(trained_dir, device="cpu"), prompts, 6)
-    model = load_model(trained_dir, device="cpu", offload=OffloadConfig(
+    model, store = load_offloaded(trained_dir, device="cpu", offload=OffloadConfig(
         enabled=True, resident_experts_per_layer=slots, miss=miss, host_tier=tier, policy="lfu"))
     assert model.dtype.is_floating_point and str(model.dtype) == "torch.bfloat16"
     assert greedy(model, prompts, 6) == ref
-    assert model.expert_store.stats().misses > 0
-    model.expert_store.close()
+    assert store.stats().misses > 0
+    store.close()
 
 
 def test_bf16_hidden_states_bit_identical(trained_dir):
@@ -49,7 +50,7 @@ def test_bf16_hidden_states_bit_identical(trained_dir):
     meta = AttentionMetadata.for_prompts([len(p) for p in prompts])
     ref = load_model(trained_dir, device="cpu")(ids, positions, meta)
     for miss in ("fetch", "host_compute"):
-        model = load_model(trained_dir, device="cpu", offload=OffloadConfig(
+        model, store = load_offloaded(trained_dir, device="cpu", offload=OffloadConfig(
             enabled=True, resident_experts_per_layer=2, miss=miss, host_tier="mmap"))
         assert torch.equal(model(ids, positions, meta), ref), miss
-        model.expert_store.close()
+        store.close()

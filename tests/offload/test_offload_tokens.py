@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from offload_cases import load_offloaded
 
+from moe_runtime.checkpoint.loader import load_model
 from moe_runtime.config import OffloadConfig
-from moe_runtime.model.loader import load_model
+from moe_runtime.model.experts import LocalExperts
+from moe_runtime.offload import OffloadedExperts
 
 PROMPTS = ([1, 5, 77, 300, 12, 999], [1, 42], [1, 7, 7, 7, 1500, 3, 640, 2000, 11])
 STEPS = 6
@@ -31,37 +34,38 @@ def reference(tiny_model_dir, greedy):
 def test_same_tokens_as_all_resident(slots, policy, miss, prefetch, tier, tiny_model_dir, greedy, reference):
     offload = OffloadConfig(enabled=True, resident_experts_per_layer=slots, policy=policy, miss=miss,
                             prefetch=prefetch, host_tier=tier)  # fmt: skip
-    model = load_model(tiny_model_dir, device="cpu", offload=offload)
+    model, store = load_offloaded(tiny_model_dir, device="cpu", offload=offload)
     single, batched = reference
     assert greedy(model, [PROMPTS[0]], STEPS)[0] == single
     assert greedy(model, list(PROMPTS), STEPS) == batched
-    s = model.expert_store.stats()
+    s = store.stats()
     assert s.hits + s.misses > 0 and s.fetched + s.host_computed == s.misses
     if slots < 8:
         assert s.misses > 0  # the budget really bit
-    model.expert_store.close()
+    store.close()
 
 
 def test_device_memory_budget_and_bf16(tiny_model_dir, greedy):
     expert_bytes = 3 * 128 * 256 * 2  # bf16
     offload = OffloadConfig(enabled=True, device_memory_bytes=2 * 3 * expert_bytes, host_tier="mmap")
     ref = greedy(load_model(tiny_model_dir, dtype="bfloat16", device="cpu"), list(PROMPTS), STEPS)
-    model = load_model(tiny_model_dir, dtype="bfloat16", device="cpu", offload=offload)
-    assert model.expert_store.num_slots == 3
+    model, store = load_offloaded(tiny_model_dir, dtype="bfloat16", device="cpu", offload=offload)
+    assert store.num_slots == 3
     assert greedy(model, list(PROMPTS), STEPS) == ref
-    model.expert_store.close()
+    store.close()
 
 
 def test_offloaded_model_holds_no_experts(tiny_model_dir):
     offload = OffloadConfig(enabled=True, resident_experts_per_layer=2, host_tier="mmap")
-    model = load_model(tiny_model_dir, device="cpu", offload=offload)
+    model, store = load_offloaded(tiny_model_dir, device="cpu", offload=offload)
     for layer in model.layers:
-        assert layer.block_sparse_moe.w13.numel() == 0 and layer.block_sparse_moe.w2.numel() == 0
-    assert model.expert_store.device_bytes() == 2 * 2 * 3 * 128 * 256 * 4  # L x S x expert bytes (fp32)
-    model.expert_store.close()
-    plain = load_model(tiny_model_dir, device="cpu", offload=OffloadConfig())  # disabled: today's model
-    assert plain.expert_store is None and plain.layers[0].block_sparse_moe.experts is None
-    assert plain.layers[0].block_sparse_moe.w13.shape == (8, 512, 128)
+        experts = layer.block_sparse_moe.experts
+        assert isinstance(experts, OffloadedExperts) and not list(experts.parameters())
+    assert store.device_bytes() == 2 * 2 * 3 * 128 * 256 * 4  # L x S x expert bytes (fp32)
+    store.close()
+    plain = load_model(tiny_model_dir, device="cpu")  # all experts local
+    assert isinstance(plain.layers[0].block_sparse_moe.experts, LocalExperts)
+    assert plain.layers[0].block_sparse_moe.experts.w13.shape == (8, 512, 128)
 
 
 def teacher_forced_logits(model, seqs: list[list[int]]) -> torch.Tensor:
@@ -86,9 +90,9 @@ def test_same_results_on_cuda_pinned(tiny_model_dir, greedy):
     ref_logits = teacher_forced_logits(resident, seqs)
     for miss in ("fetch", "host_compute", "auto"):
         offload = OffloadConfig(enabled=True, resident_experts_per_layer=2, miss=miss, host_tier="pinned")
-        model = load_model(tiny_model_dir, device="cuda", offload=offload)
+        model, store = load_offloaded(tiny_model_dir, device="cuda", offload=offload)
         logits = teacher_forced_logits(model, seqs)
-        s = model.expert_store.stats()
+        s = store.stats()
         assert s.misses > 0 and s.fetched + s.host_computed == s.misses
         if miss == "fetch":
             assert s.host_computed == 0
@@ -97,23 +101,23 @@ def test_same_results_on_cuda_pinned(tiny_model_dir, greedy):
         else:
             assert miss == "auto" or s.host_computed == s.misses
             torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
-        model.expert_store.close()
+        store.close()
 
 
 def test_counters_add_up_to_the_routers_expert_uses(tiny_model_dir):
-    """hits + misses == the (forward, layer, expert) triples the router sent tokens to (model.router_counts)."""
+    """hits + misses == the (forward, layer, expert) triples the router sent tokens to (take_router_counts)."""
     from moe_runtime.model.attention import AttentionMetadata
 
     offload = OffloadConfig(enabled=True, resident_experts_per_layer=3, miss="auto", host_tier="mmap")
-    model = load_model(tiny_model_dir, device="cpu", offload=offload)
+    model, store = load_offloaded(tiny_model_dir, device="cpu", offload=offload)
     model.take_router_counts()
     uses = 0
     for prompt in PROMPTS:
         ids = torch.tensor(prompt)
         model(ids, torch.arange(len(prompt)), AttentionMetadata.for_prompts([len(prompt)]))
         uses += int((model.take_router_counts() > 0).sum())  # [L, E] tokens per expert this forward
-    s = model.expert_store.stats()
+    s = store.stats()
     assert s.hits + s.misses == uses
     assert s.fetched + s.host_computed == s.misses
     assert s.prefetch_useful <= s.prefetch_loaded
-    model.expert_store.close()
+    store.close()

@@ -1,0 +1,91 @@
+"""The routed experts of one MoE layer: an interface whose implementation is chosen once, at construction.
+
+`SparseMoeBlock` routes each token to its top-A experts and hands the tokens and their routing to its
+`Experts`. Where the experts' weights live is the implementation's business:
+  - `LocalExperts` (here): all E experts of the layer in this process, w13 [E, 2I, D] and w2 [E, D, I];
+  - `moe_runtime.offload.OffloadedExperts`: a budget of resident slots on the device, the rest on the host;
+  - `moe_runtime.cluster.expert_parallel.ShardedExperts`: this rank's share, summed over the process group.
+All three give the same outputs. The model is built with an `ExpertsBuilder`, which makes each layer's
+`Experts` (before any weight is read) and finishes whatever the implementation needs once the rest of the
+model is loaded; `checkpoint.loader.load_model` fills the expert weights each `Experts` holds.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from moe_runtime.config import ModelConfig
+from moe_runtime.kernels import RoutingResult, fused_moe
+
+# T tokens, A activated experts (top-k), E experts, S expert slots held here, D hidden, I intermediate
+
+
+class Experts(nn.Module, ABC):
+    """One layer's routed experts. `forward(x [T, D], routing)` -> [T, D] in x's dtype.
+
+    Also counts the tokens routed to each expert (`routed_tokens` [E] int64, on the device, added without a
+    host sync), which telemetry reads through `MixtralForCausalLM.take_router_counts`.
+    """
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        self.register_buffer("routed_tokens", torch.zeros(num_experts, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor, routing: RoutingResult) -> torch.Tensor:
+        self.routed_tokens += torch.bincount(routing.ids.flatten(), minlength=self.routed_tokens.numel())  # [E]
+        return self.run(x, routing)
+
+    @abstractmethod
+    def run(self, x: torch.Tensor, routing: RoutingResult) -> torch.Tensor:
+        """The weighted sum of each token's A experts' SwiGLU MLPs. x: [T, D]; returns [T, D] in x's dtype."""
+
+    def held_experts(self) -> list[int]:
+        """Expert ids whose weights this module holds in `w13`/`w2`, in slot order (the loader fills them from
+        the checkpoint). None here by default: an implementation that keeps its weights elsewhere."""
+        return []
+
+
+class ExpertsBuilder(Protocol):
+    """How a model gets its experts: `build` makes layer `layer`'s `Experts` on the meta device, before any
+    weight is read; `finish` runs once the rest of the model is loaded (device, dtype and routers known)."""
+
+    def build(self, cfg: ModelConfig, layer: int) -> Experts: ...
+
+    def finish(self, model: nn.Module, model_dir: str, location: dict[str, str]) -> None: ...
+
+
+class LocalExperts(Experts):
+    """All E experts of the layer in this process, run by the fused MoE kernel of `backend`.
+
+    w13: [E, 2I, D], gate rows (checkpoint w1) then up rows (w3); w2: [E, D, I].
+    """
+
+    def __init__(self, cfg: ModelConfig, backend: str = "auto"):
+        super().__init__(cfg.num_local_experts)
+        E, D, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        self.w13 = nn.Parameter(torch.empty(E, 2 * I, D), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(E, D, I), requires_grad=False)
+        self.backend = backend
+
+    def run(self, x: torch.Tensor, routing: RoutingResult) -> torch.Tensor:
+        return fused_moe(x, self.w13, self.w2, routing, backend=self.backend)  # [T, D]
+
+    def held_experts(self) -> list[int]:
+        return list(range(self.w13.shape[0]))
+
+
+class LocalExpertsBuilder:
+    """Every layer's experts local, on the MoE kernel `backend` (`model.moe_backend`)."""
+
+    def __init__(self, backend: str = "auto"):
+        self.backend = backend
+
+    def build(self, cfg: ModelConfig, layer: int) -> Experts:
+        return LocalExperts(cfg, self.backend)
+
+    def finish(self, model: nn.Module, model_dir: str, location: dict[str, str]) -> None:
+        pass
