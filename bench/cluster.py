@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
+from moe_runtime.cluster.expert_load import imbalance
 from moe_runtime.cluster.placement import Placement
-from moe_runtime.cluster.planner import imbalance, plan_placement
+from moe_runtime.cluster.planner import plan_placement
 from moe_runtime.config import load_config
 from moe_runtime.engine.llm_engine import LLMEngine
 from moe_runtime.engine.sampling_params import SamplingParams
@@ -75,7 +76,7 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     model_dir = args.model or Path(f"/tmp/moe-runtime-bench-{args.preset}")
     if not (model_dir / "config.json").exists():
-        from moe_runtime.model.init_model import init_model
+        from moe_runtime.presets.init_model import init_model
 
         init_model(args.preset, model_dir, seed=0)
     # one torch thread everywhere: Ray gives a 1-CPU actor OMP_NUM_THREADS=1, so the local run gets the same

@@ -1,31 +1,40 @@
-"""Placement planner: measured expert load -> a balanced `Placement`. Pure functions over tensors, no Ray, no I/O.
+"""Placement planner: measured expert load [L, E] -> a balanced `Placement`. Pure functions over tensors.
 
-Dimension letters: L layers, E experts, N workers (ranks), S = E + R expert slots per layer (R redundant).
+Dimension letters: L layers, E experts, N workers (ranks), M nodes, G = N / M ranks per node, R redundant
+copies per layer; the packing steps work on X independent rows (X = L, or L * M) of n items into P packs.
 
-The algorithm per layer, after EPLB (deepseek-ai/EPLB): `replicate_experts` spends the R redundant slots one
-at a time on the expert with the highest load per copy; `balanced_packing` places the S copies, heaviest
-first, on the least-loaded rank that still has a free slot and no copy of that expert (ranks get S // N or
-S // N + 1 slots, so memory stays even); `refine` then swaps copies between the busiest rank and the others
-while that lowers the busiest rank's load. A copy's predicted load is its expert's load / copies, since
-`Placement.owner_ranks` splits an expert's tokens evenly (by token index) among its copies.
+The algorithm, after EPLB (deepseek-ai/EPLB), batched over all layers at once:
+  1. `balanced_packing` packs each layer's experts onto the M nodes, E / M per node, heaviest first onto the
+     least-loaded node; nodes are then renumbered heaviest first (the first R % M get one more copy);
+  2. `replicate_experts` spends each node's share of the R copies, one at a time, on the node's expert with
+     the highest load per copy (at most G copies: one per rank of the node);
+  3. `balanced_packing` places each node's copies on its G ranks, heaviest first, onto the least-loaded rank
+     with a free slot and no copy of that expert (ranks get S // G or S // G + 1 of the node's S slots, so
+     memory stays even); where that greedy order gets stuck, the copies are dealt out in turn instead;
+  4. `refine` swaps copies between the busiest rank and another while that lowers the busiest rank's load.
+With M = 1 (the default) step 1 is trivial and this is the flat planner. A copy's predicted load is its
+expert's load / copies, since `Placement.owner_ranks` splits an expert's tokens evenly among its copies.
+Ties break by lower expert id, then lower rank (and node): the plan is deterministic.
 
 Extra copies do not always help (two workers holding both copies of an expert carry half its load each,
 exactly as without the copy, and the extra slot may force a hot expert next to another). So each layer
-keeps the first of three candidates with the lowest busiest-rank load: the packing with R copies, the
-packing with none, and plain round-robin. A plan is therefore never worse than round-robin, layer by layer.
-Ties break by lower expert id, then lower rank: the plan is deterministic.
+keeps the first of three candidates with the lowest busiest-rank load: the plan with R copies, the plan
+with none, and plain round-robin. A plan is therefore never worse than round-robin, layer by layer.
 
-Stats JSON (`moe-runtime stats --json`, read by `moe-runtime plan-placement --stats`):
-    {"layers": L, "experts": E, "tokens_per_expert": [[tokens routed to expert e in layer l, ...] x L]}
+Nodes (M > 1): ranks n * G .. n * G + G - 1 form node n, as Ray's PACK strategy fills nodes. Invariant: all
+copies of an expert lie on one node (every candidate keeps it; round-robin has one copy per expert), so
+replication never spreads an expert's pairs, or its weights, over nodes; and node load, which is what
+crosses the slower inter-node links, is balanced before rank load.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from moe_runtime.cluster.expert_load import imbalance, mask_loads
 from moe_runtime.cluster.placement import Placement
 from moe_runtime.errors import ConfigError
 
@@ -41,115 +50,156 @@ class PlanReport:
     worst_layer_after: float
 
 
-def parse_stats(stats: dict[str, Any], source: str = "stats") -> torch.Tensor:
-    """Validate a stats JSON object (format in the module docstring). Returns float64 load [L, E].
+def replicate_experts(load: torch.Tensor, num_slots: int | torch.Tensor, max_copies: int) -> torch.Tensor:
+    """Spend each row's `num_slots - n` extra copies, one at a time, on the item with the highest load per
+    copy (ties: lower index), never above `max_copies` copies.
 
-    >>> parse_stats({"layers": 1, "experts": 2, "tokens_per_expert": [[3, 1]]}).tolist()
-    [[3.0, 1.0]]
+    load: [X, n]; num_slots: int or int [X], n <= num_slots <= n * max_copies. Returns int64 copies [X, n].
+
+    >>> replicate_experts(torch.tensor([[6.0, 1, 2], [1.0, 1, 1]]), num_slots=5, max_copies=3).tolist()
+    [[3, 1, 1], [2, 2, 1]]
     """
-    if not isinstance(stats, dict) or not {"layers", "experts", "tokens_per_expert"} <= stats.keys():
-        raise ConfigError(f"{source}: expected an object with keys layers, experts, tokens_per_expert")
-    num_layers, num_experts, rows = stats["layers"], stats["experts"], stats["tokens_per_expert"]
-    for key, value in (("layers", num_layers), ("experts", num_experts)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{source}: {key}={value!r}; expected a positive integer")
-    if not isinstance(rows, list) or len(rows) != num_layers:
-        raise ConfigError(
-            f"{source}: tokens_per_expert must be a list of {num_layers} rows (layers), got {rows!r:.60}"
-        )
-    for layer, row in enumerate(rows):
-        ok = isinstance(row, list) and len(row) == num_experts
-        if not ok or any(isinstance(v, bool) or not isinstance(v, int | float) or not v >= 0 for v in row):
-            raise ConfigError(
-                f"{source}: tokens_per_expert[{layer}]={row!r:.80}; expected {num_experts} non-negative numbers"
-            )
-    return torch.tensor(rows, dtype=torch.float64).reshape(num_layers, num_experts)
-
-
-def replicate_experts(load: torch.Tensor, num_slots: int, max_copies: int) -> torch.Tensor:
-    """Spend `num_slots - E` extra copies, one at a time, on the expert with the highest load per copy.
-
-    load: [E]. Returns int64 copies [E], each in 1..max_copies, summing to num_slots.
-
-    >>> replicate_experts(torch.tensor([6.0, 1.0, 2.0]), num_slots=5, max_copies=3).tolist()
-    [3, 1, 1]
-    """
-    copies = torch.ones_like(load, dtype=torch.int64)
-    assert load.numel() <= num_slots <= load.numel() * max_copies
-    for _ in range(num_slots - load.numel()):
-        per_copy = torch.where(copies < max_copies, load / copies, -1.0)
-        copies[torch.argmax(per_copy)] += 1  # argmax takes the first (lowest id) on ties
+    rows, n = load.shape
+    copies = torch.ones(rows, n, dtype=torch.int64)
+    extra = torch.as_tensor(num_slots).expand(rows) - n  # [X]
+    assert bool((extra >= 0).all() and (extra <= n * (max_copies - 1)).all())
+    for step in range(int(extra.max()) if rows else 0):
+        per_copy = torch.where(copies < max_copies, load / copies, -1.0)  # [X, n]
+        copies[torch.arange(rows), per_copy.argmax(dim=-1)] += (step < extra).long()  # argmax: first on ties
     return copies
 
 
-def balanced_packing(load: torch.Tensor, copies: torch.Tensor, workers: int) -> list[list[int]] | None:
-    """Place every copy on a rank: heaviest copy first, onto the least-loaded rank with a free slot and no
-    copy of that expert. Rank r has S // N slots, plus one when r < S % N.
+def balanced_packing(
+    weight: torch.Tensor, capacity: torch.Tensor, labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack each row's items, heaviest first (ties: lower item index), onto the least-loaded pack (ties:
+    lower pack) with a free slot and no item of the same label.
 
-    load: [E]; copies: int [E]. Returns rank -> held experts, or None when the greedy order gets stuck (the
-    only ranks with free slots already hold that expert).
+    weight: [X, n]; capacity: int [X, P] slots per pack; labels: int [X, n], -1 for padding that is not
+    packed (default: each item its own label). Returns held: int64 [X, P, C] labels in fill order, -1 in free
+    slots (C = max capacity), and ok: bool [X], False where a row got stuck (only packs already holding
+    the label had free slots; that row's held is then incomplete).
+
+    >>> held, ok = balanced_packing(torch.tensor([[9.0, 5, 4, 3, 3, 1]]), torch.tensor([[3, 3]]))
+    >>> held.tolist(), ok.tolist()
+    ([[[0, 3, 5], [1, 2, 4]]], [True])
     """
-    num_slots = int(copies.sum())
-    capacity = [num_slots // workers + (r < num_slots % workers) for r in range(workers)]
-    items = [(float(load[e] / copies[e]), e) for e in range(load.numel()) for _ in range(int(copies[e]))]
-    items.sort(key=lambda item: (-item[0], item[1]))
-    held: list[list[int]] = [[] for _ in range(workers)]
-    rank_load = [0.0] * workers
-    for weight, e in items:
-        free = [r for r in range(workers) if len(held[r]) < capacity[r] and e not in held[r]]
-        if not free:
-            return None
-        r = min(free, key=lambda r: (rank_load[r], r))
-        held[r].append(e)
-        rank_load[r] += weight
-    return held
+    rows, n = weight.shape
+    labels = torch.arange(n).expand(rows, n) if labels is None else labels
+    keyed = torch.where(labels >= 0, weight.double(), -torch.inf)  # padding sorts last
+    order = keyed.sort(dim=-1, descending=True, stable=True).indices  # [X, n]; stable: lower index on ties
+    num_packs, depth = capacity.shape[1], int(capacity.max())
+    held = torch.full((rows, num_packs, depth), -1, dtype=torch.int64)
+    count = torch.zeros(rows, num_packs, dtype=torch.int64)
+    load = torch.zeros(rows, num_packs, dtype=torch.float64)
+    has = torch.zeros(rows, num_packs, max(int(labels.max()) + 1, 1), dtype=torch.bool)  # [X, P, labels]
+    ok, r = torch.ones(rows, dtype=torch.bool), torch.arange(rows)
+    for k in range(n):  # the k-th heaviest item of every row at once
+        item = order[:, k]
+        label, w = labels[r, item], weight[r, item].double()  # [X], [X]
+        free = (count < capacity) & ~has[r, :, label.clamp_min(0)]  # [X, P]
+        place = (label >= 0) & free.any(dim=-1)
+        ok &= place | (label < 0)
+        pack = torch.where(free, load, torch.inf).argmin(dim=-1)  # [X]; argmin: first on ties
+        x, p, lab = r[place], pack[place], label[place]
+        held[x, p, count[x, p]] = lab
+        load[x, p] += w[place]
+        has[x, p, lab] = True
+        count[x, p] += 1
+    return held, ok
 
 
-def refine(held: list[list[int]], per_copy: torch.Tensor, max_rounds: int = 1000) -> list[list[int]]:
-    """Swap copies between the busiest rank and another while the pair's larger load drops below the
-    busiest rank's load. Keeps every rank's slot count and never puts two copies of an expert on one rank.
+def refine(held: torch.Tensor, per_copy: torch.Tensor, max_rounds: int = 1000) -> torch.Tensor:
+    """Per row, swap two items between the busiest pack a and another pack b while the pair's larger load
+    drops below a's load: the best swap (lowest pair maximum, first in (b, item of a, item of b) order) each
+    round. Keeps every pack's item count and never puts two items of one label in one pack.
 
-    held: rank -> experts (not modified); per_copy: [E] load of one copy. Returns the refined layout.
+    held: int [X, P, C] labels, -1 free (not modified); per_copy: [X, n] weight of one item of each label.
+    Returns the refined held [X, P, C].
+
+    >>> refine(torch.tensor([[[0, 1], [2, 3]]]), torch.tensor([[4.0, 3, 2, 1]])).tolist()
+    [[[2, 1], [0, 3]]]
     """
-    held = [list(experts) for experts in held]
-    weight = per_copy.tolist()
+    held = held.clone()
+    rows, packs, depth = held.shape
+    r, pack_ids = torch.arange(rows), torch.arange(packs)
+    table = torch.cat([per_copy.new_zeros(rows, 1), per_copy.double()], dim=-1)  # [X, 1 + n]; 0: free slot
     for _ in range(max_rounds):
-        loads = [sum(weight[e] for e in experts) for experts in held]
-        a = max(range(len(held)), key=lambda r: (loads[r], -r))
-        best = None  # (new max of the pair, b, i, j)
-        for b in range(len(held)):
-            for i, x in enumerate(held[a]):
-                for j, y in enumerate(held[b]):
-                    if b == a or x in held[b] or y in held[a]:
-                        continue
-                    delta = weight[x] - weight[y]
-                    pair_max = max(loads[a] - delta, loads[b] + delta)
-                    if pair_max < loads[a] - 1e-9 and (best is None or pair_max < best[0]):
-                        best = (pair_max, b, i, j)
-        if best is None:
+        w = table.gather(-1, (held + 1).flatten(1)).view(rows, packs, depth)  # [X, P, C]
+        loads = w.sum(dim=-1)  # [X, P]
+        a = loads.argmax(dim=-1)  # [X] busiest pack; argmax: lower pack on ties
+        has = torch.zeros(rows, packs, table.shape[1], dtype=torch.bool).scatter_(-1, held + 1, True)
+        ha, wa, la = held[r, a], w[r, a], loads[r, a]  # [X, C], [X, C], [X]
+        x_in_b = has.gather(-1, (ha + 1)[:, None, :].expand(rows, packs, depth))  # [X, P(b), C(i)]
+        y_in_a = has[r, a].gather(-1, (held + 1).flatten(1)).view(rows, packs, depth)  # [X, P(b), C(j)]
+        delta = wa[:, None, :, None] - w[:, :, None, :]  # [X, P(b), C(i), C(j)]: load a gives b
+        pair_max = torch.maximum(la[:, None, None, None] - delta, loads[:, :, None, None] + delta)
+        valid = ((ha >= 0)[:, None, :, None] & (held >= 0)[:, :, None, :] & ~x_in_b[..., None]
+                 & ~y_in_a[:, :, None, :] & (pack_ids != a[:, None])[..., None, None]
+                 & (pair_max < la[:, None, None, None] - 1e-9))
+        swap = valid.flatten(1).any(dim=-1)  # [X]
+        if not bool(swap.any()):
             break
-        _, b, i, j = best
-        held[a][i], held[b][j] = held[b][j], held[a][i]
+        best = torch.where(valid, pair_max, torch.inf).flatten(1).argmin(dim=-1)  # [X]: first on ties
+        x, b, i, j = r[swap], best[swap] // depth**2, best[swap] // depth % depth, best[swap] % depth
+        held[x, a[x], i], held[x, b, j] = held[x, b, j], held[x, a[x], i]
     return held
 
 
-def rank_loads(load: torch.Tensor, placement: Placement) -> torch.Tensor:
-    """Predicted load per rank: each copy carries its expert's load / copies. load: [L, E]. Returns [L, N]."""
-    per_copy = load.double() / placement.replica_counts()  # [L, E]
-    out = torch.zeros(placement.num_layers, placement.workers, dtype=torch.float64)
-    for layer, experts in enumerate(placement.ranks):
-        for e, reps in enumerate(experts):
-            out[layer, list(reps)] += per_copy[layer, e]
-    return out
+def rebalance_hierarchical(
+    load: torch.Tensor, redundant: int, num_groups: int, num_nodes: int, workers: int
+) -> torch.Tensor:
+    """Steps 1-4 of the module docstring for all layers: groups of E / num_groups consecutive experts go to
+    nodes whole (num_groups / M per node), then each node's experts are replicated and packed on its ranks.
+
+    load: float64 [L, E]; redundant: R extra copies per layer, at most E * (G - 1); num_groups divides E and
+    is a multiple of M = num_nodes, which divides N = workers. Returns bool [L, E, N]: rank n holds (l, e).
+    Every group's experts, with all their copies, end up on one node, E / M experts per node.
+
+    >>> holds = rebalance_hierarchical(torch.tensor([[6.0, 1, 1, 2]]), 2, 4, 2, 4)  # nodes {0, 1}, {2, 3}
+    >>> holds.nonzero()[:, 1:].tolist()  # (expert, rank): expert 0 twice on node 0, expert 3 twice on node 1
+    [[0, 0], [0, 1], [1, 2], [2, 0], [3, 2], [3, 3]]
+    """
+    layers, num_experts = load.shape
+    assert num_experts % num_groups == 0 and num_groups % num_nodes == 0 and workers % num_nodes == 0
+    per_rank_node, per_node = workers // num_nodes, num_experts // num_nodes  # G, E / M
+    group_size = num_experts // num_groups
+    # 1. groups -> nodes, heaviest node first
+    group_load = load.unflatten(-1, (num_groups, group_size)).sum(dim=-1)  # [L, groups]
+    groups, _ = balanced_packing(group_load, torch.full((layers, num_nodes), num_groups // num_nodes))
+    node_load = group_load.gather(-1, groups.flatten(1)).view(layers, num_nodes, -1).sum(dim=-1)  # [L, M]
+    order = node_load.sort(dim=-1, descending=True, stable=True).indices  # [L, M]
+    groups = groups.gather(1, order[..., None].expand_as(groups))  # [L, M, groups per node]
+    experts = (groups[..., None] * group_size + torch.arange(group_size)).flatten(2).sort(dim=-1).values
+    # 2. replicate within each node: row l * M + m is node m of layer l
+    local = load.gather(-1, experts.flatten(1)).view(layers * num_nodes, per_node)  # [L*M, E/M]
+    extra = (redundant // num_nodes + (torch.arange(num_nodes) < redundant % num_nodes)).repeat(layers)
+    copies = replicate_experts(local, per_node + extra, per_rank_node)  # [L*M, E/M]
+    # 3-4. pack each node's copies on its G ranks, then refine
+    held = _pack_copies(local, copies, per_rank_node)  # [L*M, G, C] node-local expert index
+    mask = torch.zeros(*held.shape[:2], per_node + 1, dtype=torch.bool).scatter_(-1, held + 1, True)[..., 1:]
+    mask = mask.reshape(layers, num_nodes, per_rank_node, per_node).transpose(2, 3)  # [L, M, E/M, G]
+    holds = torch.zeros(layers, num_nodes, num_experts, per_rank_node, dtype=torch.bool)
+    holds.scatter_(2, experts[..., None].expand_as(mask), mask)  # [L, M, E, G]
+    return holds.transpose(1, 2).reshape(layers, num_experts, workers)  # rank = node * G + local rank
 
 
-def imbalance(load: torch.Tensor, placement: Placement) -> tuple[float, float]:
-    """(sum_l max_r / sum_l mean_r, max_l max_r/mean_r) of the predicted rank loads; 1.0 is perfect."""
-    loads = rank_loads(load, placement)  # [L, N]
-    peak, mean = loads.max(dim=1).values, loads.mean(dim=1)  # [L], [L]
-    total = float(peak.sum() / mean.sum()) if float(mean.sum()) > 0 else 1.0
-    worst = float(torch.where(mean > 0, peak / mean.clamp_min(1e-30), 1.0).max())
-    return total, worst
+def _pack_copies(load: torch.Tensor, copies: torch.Tensor, packs: int) -> torch.Tensor:
+    """Greedy packing (or, where stuck, copies dealt in turn: copy s on pack s % P), refined.
+
+    load: [X, n]; copies: int [X, n], each <= P. Returns int64 held [X, P, C] item indices, -1 free.
+    """
+    total = copies.sum(dim=-1, keepdim=True)  # [X, 1]
+    slot = torch.arange(int(total.max())).expand(load.shape[0], -1)  # [X, S]
+    labels = torch.searchsorted(copies.cumsum(dim=-1), slot.contiguous(), right=True)  # copy s -> item
+    labels = torch.where(slot < total, labels, -1)  # [X, S], items in ascending id order
+    per_copy = load / copies  # [X, n]
+    capacity = total // packs + (torch.arange(packs) < total % packs)  # [X, P]
+    held, ok = balanced_packing(per_copy.gather(-1, labels.clamp_min(0)), capacity, labels)
+    dealt = torch.full_like(held, -1)
+    x, s = (labels >= 0).nonzero(as_tuple=True)
+    dealt[x, s % packs, s // packs] = labels[x, s]  # an item's copies are consecutive: distinct packs
+    return refine(torch.where(ok[:, None, None], held, dealt), per_copy)
 
 
 def round_robin(num_layers: int, num_experts: int, workers: int) -> Placement:
@@ -159,61 +209,51 @@ def round_robin(num_layers: int, num_experts: int, workers: int) -> Placement:
 
 
 def plan_placement(
-    load: torch.Tensor, workers: int, redundant: int = 0, baseline: Placement | None = None
+    load: torch.Tensor,
+    workers: int,
+    redundant: int = 0,
+    baseline: Placement | None = None,
+    num_nodes: int = 1,
 ) -> tuple[Placement, PlanReport]:
-    """Plan a placement of E experts per layer on N ranks with R redundant copies per layer.
+    """Plan a placement of E experts per layer on N ranks (in M nodes) with R redundant copies per layer.
 
-    load: [L, E] tokens (or any non-negative weight) per expert; workers: N; redundant: R, with
-    R <= E * (N - 1) (an expert has at most one copy per rank). baseline: the placement to compare against
-    (default round-robin). Returns the plan and its predicted report.
+    load: [L, E] tokens (or any non-negative weight) per expert; workers: N; redundant: R, at most
+    E * (N / M - 1) (an expert has at most one copy per rank, all on one node); baseline: the placement
+    to compare against (default round-robin); num_nodes: M, dividing N and E (1: flat).
+    Returns the plan and its predicted report.
 
     >>> plan, report = plan_placement(torch.tensor([[8.0, 1.0, 1.0, 2.0]]), workers=2, redundant=2)
     >>> plan.ranks, round(report.imbalance_before, 2), report.imbalance_after
     ((((0, 1), (0,), (1,), (0, 1)),), 1.5, 1.0)
+    >>> plan_placement(torch.tensor([[8.0, 1, 1, 2]]), workers=4, redundant=2, num_nodes=2)[0].ranks
+    (((0, 1), (2,), (0,), (2, 3)),)
     """
     if load.dim() != 2 or load.numel() == 0 or bool((load < 0).any()) or not bool(load.isfinite().all()):
         raise ConfigError(f"load: expected finite non-negative [L, E], got shape {list(load.shape)}")
     num_layers, num_experts = load.shape
     if workers <= 0:
         raise ConfigError(f"workers={workers}: expected a positive integer")
-    if not 0 <= redundant <= num_experts * (workers - 1):
+    common = math.gcd(workers, num_experts)
+    if num_nodes <= 0 or common % num_nodes:
+        allowed = [d for d in range(1, common + 1) if common % d == 0]
+        raise ConfigError(f"num_nodes={num_nodes}: nodes must split the {workers} workers and the "
+                          f"{num_experts} experts evenly; allowed: {allowed} (1 plans without nodes)")
+    limit = num_experts * (workers // num_nodes - 1)
+    if not 0 <= redundant <= limit:
         raise ConfigError(
-            f"redundant={redundant}: allowed 0..{num_experts * (workers - 1)} "
-            f"(E={num_experts} experts, at most one copy per rank on {workers} workers)"
+            f"redundant={redundant}: allowed 0..{limit} (E={num_experts} experts, at most one copy per rank "
+            f"on {workers // num_nodes} workers{' per node' if num_nodes > 1 else ''})"
         )
     load = load.double()
     plain = round_robin(num_layers, num_experts, workers)
-    layers = []
-    for layer in range(num_layers):
-        row = load[layer]  # [E]
-        candidates = [  # the first with the lowest busiest-rank load wins: use the R copies unless they hurt
-            _pack(row, replicate_experts(row, num_experts + redundant, workers), workers),
-            _pack(row, torch.ones(num_experts, dtype=torch.int64), workers),
-            plain.ranks[layer],
-        ]
-        peaks = [float(rank_loads(row[None], Placement(workers, (ranks,))).max()) for ranks in candidates]
-        layers.append(candidates[min(range(len(candidates)), key=lambda i: (round(peaks[i], 9), i))])
-    plan = Placement(workers, tuple(layers))
+    # candidates: R copies, none (skipped when R = 0), round-robin; every expert is a group of its own
+    candidates = [rebalance_hierarchical(load, r, num_experts, num_nodes, workers)
+                  for r in dict.fromkeys((redundant, 0))]
+    candidates.append(plain.mask())
+    holds = torch.stack(candidates)  # [candidates, L, E, N]
+    peaks = mask_loads(load, holds).amax(dim=-1).round(decimals=9)  # [candidates, L]
+    best = peaks.argmin(dim=0)  # [L]: the first with the lowest peak
+    plan = Placement.from_mask(holds[best, torch.arange(num_layers)])
     before = imbalance(load, baseline or plain)
     after = imbalance(load, plan)
     return plan, PlanReport(before[0], after[0], before[1], after[1])
-
-
-def _pack(load: torch.Tensor, copies: torch.Tensor, workers: int) -> tuple[tuple[int, ...], ...]:
-    """Greedy packing (or the interleaved fallback), refined. load: [E]; copies: [E]. Returns [E] -> ranks."""
-    held = balanced_packing(load, copies, workers) or _interleave(copies, workers)
-    held = refine(held, load / copies)
-    ranks: list[list[int]] = [[] for _ in range(load.numel())]
-    for r, experts in enumerate(held):
-        for e in experts:
-            ranks[e].append(r)
-    return tuple(tuple(sorted(reps)) for reps in ranks)
-
-
-def _interleave(copies: torch.Tensor, workers: int) -> list[list[int]]:
-    """Fallback layout: copies listed expert by expert, copy i on rank i % N (distinct ranks per expert)."""
-    held: list[list[int]] = [[] for _ in range(workers)]
-    flat = [e for e in range(copies.numel()) for _ in range(int(copies[e]))]
-    for i, e in enumerate(flat):
-        held[i % workers].append(e)
-    return held

@@ -1,9 +1,12 @@
 """`moe-runtime plan-placement`: turn measured expert load into a balanced placement YAML.
 
     moe-runtime plan-placement --stats stats.json --workers 4 --redundant 4 -o placement.yaml
+    moe-runtime plan-placement --stats stats.json --workers 16 --nodes 2 --redundant 8 -o placement.yaml
 
-The stats file is what `moe-runtime stats --json` writes (format in `moe_runtime.cluster.planner`). The
+The stats file is what `moe-runtime stats --json` writes (format in `moe_runtime.cluster.expert_load`). The
 output holds one `placement:` section: merge it into a preset or pass it where a placement YAML is read.
+With `--nodes M`, ranks 0..N/M-1 form node 0 and so on, and every copy of an expert stays on one node
+(`moe_runtime.cluster.planner`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=0,
         help="extra expert copies per layer, given to the hottest (default 0)",
     )
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="nodes the workers span, N/nodes each: balance nodes first, keep an expert's copies on one node "
+        "(default 1)",
+    )
     parser.add_argument("-o", "--output", required=True, type=Path, help="placement YAML to write")
     parser.add_argument(
         "--model", type=Path, help="checkpoint directory or config.json, to check memory per rank"
@@ -49,8 +59,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from moe_runtime.cluster.placement import check_memory, rank_bytes  # torch: only when the command runs
-    from moe_runtime.cluster.planner import parse_stats, plan_placement
+    # torch: only when the command runs
+    from moe_runtime.cluster.expert_load import parse_stats
+    from moe_runtime.cluster.placement_config import placement_to_yaml
+    from moe_runtime.cluster.placement_memory import check_memory, rank_bytes
+    from moe_runtime.cluster.planner import plan_placement
 
     load = parse_stats(_read_json(args.stats, "--stats"), str(args.stats))  # [L, E]
     budget = _parse_budget(args.memory_per_rank)
@@ -62,18 +75,20 @@ def run(args: argparse.Namespace) -> int:
             f"{args.stats}: load is {load.shape[0]} layers x {load.shape[1]} experts but {args.model} has "
             f"{model.num_hidden_layers} x {model.num_local_experts}; use stats from the same model"
         )
-    plan, report = plan_placement(load, args.workers, args.redundant)
+    plan, report = plan_placement(load, args.workers, args.redundant, num_nodes=args.nodes)
     if model is not None:
         check_memory(plan, model, budget, args.dtype, where=f"{args.output}: placement")
     header = (
-        f"# moe-runtime plan-placement --stats {args.stats} --workers {args.workers} --redundant {args.redundant}\n"
+        f"# moe-runtime plan-placement --stats {args.stats} --workers {args.workers} --nodes {args.nodes} "
+        f"--redundant {args.redundant}\n"
         f"# predicted max/mean rank load: {report.imbalance_before:.3f} (round-robin) -> "
         f"{report.imbalance_after:.3f}; worst layer {report.worst_layer_before:.3f} -> {report.worst_layer_after:.3f}\n"
     )
-    args.output.write_text(header + plan.to_yaml(budget))
+    args.output.write_text(header + placement_to_yaml(plan, budget))
     used = int(plan.replica_counts().sum()) - plan.num_layers * plan.num_experts
     print(
-        f"planned {plan.num_layers} layers x {plan.num_experts} experts on {plan.workers} workers, "
+        f"planned {plan.num_layers} layers x {plan.num_experts} experts on {plan.workers} workers"
+        f"{f' in {args.nodes} nodes' if args.nodes > 1 else ''}, "
         f"{used} of {args.redundant * plan.num_layers} redundant copies used -> {args.output}"
     )
     print(

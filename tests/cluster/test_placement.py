@@ -1,4 +1,5 @@
-"""Placement from YAML: strategies, explicit layouts, replicas, the validation matrix, memory, pair split."""
+"""Placement (cluster/placement.py, placement_config.py, placement_memory.py): strategies, explicit layouts,
+replicas, the validation matrix, YAML round trip, memory, the mask form, pair split."""
 
 from __future__ import annotations
 
@@ -10,33 +11,33 @@ import pytest
 import torch
 import yaml
 
-from moe_runtime.cluster import placement as placement_module
-from moe_runtime.cluster.placement import (
-    Placement,
+from moe_runtime.checkpoint.layout import expert_bytes, shared_bytes
+from moe_runtime.cluster import placement, placement_config, placement_memory
+from moe_runtime.cluster.placement import Placement
+from moe_runtime.cluster.placement_config import (
     build_placement,
-    check_memory,
-    expert_bytes,
-    rank_bytes,
+    placement_from_yaml,
+    placement_from_yaml_text,
+    placement_to_yaml,
     resolve_placement,
-    shared_bytes,
 )
+from moe_runtime.cluster.placement_memory import check_memory, rank_bytes
 from moe_runtime.config import ModelConfig, PlacementConfig, RuntimeConfig, load_config
 from moe_runtime.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
-MIXTRAL = ROOT.parent / "shared" / "fixtures" / "mixtral-8x7b-v0.1.config.json"
+MIXTRAL = ROOT / "configs" / "models" / "mixtral-8x7b-v0.1" / "config.json"  # the published config, no weights
 EXAMPLES = sorted((ROOT / "configs" / "placement").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
 def mixtral() -> ModelConfig:
-    if not MIXTRAL.exists():
-        pytest.skip(f"{MIXTRAL} not present")
     return ModelConfig.from_hf(json.loads(MIXTRAL.read_text()), str(MIXTRAL))
 
 
-def test_doctests():
-    assert doctest.testmod(placement_module).failed == 0
+@pytest.mark.parametrize("module", (placement, placement_config, placement_memory), ids=lambda m: m.__name__)
+def test_doctests(module):
+    assert doctest.testmod(module).failed == 0
 
 
 # (section, num_layers, num_experts, expected ranks of layer 0 and of the last layer)
@@ -161,8 +162,9 @@ def test_yaml_round_trip(tmp_path, same_layers):
     layer1 = layer0 if same_layers else ((1,), (0,), (2,), (0, 1, 2), (2,))
     plan = Placement(3, (layer0, layer1))
     path = tmp_path / "placement.yaml"
-    path.write_text(plan.to_yaml(memory_per_rank=2**30))
-    assert Placement.from_yaml(path, num_layers=2, num_experts=5) == plan
+    path.write_text(placement_to_yaml(plan, memory_per_rank=2**30))
+    assert placement_from_yaml(path, num_layers=2, num_experts=5) == plan
+    assert placement_from_yaml_text(path.read_text(), num_layers=2, num_experts=5) == plan
     section = yaml.safe_load(path.read_text())["placement"]
     assert list(section["explicit"]) == (["*"] if same_layers else [0, 1])
     assert load_config(path).placement.memory_per_rank == 2**30
@@ -178,6 +180,14 @@ def test_slot_map_and_local_experts():
     assert PLAN.slot_map(1, 1).tolist() == [0, -1, -1, 1]
     assert PLAN.slot_map(0, 0).dtype == torch.int64
     assert PLAN.experts_per_rank().tolist() == [[2, 2, 3], [2, 2, 1]]
+
+
+def test_mask_round_trip():
+    mask = PLAN.mask()  # [L, E, N]
+    assert Placement.from_mask(mask) == PLAN
+    assert mask[0, 1].tolist() == [False, True, True] and mask[1, 3].tolist() == [True, True, False]
+    assert (mask.sum(dim=-1) == PLAN.replica_counts()).all()
+    assert (mask.sum(dim=1) == PLAN.experts_per_rank()).all()
 
 
 def test_pairs_split_by_token_index():

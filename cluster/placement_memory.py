@@ -1,0 +1,39 @@
+"""Weight memory of a placement: bytes each rank holds, checked against `placement.memory_per_rank`.
+
+Every rank holds the shared weights (embeddings, attention, norms, routers, lm_head) plus one expert's weights
+per copy it holds; both byte counts come from `moe_runtime.checkpoint.layout`, their one home.
+"""
+
+from __future__ import annotations
+
+from moe_runtime.checkpoint.layout import expert_bytes, shared_bytes
+from moe_runtime.cluster.placement import Placement
+from moe_runtime.config import ModelConfig
+from moe_runtime.errors import ConfigError
+
+
+def rank_bytes(placement: Placement, model: ModelConfig, dtype: str = "auto") -> list[int]:
+    """Weight bytes each rank holds under `placement`: shared weights plus its expert copies. Returns [N]."""
+    copies = placement.experts_per_rank().sum(dim=0).tolist()  # [N] over all layers
+    shared, expert = shared_bytes(model, dtype), expert_bytes(model, dtype)
+    return [shared + c * expert for c in copies]
+
+
+def check_memory(
+    placement: Placement,
+    model: ModelConfig,
+    budget: int | None,
+    dtype: str = "auto",
+    where: str = "placement",
+) -> None:
+    """Raise `ConfigError` when a rank's weights exceed `budget` bytes (`placement.memory_per_rank`)."""
+    if budget is None:
+        return
+    shared, expert = shared_bytes(model, dtype), expert_bytes(model, dtype)
+    for rank, used in enumerate(rank_bytes(placement, model, dtype)):
+        if used > budget:
+            raise ConfigError(
+                f"{where}.memory_per_rank={budget} ({budget / 2**30:.1f} GiB): rank {rank} needs {used} "
+                f"bytes ({used / 2**30:.1f} GiB: {(used - shared) // expert} expert copies of {expert} bytes "
+                f"plus {shared} shared); raise the budget, add workers or move experts off rank {rank}"
+            )
