@@ -59,10 +59,12 @@ def render(stats: dict[str, Any], key: str) -> None:
                   f"{stats['kv_blocks_used']}/{stats['kv_blocks_total']}")
     cache = stats.get("cache") or {}
     if cache.get("hits", 0) + cache.get("misses", 0):
+        # `GetExpertStats` carries no prefetch counts (only `ExpertStatsSnapshot.to_dict()` does).
+        counts = (f" ({cache['prefetch_used']}/{cache['prefetch_guessed']} guessed experts used)"
+                  if "prefetch_used" in cache else "")
         console.print(f"expert cache (since start): {cache['hits']} hits, {cache['misses']} misses, hit rate "
                       f"{cache['hit_rate']:.2f}, {cache['bytes_moved'] / 2**20:.1f} MiB moved; prefetch accuracy "
-                      f"{cache['prefetch_accuracy']:.2f} ({cache['prefetch_used']}/{cache['prefetch_guessed']} "
-                      f"guessed experts used)")
+                      f"{cache['prefetch_accuracy']:.2f}{counts}")
     if stats.get("rank_tokens"):
         render_ranks(console, stats)
 

@@ -1,4 +1,8 @@
-"""Counters of the expert store: a plain dataclass the telemetry reads once per step (STYLE rule 17)."""
+"""Counters of the expert store: a plain dataclass the engine stats carry as `stats.offload` (STYLE rule 17).
+
+Telemetry, `/metrics` and `GetExpertStats` read this object as it is (no mirror), and the derived values
+(hit rate, prefetch accuracy) are computed here only.
+"""
 
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ class OffloadStats:
         return OffloadStats(**{f.name: getattr(self, f.name) for f in fields(self)})
 
     def as_dict(self) -> dict[str, float]:
+        """Every counter and the derived values, by name."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d.update(hit_rate=self.hit_rate, prefetch_accuracy=self.prefetch_accuracy)
         return d

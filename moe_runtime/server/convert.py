@@ -3,10 +3,12 @@ to the JSON shape the CLI prints (the placement planner reads that shape)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from moe_runtime.telemetry import ExpertStatsSnapshot, LatencySummary
 from moe_runtime.v1 import generation_pb2 as pb
+
+if TYPE_CHECKING:  # annotations only: the client side (`moe-runtime stats`) must not import torch
+    from moe_runtime.telemetry import ExpertStatsSnapshot, LatencySummary
 
 FINISH_REASONS = {
     None: pb.FINISH_REASON_UNSPECIFIED,

@@ -1,4 +1,4 @@
-"""Prometheus export. `StatsTap` hands each `engine.make_stats()` snapshot (once per step) to `Telemetry`;
+"""Prometheus export. The engine's `on_step` hook hands each stats snapshot to `Telemetry.observe_step`;
 `TelemetryCollector` turns the telemetry state into metric families at scrape time; `MetricsServer` serves
 `/metrics` on its own registry (no prometheus_client global state) and port.
 
@@ -10,7 +10,7 @@ emits no `*_created` series.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -70,7 +70,7 @@ class TelemetryCollector(Collector):
         for reason, n in sorted(t.finished_counts().items()):
             finished.add_metric([reason], n)
         yield finished
-        cache = snap.cache
+        cache = snap.cache  # the engine's `OffloadStats` as it is; zeros without offloading
         yield CounterMetricFamily(P + "expert_cache_hits", "Expert-store lookups served by a resident slot",
                                   value=cache.hits)
         yield CounterMetricFamily(P + "expert_cache_misses", "Expert-store lookups that had to fetch",
@@ -101,31 +101,6 @@ def _engine_families(stats: Any, snap: Any) -> Iterator[Metric]:
                 ("generation_tokens", "Tokens sampled since start", "num_generated_tokens"))
     for name, doc, attr in counters:
         yield CounterMetricFamily(P + name, doc, value=get(attr))
-
-
-class StatsTap:
-    """Wraps an `LLMEngine` so that each stats snapshot the step loop takes reaches telemetry.
-
-    `AsyncEngine` calls `make_stats()` on its engine after every step (and after applying adds/aborts);
-    the tap forwards each snapshot to `on_stats` on the step-loop thread, so no step's router counts are
-    missed and nothing polls. Everything else is delegated untouched.
-    NOTE(server): an engine-side `on_step` hook would make this wrapper unnecessary.
-    """
-
-    def __init__(self, engine: Any, on_stats: Callable[[Any], None]):
-        self._engine = engine
-        self._on_stats = on_stats
-
-    def make_stats(self) -> Any:
-        stats = self._engine.make_stats()
-        try:
-            self._on_stats(stats)
-        except Exception:  # telemetry must never kill the step loop
-            log.exception("telemetry failed to take the engine stats")
-        return stats
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._engine, name)
 
 
 class MetricsServer:

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from moe_runtime.cli import main
-from moe_runtime.cluster.planner import parse_stats
+from moe_runtime.cluster.expert_load import parse_stats
 from moe_runtime.server.metrics import TelemetryCollector
 
 LAYERS, EXPERTS, TOP_K = 2, 8, 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import math
 from types import SimpleNamespace
 
@@ -13,7 +14,9 @@ from moe_runtime.telemetry import (
     LatencyHistogram,
     Telemetry,
     imbalance,
+    load,
     normalized_entropy,
+    ranks,
 )
 
 LOADS = (  # (tokens per expert, imbalance, normalized entropy)
@@ -23,6 +26,11 @@ LOADS = (  # (tokens per expert, imbalance, normalized entropy)
     ([0, 0, 0, 0], 0.0, 0.0),
     ([3, 1], 1.5, -(0.75 * math.log(0.75) + 0.25 * math.log(0.25)) / math.log(2)),
 )
+
+
+@pytest.mark.parametrize("module", (load, ranks), ids=lambda m: m.__name__)
+def test_doctests(module):
+    assert doctest.testmod(module).failed == 0
 
 
 @pytest.mark.parametrize(("tokens", "want_imbalance", "want_entropy"), LOADS)
