@@ -82,7 +82,7 @@ export PYTHONUNBUFFERED=1
   $PY -c "import moe_runtime.kernels as k; print('moe_runtime.kernels from', k.__file__)"
 } 2>&1 | tee_out env.txt
 RUNTIME_OK=0
-if $PY -c "import moe_runtime.engine.llm_engine, moe_runtime.model.init_model" 2>"$TMP/import.txt"; then
+if $PY -c "import moe_runtime.engine.llm_engine, moe_runtime.presets.init_model" 2>"$TMP/import.txt"; then
   RUNTIME_OK=1
 else
   echo "!!! the runtime does not import here (carry its wheels: bash bench/gpu_wheels.sh):"

@@ -116,7 +116,7 @@ async def grpc_load(address: str, clients: int, rounds: int, max_tokens: int, ca
 
 async def engine_load(engine: AsyncEngine, clients: int, rounds: int, max_tokens: int, cancel_every: int) -> Run:
     run = Run("in-process", clients)
-    tokenizer = engine.engine.tokenizer
+    tokenizer = engine.tokenizer
     counter = iter(range(10**9))
 
     async def client(i: int) -> None:
@@ -216,7 +216,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if model_dir is None:
-            from moe_runtime.model.init_model import init_model
+            from moe_runtime.presets.init_model import init_model
 
             model_dir = init_model("tiny", Path(tmp) / "tiny", seed=0)
         load = (args.rounds, args.max_tokens, args.cancel_every)

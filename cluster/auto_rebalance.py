@@ -6,7 +6,7 @@ Every `placement.auto_rebalance.interval_s` the server's rebalancer:
      measure) and stops there unless it exceeds `threshold`;
   3. plans a placement from that load (`plan_placement`, `redundant` extra copies per layer) and stops
      unless it predicts at least `min_gain` less imbalance;
-  4. moves the experts between two engine steps (`AsyncEngine.run_between_steps`), exactly as the
+  4. moves the experts between two engine steps (`AsyncEngine.apply_placement`), exactly as the
      `ApplyPlacement` RPC does, and points telemetry's rank view at the new plan.
 A failed move is logged and retried at the next interval; requests never see it.
 """
@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from moe_runtime.cluster.planner import imbalance, plan_placement
+from moe_runtime.cluster.expert_load import imbalance
+from moe_runtime.cluster.planner import plan_placement
 from moe_runtime.config import AutoRebalanceConfig
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,9 @@ log = logging.getLogger(__name__)
 class AutoRebalancer:
     """Owns nothing but its loop: the executor owns the placement, telemetry the load."""
 
-    def __init__(self, cfg: AutoRebalanceConfig, engine: Any, executor: Any, telemetry: Any):
-        self.cfg, self.engine, self.executor, self.telemetry = cfg, engine, executor, telemetry
+    def __init__(self, cfg: AutoRebalanceConfig, engine: Any, telemetry: Any):
+        """engine: the `AsyncEngine` (its `placement` and `apply_placement`); telemetry: the load window."""
+        self.cfg, self.engine, self.telemetry = cfg, engine, telemetry
         self.applied = 0  # placements moved to so far (tests, logs)
 
     async def run(self) -> None:
@@ -46,14 +48,14 @@ class AutoRebalancer:
         load = torch.tensor(snap.tokens_per_expert, dtype=torch.float64)  # [L, E]
         if load.numel() == 0 or load[0].sum().item() < self.cfg.min_tokens:
             return False
-        current = self.executor.placement
+        current = self.engine.placement
         now, _ = imbalance(load, current)
         if now <= self.cfg.threshold:
             return False
         plan, report = plan_placement(load, current.workers, self.cfg.redundant, baseline=current)
         if plan == current or report.imbalance_after > now - self.cfg.min_gain:
             return False
-        await self.engine.run_between_steps(lambda: self.executor.apply_placement(plan))
+        await self.engine.apply_placement(plan)
         self.telemetry.set_rank_shares(plan.rank_shares())
         self.applied += 1
         log.info("rebalanced experts: rank imbalance %.3f -> %.3f (predicted)", now, report.imbalance_after)

@@ -20,25 +20,31 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from moe_runtime.cluster.placement import Placement, check_memory, resolve_placement
+from moe_runtime.checkpoint.layout import resolve_dtype
+from moe_runtime.cluster.placement import Placement
+from moe_runtime.cluster.placement_config import resolve_placement
+from moe_runtime.cluster.placement_memory import check_memory
 from moe_runtime.cluster.worker import ExpertWorker
 from moe_runtime.config import ModelConfig, RuntimeConfig
 from moe_runtime.engine.executor import Executor
 from moe_runtime.engine.kv_cache import num_kv_blocks
 from moe_runtime.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from moe_runtime.errors import ConfigError, EngineDeadError
-from moe_runtime.model.loader import resolve_dtype
 
 
 class RayExecutor(Executor):
     """Runs the model on `placement.workers` Ray actors, experts sharded by the placement plan."""
+
+    can_restart = True
 
     def __init__(self, cfg: RuntimeConfig, model_dir: str):
         self.cfg, self.model_dir = cfg, model_dir
         self.model_config = ModelConfig.from_pretrained(model_dir)
         dtype = resolve_dtype(cfg.model.dtype, self.model_config)
         self.dtype_name = str(dtype).removeprefix("torch.")  # "bfloat16", as ModelConfig spells dtypes
-        self.placement = resolve_placement(cfg.placement, self.model_config, self.dtype_name)
+        self._placement = resolve_placement(cfg.placement, self.model_config, self.dtype_name)
+        self.placement_timeout_s = cfg.ray.placement_timeout_s + cfg.ray.collective_timeout_s
+        self._expert_bytes: list[int] = []
         self.num_kv_blocks = num_kv_blocks(cfg.cache, self.model_config, dtype)
         self.workers: list = []
         self._pg = None
@@ -55,7 +61,7 @@ class RayExecutor(Executor):
             raise
 
     def _start(self, model_dir: str) -> None:
-        n, ray_cfg = self.placement.workers, self.cfg.ray
+        n, ray_cfg = self._placement.workers, self.cfg.ray
         use_gpu = ray_cfg.worker_device == "gpu" or (
             ray_cfg.worker_device == "auto" and ray.cluster_resources().get("GPU", 0) >= n
         )
@@ -73,12 +79,12 @@ class RayExecutor(Executor):
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self._pg, placement_group_bundle_index=rank
                 ),
-            ).remote(rank, self.cfg, model_dir, self.placement, seed)  # the same seed: ranks sample alike
+            ).remote(rank, self.cfg, model_dir, self._placement, seed)  # the same seed: ranks sample alike
             for rank in range(n)
         ]
         host, port = self._get(self.workers[0].master_address.remote(), ray_cfg.placement_timeout_s)
         setups = [w.setup.remote(host, port, self.num_kv_blocks) for w in self.workers]
-        self.expert_bytes = self._get(setups, ray_cfg.placement_timeout_s + ray_cfg.collective_timeout_s)
+        self._expert_bytes = self._get(setups, self.placement_timeout_s)
 
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         ref = ray.put(sched)  # one copy in the object store, read by every worker
@@ -88,9 +94,9 @@ class RayExecutor(Executor):
     def apply_placement(self, placement: Placement) -> None:
         """Move experts between workers to follow `placement` (same number of workers). Call between steps:
         requests keep running, and outputs do not change (each pair is still computed exactly once)."""
-        if placement.workers != self.placement.workers:
+        if placement.workers != self._placement.workers:
             raise ConfigError(
-                f"placement.workers={placement.workers}: the running group has {self.placement.workers} workers; "
+                f"placement.workers={placement.workers}: the running group has {self._placement.workers} workers; "
                 "changing the number of workers needs a restart"
             )
         cfg = self.model_config
@@ -101,10 +107,16 @@ class RayExecutor(Executor):
             )
         check_memory(placement, cfg, self.cfg.placement.memory_per_rank, self.dtype_name)
         refs = [w.apply_placement.remote(placement) for w in self.workers]
-        self.expert_bytes = self._get(
-            refs, self.cfg.ray.placement_timeout_s + self.cfg.ray.collective_timeout_s
-        )
-        self.placement = placement
+        self._expert_bytes = self._get(refs, self.placement_timeout_s)
+        self._placement = placement
+
+    @property
+    def placement(self) -> Placement:
+        return self._placement
+
+    def expert_bytes(self) -> list[int]:
+        """Bytes of expert weights each worker holds, as the workers reported them."""
+        return list(self._expert_bytes)
 
     def check_health(self) -> None:
         """Ping every worker (between steps, when idle); raises `EngineDeadError` if one is gone."""

@@ -14,11 +14,24 @@ class CheckpointError(MoeRuntimeError):
 
 
 class RequestError(MoeRuntimeError, ValueError):
-    """A generation request with an invalid field (sampling parameters, prompt)."""
+    """A generation request with an invalid field (sampling parameters, prompt). `field` names it (the
+    message starts with it), so a transport can say where the field sits in its own request shape."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class CapacityError(RequestError):
+    """A valid request this engine can never hold (prompt + completion beyond the KV cache)."""
 
 
 class MissingTokenizerError(MoeRuntimeError):
     """Text in or out was asked of a checkpoint that has no tokenizer (token ids still work)."""
+
+
+class UnsupportedError(MoeRuntimeError):
+    """The running configuration cannot do what was asked (e.g. moving experts without the Ray executor)."""
 
 
 class EngineDeadError(MoeRuntimeError, RuntimeError):

@@ -107,8 +107,8 @@ def output_record(out) -> dict:
 def run_offline(args: argparse.Namespace) -> int:
     """Load the model in this process and run every prompt in one batch."""
     from moe_runtime.config import load_config
-    from moe_runtime.engine.llm_engine import LLMEngine
-    from moe_runtime.model.default_model import ensure_default_model
+    from moe_runtime.launch import build_engine
+    from moe_runtime.presets.default_model import ensure_default_model
 
     prompts = collect_prompts(args)
     params = sampling_params(args)
@@ -121,7 +121,7 @@ def run_offline(args: argparse.Namespace) -> int:
     if cfg.model.path is None:
         path = ensure_default_model(args.env["cache_dir"])
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": str(path)})})
-    engine = LLMEngine(cfg, progress=sys.stderr.isatty())
+    engine = build_engine(cfg, progress=sys.stderr.isatty())
     try:
         outputs = engine.generate(prompts, params)
     except (RequestError, MissingTokenizerError) as e:

@@ -15,19 +15,24 @@ loop goes on serving.
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
-from moe_runtime.config import RuntimeConfig
+from moe_runtime.config import ModelConfig
 from moe_runtime.engine.llm_engine import LLMEngine
 from moe_runtime.engine.outputs import EngineStats, RequestOutput
 from moe_runtime.engine.sampling_params import SamplingParams
 from moe_runtime.errors import EngineDeadError, MoeRuntimeError, RequestError
 from moe_runtime.tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
+
 # Seconds between health checks of an idle executor (Ray workers), so a dead worker is found and replaced
-# before the next request needs it. Executors without `check_health` are not polled.
+# before the next request needs it.
 IDLE_HEALTH_CHECK_S = 2.0
 
 
@@ -37,21 +42,22 @@ def _resolve(future: asyncio.Future, result, error: BaseException | None) -> Non
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    """on_step: called on the step-loop thread with every stats snapshot the loop takes (after each step and
+    after applying adds and aborts); telemetry's hook. An exception in it is logged, never fatal."""
+
+    def __init__(self, engine: LLMEngine, on_step: Callable[[EngineStats], None] | None = None):
         self.engine = engine
+        self._on_step = on_step
         self.dead_error: EngineDeadError | None = None
         self.recovering_error: EngineDeadError | None = None  # set while the executor restarts
         self._streams: dict[str, asyncio.Queue] = {}  # request id -> its outputs (event loop thread only)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", id, ids, params) | ("abort", id) | ("call", fn, future)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", Request) | ("abort", id) | ("call", fn, future)
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stats = engine.make_stats()  # replaced (never mutated) by the step loop
-
-    @classmethod
-    def from_config(cls, cfg: RuntimeConfig) -> AsyncEngine:
-        return cls(LLMEngine(cfg))
+        self._stats: EngineStats  # replaced (never mutated) by the step loop
+        self._take_stats()
 
     # ------------------------------------------------------------------------------------------------------
     # Life cycle
@@ -91,6 +97,27 @@ class AsyncEngine:
         return self._stats
 
     @property
+    def model_config(self) -> ModelConfig:
+        return self.engine.model_config
+
+    @property
+    def placement(self) -> Any:
+        """Which worker holds which experts (the cluster's `Placement`), None in one process."""
+        return self.engine.executor.placement
+
+    def expert_bytes(self) -> list[int]:
+        """Bytes of expert weights each worker holds (`UnsupportedError` in one process)."""
+        return self.engine.executor.expert_bytes()
+
+    async def apply_placement(self, placement: Any) -> None:
+        """Move experts to follow `placement` on the step loop, between two steps (in-flight requests wait,
+        then go on with the same outputs). `UnsupportedError` in one process; `TimeoutError` past the
+        executor's `placement_timeout_s`; `ConfigError` for a placement that does not fit."""
+        executor = self.engine.executor
+        await asyncio.wait_for(self.run_between_steps(lambda: executor.apply_placement(placement)),
+                               None if math.isinf(executor.placement_timeout_s) else executor.placement_timeout_s)
+
+    @property
     def tokenizer(self) -> Tokenizer | None:
         """The checkpoint's tokenizer (None: token ids only). Read-only after start, safe from any thread."""
         return self.engine.tokenizer
@@ -114,10 +141,10 @@ class AsyncEngine:
             raise EngineDeadError("the engine is not started; call `await engine.start()` first")
         if request_id in self._streams:
             raise RequestError(f"request_id={request_id!r}: already in flight; ids must be unique")
-        self.engine.validate(prompt_token_ids, params)
+        request = self.engine.make_request(request_id, list(prompt_token_ids), params)  # validated once, here
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
-        self._post(("add", request_id, list(prompt_token_ids), params))
+        self._post(("add", request))
         finished = False
         try:
             while not finished:
@@ -159,7 +186,7 @@ class AsyncEngine:
             while not self._stopping:
                 self._wake.clear()
                 if self._drain_inbox():
-                    self._stats = self.engine.make_stats()
+                    self._take_stats()
                 if not self.engine.has_unfinished():
                     if not self._wake.wait(IDLE_HEALTH_CHECK_S):
                         self._check_health()
@@ -169,7 +196,7 @@ class AsyncEngine:
                 except EngineDeadError as e:  # a lost worker: fail what is in flight, rebuild, serve on
                     self._recover(e)
                     continue
-                self._stats = self.engine.make_stats()
+                self._take_stats()
                 if outputs:
                     self._send(self._deliver, outputs)
         except BaseException as e:  # noqa: BLE001 - any failure kills the loop, and every stream hears of it
@@ -178,12 +205,18 @@ class AsyncEngine:
             self.dead_error = err
             self._send(self._fail_all, err)
 
+    def _take_stats(self) -> None:
+        """Snapshot the engine's stats for readers on other threads, and hand it to the `on_step` hook."""
+        self._stats = self.engine.make_stats()
+        if self._on_step is not None:
+            try:
+                self._on_step(self._stats)
+            except Exception:  # telemetry must never kill the step loop
+                log.exception("the on_step hook failed on the engine stats")
+
     def _check_health(self) -> None:
-        check = getattr(self.engine.executor, "check_health", None)
-        if check is None:
-            return
         try:
-            check()
+            self.engine.executor.check_health()
         except EngineDeadError as e:
             self._recover(e)
 
@@ -195,7 +228,7 @@ class AsyncEngine:
         self._send(self._fail_all, lost)
         self._drain_inbox(fail_adds=lost)
         self.engine.recover(error)
-        self._stats = self.engine.make_stats()
+        self._take_stats()
         self.recovering_error = None
 
     def _drain_inbox(self, fail_adds: EngineDeadError | None = None) -> bool:
@@ -216,14 +249,14 @@ class AsyncEngine:
                     self._send(_resolve, done, None, e)
                 continue
             if message[0] == "add":
-                _, request_id, prompt_ids, params = message
+                request = message[1]
                 if fail_adds is not None:
-                    self._send(self._deliver_error, request_id, fail_adds)
+                    self._send(self._deliver_error, request.request_id, fail_adds)
                     continue
                 try:
-                    self.engine.add_request(request_id, prompt_ids, params)
+                    self.engine.add(request)
                 except MoeRuntimeError as e:  # e.g. the same id reused before its abort was applied
-                    self._send(self._deliver_error, request_id, e)
+                    self._send(self._deliver_error, request.request_id, e)
             else:
                 out = self.engine.abort(message[1])
                 if out is not None:

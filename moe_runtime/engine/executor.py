@@ -1,28 +1,38 @@
-"""Executors run a scheduled step on the model wherever it lives. `LocalExecutor`: in this process.
+"""Executors run a scheduled step on the model wherever it lives: the engine's only view of the model.
 
-The Ray executor (`moe_runtime.cluster`) implements the same interface across worker actors.
+`LocalExecutor`: in this process. The Ray executor (`cluster/ray_executor.py`) implements the same
+interface across expert-parallel worker actors. Which one runs is chosen where the process is assembled
+(`moe_runtime.launch`) and handed to the engine, so the engine never imports the cluster package.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 
+from moe_runtime.checkpoint.loader import load_model
 from moe_runtime.config import ModelConfig, RuntimeConfig
 from moe_runtime.engine.kv_cache import allocate_kv_cache, num_kv_blocks
 from moe_runtime.engine.model_runner import ModelRunner
 from moe_runtime.engine.sampler import Sampler
 from moe_runtime.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from moe_runtime.model.loader import load_model
-from moe_runtime.offload.stats import OffloadStats
+from moe_runtime.errors import UnsupportedError
+from moe_runtime.model.experts import LocalExpertsBuilder
+from moe_runtime.offload import OffloadedExpertsBuilder, OffloadStats
 
 
 class Executor(ABC):
-    """Owns the model and its KV cache; the engine only sends it scheduler outputs."""
+    """Owns the model and its KV cache; the engine sends it scheduler outputs and asks it these few things."""
 
     model_config: ModelConfig
     num_kv_blocks: int  # blocks in each layer's pool: the block manager manages exactly these
+    # Whether `restart` can rebuild the executor after a lost worker (`EngineDeadError` from `execute`).
+    can_restart: bool = False
+    # Seconds a placement change may take before the caller gives up on it.
+    placement_timeout_s: float = math.inf
 
     @abstractmethod
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -32,18 +42,43 @@ class Executor(ABC):
     def shutdown(self) -> None:
         """Release workers and memory. Idempotent."""
 
+    def check_health(self) -> None:
+        """Raise `EngineDeadError` when a worker is gone (called between steps while idle)."""
+        return None  # one process: nothing can be gone
+
+    def restart(self) -> None:
+        """Rebuild after a failure; the engine has failed every in-flight request first."""
+        raise UnsupportedError(f"{type(self).__name__} cannot restart after a failure")
+
     def offload_stats(self) -> OffloadStats | None:
         """The expert store's counters when experts are offloaded, else None."""
         return None
+
+    @property
+    def placement(self) -> Any:
+        """Which worker holds which experts (the cluster's `Placement`); None in one process."""
+        return None
+
+    def apply_placement(self, placement: Any) -> None:
+        """Move experts between workers to follow `placement`, between steps."""
+        raise UnsupportedError(
+            "moving experts needs the Ray executor; this process runs executor: local (start it with "
+            "executor: ray and placement.workers, e.g. configs/tiny-ray-2-workers.yaml)"
+        )
+
+    def expert_bytes(self) -> list[int]:
+        """Bytes of expert weights each worker holds (one entry per worker)."""
+        raise UnsupportedError(f"{type(self).__name__} does not report expert bytes per worker")
 
 
 class LocalExecutor(Executor):
     def __init__(self, cfg: RuntimeConfig, model_dir: str, progress: bool = False):
         if cfg.engine.num_threads is not None:
             torch.set_num_threads(cfg.engine.num_threads)
-        self.model = load_model(
-            model_dir, cfg.model.dtype, cfg.model.device, cfg.model.moe_backend, progress, offload=cfg.offload
-        )
+        backend = cfg.model.moe_backend
+        self._offload = OffloadedExpertsBuilder(cfg.offload, backend) if cfg.offload.enabled else None
+        experts = self._offload if self._offload is not None else LocalExpertsBuilder(backend)
+        self.model = load_model(model_dir, cfg.model.dtype, cfg.model.device, experts=experts, progress=progress)
         if not cfg.model.exact:  # CPUs without native bf16 GEMMs; no-ops on GPUs and for fp32 weights
             self.model.keep_fp32_copies()  # large batches
             self.model.use_fast_cpu_paths()  # small batches and expert groups
@@ -54,14 +89,19 @@ class LocalExecutor(Executor):
         )
         self.runner = ModelRunner(self.model, kv, cfg.cache.block_size, Sampler(cfg.engine.seed))
 
+    @property
+    def expert_store(self):
+        """The offload `ExpertStore` when experts are offloaded, else None."""
+        return None if self._offload is None else self._offload.store
+
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(sched)
 
     def offload_stats(self) -> OffloadStats | None:
-        store = self.model.expert_store
+        store = self.expert_store
         return None if store is None else store.stats()
 
     def shutdown(self) -> None:
         self.runner.kv_caches.clear()
-        if self.model.expert_store is not None:
-            self.model.expert_store.close()
+        if self.expert_store is not None:
+            self.expert_store.close()

@@ -14,25 +14,22 @@ from moe_runtime.engine.outputs import EngineStats, RequestOutput
 from moe_runtime.engine.request import Request
 from moe_runtime.engine.sampling_params import SamplingParams, validate_prompt
 from moe_runtime.engine.scheduler import Scheduler
-from moe_runtime.errors import ConfigError, RequestError
+from moe_runtime.errors import CapacityError, ConfigError, RequestError
 from moe_runtime.tokenizer import load_tokenizer, require_tokenizer
 
 
-def make_executor(cfg: RuntimeConfig, progress: bool = False) -> Executor:
-    """The executor `cfg.executor` names: in this process, or Ray workers (Ray imported only then)."""
-    if cfg.executor == "ray":
-        from moe_runtime.cluster.ray_executor import RayExecutor
-
-        return RayExecutor(cfg, cfg.model.path)
-    return LocalExecutor(cfg, cfg.model.path, progress)
-
-
 class LLMEngine:
+    """executor: where the model runs, built where the process is assembled (`moe_runtime.launch`); None
+    builds a `LocalExecutor` (`executor: local` only)."""
+
     def __init__(self, cfg: RuntimeConfig, executor: Executor | None = None, progress: bool = False):
         if cfg.model.path is None:
             raise ConfigError("model.path=None: the engine needs a checkpoint directory (see ensure_default_model)")
+        if executor is None and cfg.executor != "local":
+            raise ConfigError(f"executor={cfg.executor!r}: build the engine with moe_runtime.launch.build_engine, "
+                              "which makes that executor; LLMEngine alone makes the local one")
         self.config = cfg
-        self.executor = executor if executor is not None else make_executor(cfg, progress)
+        self.executor = executor if executor is not None else LocalExecutor(cfg, cfg.model.path, progress)
         self.model_config = self.executor.model_config
         self.tokenizer = load_tokenizer(cfg.model.path)  # None: token ids only
         self.max_model_len = cfg.engine.max_model_len or self.model_config.max_position_embeddings
@@ -44,49 +41,49 @@ class LLMEngine:
         self._last_step_s = 0.0
         self._last_router_counts = None
 
-    @classmethod
-    def from_config(cls, cfg: RuntimeConfig, progress: bool = False) -> LLMEngine:
-        return cls(cfg, progress=progress)
-
     # ------------------------------------------------------------------------------------------------------
     # Requests
     # ------------------------------------------------------------------------------------------------------
-    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise `RequestError` naming the field if this request can never run. Safe from any thread."""
-        if not isinstance(params, SamplingParams):
-            raise RequestError(f"params={type(params).__name__}: expected SamplingParams")
-        validate_prompt(prompt_token_ids, self.model_config.vocab_size)
-        params.validate(self.max_model_len, self.model_config.vocab_size)
-        if params.stop:
-            require_tokenizer(self.tokenizer, self.config.model.path, "stop")
-        total = len(prompt_token_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise RequestError(
-                f"max_tokens={params.max_tokens}: prompt ({len(prompt_token_ids)} tokens) + max_tokens = {total} "
-                f"exceeds max_model_len={self.max_model_len}; allowed: max_tokens <= "
-                f"{self.max_model_len - len(prompt_token_ids)}"
-            )
-        bm = self.scheduler.block_manager
-        needed = bm.blocks_needed(total - 1)
-        if needed > bm.num_blocks:
-            raise RequestError(
-                f"prompt_token_ids: {len(prompt_token_ids)} prompt tokens + max_tokens={params.max_tokens} need "
-                f"{needed} KV blocks but the cache holds {bm.num_blocks}; allowed: at most "
-                f"{bm.num_blocks * bm.block_size + 1} tokens in all (raise cache.num_blocks or cache.memory_bytes)"
-            )
-
     def encode(self, text: str) -> list[int]:
         """Token ids of a text prompt (with BOS); `MissingTokenizerError` for a checkpoint without one."""
         return require_tokenizer(self.tokenizer, self.config.model.path, "prompt").encode(text)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
-        """Validate and queue a request. `prompt` is text (tokenized with BOS) or token ids."""
+    def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> Request:
+        """A validated request, not queued yet: the one place requests are checked (`RequestError` naming the
+        field; `CapacityError` when the KV cache can never hold it). `prompt` is text (tokenized with BOS) or
+        token ids. Reads only what never changes after start: safe from any thread."""
         params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params={type(params).__name__}: expected SamplingParams", "params")
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self.validate(ids, params)
+        validate_prompt(ids, self.model_config.vocab_size, self.max_model_len)
+        params = params.resolved(self.max_model_len, len(ids))
+        params.validate(self.max_model_len, self.model_config.vocab_size, len(ids))
+        if params.stop:
+            require_tokenizer(self.tokenizer, self.config.model.path, "stop")
+        self._check_capacity(len(ids), params.max_tokens)
         detok = None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer.backend, params.stop)
-        req = Request(request_id, ids, params, self.eos_token_ids, detok, self.max_model_len)
-        self.scheduler.add(req)
+        return Request(request_id, ids, params, self.eos_token_ids, detok, self.max_model_len)
+
+    def _check_capacity(self, prompt_len: int, max_tokens: int) -> None:
+        bm = self.scheduler.block_manager
+        needed = bm.blocks_needed(prompt_len + max_tokens - 1)  # the last sampled token is never cached
+        if needed > bm.num_blocks:
+            raise CapacityError(
+                f"prompt_token_ids: {prompt_len} prompt tokens + max_tokens={max_tokens} need {needed} KV blocks "
+                f"but the cache holds {bm.num_blocks}: cannot fit in the KV cache ({bm.num_blocks * bm.block_size} "
+                f"tokens in all); allowed: prompt + max_tokens <= {bm.num_blocks * bm.block_size + 1} (send less "
+                "or raise cache.num_blocks or cache.memory_bytes)",
+                "prompt_token_ids",
+            )
+
+    def add(self, request: Request) -> None:
+        """Queue a request from `make_request`. A duplicate id of an unfinished one is a `RequestError`."""
+        self.scheduler.add(request)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+        """Validate and queue a request (`make_request`, then `add`)."""
+        self.add(self.make_request(request_id, prompt, params))
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Finish the request now and free its KV blocks; returns its final output (None if unknown)."""
@@ -145,13 +142,12 @@ class LLMEngine:
     def recover(self, error: BaseException) -> None:
         """After a step failed with `error` because the executor lost a worker: drop every request (their
         state on the workers is gone; the caller has failed them) and restart the executor. Raises `error`
-        when the executor cannot restart (only `RayExecutor` can)."""
-        restart = getattr(self.executor, "restart", None)
-        if restart is None:
+        when the executor cannot restart (`Executor.can_restart`)."""
+        if not self.executor.can_restart:
             raise error
         for req in [*self.scheduler.running, *self.scheduler.waiting]:
             self.scheduler.abort(req.request_id)
-        restart()
+        self.executor.restart()
 
     def make_stats(self) -> EngineStats:
         return dataclasses.replace(

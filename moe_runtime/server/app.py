@@ -28,11 +28,9 @@ from moe_runtime.server.grpc_server import (
     GenerationServicer,
     ServerError,
     build_server,
-    executor_of,
 )
 from moe_runtime.server.health import Phase, ServingState
-from moe_runtime.server.metrics import MetricsServer, StatsTap
-from moe_runtime.server.validation import Limits
+from moe_runtime.server.metrics import MetricsServer
 from moe_runtime.telemetry import Telemetry
 from moe_runtime.tokenizer import Tokenizer
 from moe_runtime.v1 import generation_pb2 as pb
@@ -93,9 +91,8 @@ class ServerApp:
                                    model_cfg.num_experts_per_tok, self.cfg.telemetry.window_steps)
         self.engine = await asyncio.to_thread(self.engine_factory, self.cfg, self.telemetry.observe_step)
         await self.engine.start()
-        placement = getattr(executor_of(self.engine), "placement", None)  # Ray executor: the rank view
-        if placement is not None:
-            self.telemetry.set_rank_shares(placement.rank_shares())
+        if self.engine.placement is not None:  # the Ray executor: the rank view
+            self.telemetry.set_rank_shares(self.engine.placement.rank_shares())
         self._attach(model_cfg)
         tel = self.cfg.telemetry
         self.metrics = MetricsServer(self.telemetry, tel.per_expert_metrics)
@@ -104,12 +101,10 @@ class ServerApp:
         except OSError as e:
             raise ServerError(f"telemetry.metrics_port={tel.metrics_port}: cannot bind ({e})") from None
         self._watch_task = asyncio.create_task(self._watch_engine())
-        executor = executor_of(self.engine)
-        if self.cfg.placement.auto_rebalance.enabled and hasattr(executor, "apply_placement"):
+        if self.cfg.placement.auto_rebalance.enabled and self.engine.placement is not None:
             from moe_runtime.cluster.auto_rebalance import AutoRebalancer
 
-            self.rebalancer = AutoRebalancer(self.cfg.placement.auto_rebalance, self.engine, executor,
-                                             self.telemetry)
+            self.rebalancer = AutoRebalancer(self.cfg.placement.auto_rebalance, self.engine, self.telemetry)
             self._rebalance_task = asyncio.create_task(self.rebalancer.run())
         await self.state.set(Phase.SERVING)
         log.info("serving on %s:%d, metrics on http://%s:%d/metrics", self.cfg.server.host, self.port,
@@ -119,12 +114,9 @@ class ServerApp:
         model_dir = Path(self.cfg.model.path)
         tokenizer = self.engine.tokenizer
         max_context = self.cfg.engine.max_model_len or model_cfg.max_position_embeddings
-        stats = self.engine.make_stats()
-        kv_tokens = stats.kv_blocks_total * self.cfg.cache.block_size if stats.kv_blocks_total else None
         dtype = self.cfg.model.dtype if self.cfg.model.dtype != "auto" else model_cfg.torch_dtype
         self.servicer.attach(Backend(
             engine=self.engine,
-            limits=Limits(vocab_size=model_cfg.vocab_size, max_context=max_context, kv_capacity_tokens=kv_tokens),
             model_info=model_info(model_cfg, tokenizer, model_dir, max_context, dtype),
             telemetry=self.telemetry,
         ))
@@ -133,7 +125,7 @@ class ServerApp:
         """Health follows the engine: NOT_SERVING while it rebuilds a failed executor (SERVING again after),
         and for good when its loop dies."""
         while not self.engine.is_dead:
-            recovering = getattr(self.engine, "is_recovering", False)
+            recovering = self.engine.is_recovering
             if recovering and self.state.phase is Phase.SERVING:
                 log.error("executor failed (%s): health NOT_SERVING while it restarts", self.engine.recovering_error)
                 await self.state.set(Phase.RECOVERING)
@@ -188,9 +180,10 @@ class ServerApp:
 
 
 def _default_engine_factory(cfg: RuntimeConfig, on_stats: Callable[[Any], None]) -> Any:
-    from moe_runtime.engine import AsyncEngine, LLMEngine
+    from moe_runtime.engine import AsyncEngine
+    from moe_runtime.launch import build_engine
 
-    return AsyncEngine(StatsTap(LLMEngine(cfg), on_stats))
+    return AsyncEngine(build_engine(cfg), on_step=on_stats)
 
 
 async def serve(cfg: RuntimeConfig, auth_token: str | None = None) -> None:

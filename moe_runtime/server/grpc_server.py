@@ -22,19 +22,19 @@ from typing import Any
 import grpc
 
 from moe_runtime.config import ServerConfig
-from moe_runtime.engine.sampling_params import SamplingParams
 from moe_runtime.errors import (
     ConfigError,
     EngineDeadError,
     MissingTokenizerError,
     MoeRuntimeError,
     RequestError,
+    UnsupportedError,
 )
 from moe_runtime.server.auth import BearerTokenInterceptor
 from moe_runtime.server.convert import chunk_to_proto, final_fields, logprobs_to_proto, snapshot_to_proto
 from moe_runtime.server.health import ServingState
 from moe_runtime.server.reflection import enable_reflection
-from moe_runtime.server.validation import Limits, RequestRejected, validate_request
+from moe_runtime.server.validation import RequestRejected, WireRequest, from_proto, status_of
 from moe_runtime.telemetry import Telemetry
 from moe_runtime.v1 import generation_pb2 as pb
 from moe_runtime.v1 import generation_pb2_grpc as pb_grpc
@@ -85,7 +85,6 @@ class Backend:
     """What the service needs once the model is loaded."""
 
     engine: Any  # AsyncEngine
-    limits: Limits
     model_info: pb.ModelInfo
     telemetry: Telemetry
 
@@ -136,14 +135,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         started = time.monotonic()
         call = _Call(rpc, request.request_id)
         try:
-            valid, params = await self._admit(request, context, call)
+            valid = await self._admit(request, context, call)
         except BaseException:
             call.finish(self.backend.telemetry if self.backend else None, started)
             raise
         engine, telemetry = self.backend.engine, self.backend.telemetry
         call.request_id = valid.request_id
         self.in_flight.add(valid.request_id)
-        stream = engine.generate(valid.request_id, valid.prompt_token_ids, params)
+        stream = engine.generate(valid.request_id, valid.prompt_token_ids, valid.params)
         try:
             async for out in stream:
                 call.last = out
@@ -154,20 +153,19 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         except EngineDeadError as e:
             call.status = "UNAVAILABLE"
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine is down: {e}")
-        except RequestError as e:
-            call.status = "INVALID_ARGUMENT"
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except MissingTokenizerError as e:
-            call.status = "FAILED_PRECONDITION"
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except (RequestError, MissingTokenizerError) as e:  # the engine's checks of the request's fields
+            code, message = status_of(e)
+            call.status = code.name
+            await context.abort(code, message)
         finally:
             self.in_flight.discard(valid.request_id)
             await stream.aclose()  # not finished: the engine aborts the request and frees its KV blocks
             call.finish(telemetry, started)
 
     async def _admit(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
-                     call: _Call) -> tuple[Any, SamplingParams]:
-        """Refuse or accept a request; aborts the call with the right status code when refusing."""
+                     call: _Call) -> WireRequest:
+        """Refuse or accept a request; aborts the call with the right status code when refusing. The engine
+        checks the request's fields when the stream starts (`_generate`)."""
         code, message = None, ""
         b = self.backend
         if b is not None and b.engine.is_dead:
@@ -180,18 +178,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                              f"(server.max_queued_requests={self.max_queued_requests}); retry later")
         if code is None:
             try:
-                valid = validate_request(request, b.limits, b.engine.encode)
+                valid = from_proto(request, b.engine.encode)
                 if valid.request_id in self.in_flight:
                     raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT,
                                           f"request_id={valid.request_id!r}: already in flight; use a unique id "
                                           "or leave it empty")
-                return valid, SamplingParams(**valid.sampling)
-            except RequestRejected as e:
-                code, message = e.code, str(e)
-            except RequestError as e:
-                code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
-            except MissingTokenizerError as e:
-                code, message = grpc.StatusCode.FAILED_PRECONDITION, str(e)
+                return valid
+            except (RequestError, MissingTokenizerError) as e:
+                code, message = status_of(e)
         call.status = code.name
         await context.abort(code, message)
         raise AssertionError("unreachable: context.abort raises")
@@ -216,34 +210,28 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def ApplyPlacement(self, request: pb.ApplyPlacementRequest,
                              context: grpc.aio.ServicerContext) -> pb.ApplyPlacementResponse:
         """Parse and check the placement here, then move experts on the step loop between two steps."""
-        backend = await self._ready(context)
-        executor = executor_of(backend.engine)
-        if not hasattr(executor, "apply_placement"):
+        engine = (await self._ready(context)).engine
+        if engine.placement is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "ApplyPlacement needs the Ray executor; this server runs executor: local (start "
                                 "it with executor: ray and placement.workers, e.g. configs/tiny-ray-2-workers.yaml)")
-        from moe_runtime.cluster.placement import Placement  # no Ray import: placement is pure data
+        from moe_runtime.cluster.placement_config import placement_from_yaml_text  # no Ray: pure data
 
-        cfg = backend.engine.engine.model_config
+        cfg = engine.model_config
         started = time.monotonic()
         try:
-            placement = Placement.from_yaml_text(request.placement_yaml, cfg.num_hidden_layers,
+            placement = placement_from_yaml_text(request.placement_yaml, cfg.num_hidden_layers,
                                                  cfg.num_local_experts, "placement_yaml")
-            limit = executor.cfg.ray.placement_timeout_s + executor.cfg.ray.collective_timeout_s
-            await asyncio.wait_for(
-                backend.engine.run_between_steps(lambda: executor.apply_placement(placement)), limit)
+            await engine.apply_placement(placement)
         except ConfigError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except UnsupportedError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         except (EngineDeadError, TimeoutError) as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"moving experts failed: {e or 'timed out'}")
-        backend.telemetry.set_rank_shares(placement.rank_shares())
-        return pb.ApplyPlacementResponse(workers=placement.workers, expert_bytes=executor.expert_bytes,
+        self.backend.telemetry.set_rank_shares(placement.rank_shares())
+        return pb.ApplyPlacementResponse(workers=placement.workers, expert_bytes=engine.expert_bytes(),
                                          seconds=time.monotonic() - started)
-
-
-def executor_of(engine: Any) -> Any:
-    """The executor behind an `AsyncEngine` (through the stats tap), or None for engines without one."""
-    return getattr(getattr(engine, "engine", None), "executor", None)
 
 
 def build_server(servicer: GenerationServicer, cfg: ServerConfig, auth_token: str | None = None) -> tuple[

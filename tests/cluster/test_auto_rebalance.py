@@ -1,5 +1,5 @@
 """Automatic rebalancing decides from the telemetry window alone: quiet below the threshold or without enough
-tokens, moves to the planned placement above it (no Ray: the executor and engine are stand-ins)."""
+tokens, moves to the planned placement above it (no Ray: the engine is a stand-in)."""
 
 from __future__ import annotations
 
@@ -9,24 +9,22 @@ from types import SimpleNamespace
 import torch
 
 from moe_runtime.cluster.auto_rebalance import AutoRebalancer
-from moe_runtime.cluster.planner import imbalance, round_robin
+from moe_runtime.cluster.expert_load import imbalance
+from moe_runtime.cluster.planner import round_robin
 from moe_runtime.config import AutoRebalanceConfig
 from moe_runtime.telemetry import Telemetry
 
 L, E, N = 2, 8, 2
 
 
-class FakeExecutor:
+class FakeEngine:
+    """What the rebalancer uses of the `AsyncEngine`: the placement, and moving to a new one."""
+
     def __init__(self):
         self.placement = round_robin(L, E, N)
 
-    def apply_placement(self, placement):
+    async def apply_placement(self, placement):
         self.placement = placement
-
-
-class FakeEngine:
-    async def run_between_steps(self, fn):
-        return fn()
 
 
 def _telemetry(counts: list[list[int]]) -> Telemetry:
@@ -35,20 +33,20 @@ def _telemetry(counts: list[list[int]]) -> Telemetry:
     return t
 
 
-def _check(counts, **cfg) -> tuple[bool, FakeExecutor, Telemetry]:
-    executor, telemetry = FakeExecutor(), _telemetry(counts)
-    rebalancer = AutoRebalancer(AutoRebalanceConfig(enabled=True, **cfg), FakeEngine(), executor, telemetry)
-    return asyncio.run(rebalancer.check_once()), executor, telemetry
+def _check(counts, **cfg) -> tuple[bool, FakeEngine, Telemetry]:
+    engine, telemetry = FakeEngine(), _telemetry(counts)
+    rebalancer = AutoRebalancer(AutoRebalanceConfig(enabled=True, **cfg), engine, telemetry)
+    return asyncio.run(rebalancer.check_once()), engine, telemetry
 
 
 HOT_EVEN = [[400, 10, 300, 10, 200, 10, 100, 10]] * L  # round-robin puts every hot expert on rank 0
 
 
 def test_moves_when_ranks_drift_apart():
-    moved, executor, telemetry = _check(HOT_EVEN, min_tokens=100)
+    moved, engine, telemetry = _check(HOT_EVEN, min_tokens=100)
     assert moved
     load = torch.tensor(HOT_EVEN, dtype=torch.float64)
-    assert imbalance(load, executor.placement)[0] < imbalance(load, round_robin(L, E, N))[0] - 0.05
+    assert imbalance(load, engine.placement)[0] < imbalance(load, round_robin(L, E, N))[0] - 0.05
     assert telemetry.snapshot().rank_imbalance < 1.1
 
 

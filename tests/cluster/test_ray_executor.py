@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from moe_runtime.cluster.placement import expert_bytes
+from moe_runtime.checkpoint.layout import expert_bytes
 from moe_runtime.cluster.planner import plan_placement
 from moe_runtime.config import load_config
 from moe_runtime.engine.llm_engine import LLMEngine
@@ -84,7 +84,7 @@ def test_workers_hold_only_their_experts(ray_engine):
     executor = ray_engine.executor
     per_expert = expert_bytes(executor.model_config, "auto")
     copies = executor.placement.experts_per_rank().sum(dim=0).tolist()  # [N]
-    assert executor.expert_bytes == [c * per_expert for c in copies]
+    assert executor.expert_bytes() == [c * per_expert for c in copies]
     assert sum(copies) < 2 * executor.model_config.num_hidden_layers * executor.model_config.num_local_experts
 
 
@@ -111,7 +111,7 @@ def test_rebalancing_mid_stream_changes_nothing(ray_engine):
     assert [final[f"r{i}"] for i in range(len(PROMPTS))] == expected
     assert executor.placement == plan
     per_expert = expert_bytes(cfg, "auto")
-    assert executor.expert_bytes == [c * per_expert for c in plan.experts_per_rank().sum(dim=0).tolist()]
+    assert executor.expert_bytes() == [c * per_expert for c in plan.experts_per_rank().sum(dim=0).tolist()]
 
 
 def test_missing_bundles_fail_with_what_is_missing(cluster, tiny_model_dir):

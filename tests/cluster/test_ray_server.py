@@ -86,8 +86,8 @@ def ray_server(tiny_model_dir):
 def test_apply_placement_mid_stream_keeps_tokens_and_stats_show_ranks(ray_server, tmp_path, capsys):
     srv = ray_server
     expected = list(srv.stub.Generate(_request(160), timeout=60).token_ids)
-    executor = srv.app.engine.engine.executor
-    cfg = executor.model_config
+    engine = srv.app.engine
+    cfg = engine.model_config
     # every expert on rank 0 but expert 0 of every layer, which moves to rank 1 with a copy on rank 0
     layout = round_robin(cfg.num_hidden_layers, cfg.num_local_experts, 2)
     skewed = {"*": {0: list(range(cfg.num_local_experts)), 1: [0]}}
@@ -103,7 +103,7 @@ def test_apply_placement_mid_stream_keeps_tokens_and_stats_show_ranks(ray_server
     for chunk in stream:
         tokens.extend(chunk.token_ids)
     assert tokens == expected
-    assert executor.placement.local_experts(1, 0) == [0] and executor.placement != layout
+    assert engine.placement.local_experts(1, 0) == [0] and engine.placement != layout
     stats = srv.stub.GetExpertStats(pb.GetExpertStatsRequest(), timeout=10)
     assert [r.expert_copies for r in stats.ranks] == [cfg.num_hidden_layers * cfg.num_local_experts,
                                                        cfg.num_hidden_layers]
@@ -122,7 +122,7 @@ def test_killed_worker_mid_stream_unavailable_then_recovers(ray_server):
     expected = list(srv.stub.Generate(_request(16), timeout=60).token_ids)
     stream = srv.stub.GenerateStream(_request(900), timeout=120)
     next(stream)
-    ray.kill(srv.app.engine.engine.executor.workers[1])
+    ray.kill(srv.app.engine.engine.executor.workers[1])  # white box: kill one worker actor
     t0 = time.monotonic()
     with pytest.raises(grpc.RpcError) as err:
         list(stream)

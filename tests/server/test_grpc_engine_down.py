@@ -14,7 +14,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from moe_runtime.config import load_config
 from moe_runtime.engine import AsyncEngine, LLMEngine
 from moe_runtime.server.app import ServerApp
-from moe_runtime.server.metrics import StatsTap
 from moe_runtime.v1 import generation_pb2_grpc as pb_grpc
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -54,7 +53,7 @@ def test_engine_death_answers_unavailable(start_server, stub_for, request_for):
 
     def factory(cfg, on_stats):
         faulty.append(FaultyEngine(LLMEngine(cfg)))
-        return AsyncEngine(StatsTap(faulty[0], on_stats))
+        return AsyncEngine(faulty[0], on_step=on_stats)
 
     with start_server(engine_factory=factory) as srv:
         stub = stub_for(srv)
@@ -83,7 +82,7 @@ def test_not_serving_while_loading(tiny_model_dir, request_for):
 
     def slow_factory(cfg, on_stats):
         release.wait(30)
-        return AsyncEngine(StatsTap(LLMEngine(cfg), on_stats))
+        return AsyncEngine(LLMEngine(cfg), on_step=on_stats)
 
     cfg = load_config(overrides=[f"model.path={tiny_model_dir}", "server.port=0", "telemetry.metrics_port=0",
                                  "cache.num_blocks=64"])
