@@ -58,7 +58,7 @@ test-latest:
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade -c constraints.txt torch '.[dev]'
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade -c constraints.txt torch -e '.[dev]'
 	$(LATEST_VENV)/bin/python -m pip list --format=freeze > $(LATEST_VENV)/versions.txt
 	$(LATEST_VENV)/bin/pytest -q -p no:cacheprovider
 	@echo "versions tested: $(LATEST_VENV)/versions.txt"
