@@ -27,7 +27,7 @@ from moe_runtime.cluster.planner import plan_placement
 from moe_runtime.config import load_config
 from moe_runtime.engine.llm_engine import LLMEngine
 from moe_runtime.engine.sampling_params import SamplingParams
-from moe_runtime.model.attention import AttentionMetadata
+from moe_runtime.kernels.attention import AttentionMetadata
 
 
 def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> tuple[float, int, int, torch.Tensor]:
@@ -45,11 +45,10 @@ def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> tuple[f
 
 def router_load(model, prompts: list[list[int]]) -> torch.Tensor:
     """Tokens routed to each expert when the prompts run through the model once. Returns [L, E] float64."""
-    model.take_router_counts()
     ids = torch.tensor([t for p in prompts for t in p])
     positions = torch.cat([torch.arange(len(p)) for p in prompts])
     model(ids, positions, AttentionMetadata.for_prompts([len(p) for p in prompts]))
-    return model.take_router_counts().double()
+    return model.router_counts(len(ids)).double()
 
 
 def skewed(load: torch.Tensor, workers: int) -> Placement:

@@ -5,8 +5,8 @@
 
 One decode step's attention block of one layer (q/k/v projection, RoPE, KV cache write, attention over a
 paged context, o_proj) for `batch` sequences of `context` tokens each: ours against `Attention.forward`
-with `attention_fp32` (the torch path of `model.exact: false`). Each call takes the next of 8 layers'
-weights and caches (as a decode step does), so K, V and the weights come from memory, not the cache. The
+with the `cpu` attention backend (fp32 decode matmuls: the torch path of `model.exact: false`). Each call
+takes the next of 8 layers' weights and caches (as a decode step does), so K, V and the weights come from memory, not the cache. The
 pages of every sequence lie in random blocks of a 2048-block pool. Columns: milliseconds per call
 (median of `--repeats` timings of 8 calls, ours and torch's taking turns), the ratio, and the K/V bytes
 the call reads.
@@ -21,8 +21,9 @@ from cpu_linear import compare  # bench/ is the script's folder, first on sys.pa
 
 from moe_runtime.config import ModelConfig
 from moe_runtime.kernels import cpu
-from moe_runtime.model.attention import AttentionMetadata, attention_fp32
+from moe_runtime.kernels.attention import AttentionMetadata
 from moe_runtime.model.mixtral import Attention, RotaryEmbedding
+from moe_runtime.model.parts import ModelParts
 from moe_runtime.presets.configs import preset_config
 
 LAYERS = 8
@@ -56,7 +57,7 @@ def measure(layers, cfg: ModelConfig, batch: int, context: int, gen: torch.Gener
 
     def torch_ops():
         for attn, _, k, v in layers:
-            attn(x, cos, sin, meta, (k, v))
+            attn(x, (cos, sin), meta, (k, v))
 
     return compare({"ours": ours, "torch": torch_ops}, repeats, 1)
 
@@ -77,11 +78,10 @@ def main() -> None:
     KVH, Dh = cfg.num_key_value_heads, cfg.head_dim
     layers = []
     for _ in range(LAYERS):
-        attn = Attention(cfg).to(dtype).requires_grad_(False)
+        attn = Attention(cfg, ModelParts(attention="cpu")).to(dtype).requires_grad_(False)  # fp32 decode
         for p in attn.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.03)
-        attn.attend = attention_fp32
-        w_qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        w_qkv = attn.qkv_proj.weight
         caches = [torch.randn(NUM_BLOCKS, BLOCK_SIZE, KVH, Dh, generator=gen).to(dtype) for _ in range(2)]
         layers.append((attn, w_qkv, *caches))
     print(

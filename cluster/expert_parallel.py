@@ -1,7 +1,7 @@
 """Expert-parallel MoE on one rank: compute the (token, expert) pairs the placement gives this rank, then sum
 every rank's partial output. The building block of the Ray executor's workers; no Ray import.
 
-`ShardedExpertsBuilder` is what a worker hands `load_model(..., experts=...)`: every layer's
+`ShardedExpertsBuilder` is what a worker hands `load_model(..., parts=ModelParts(experts=...))`: every layer's
 `ShardedExperts` holds only the experts `placement` gives this rank (the loader reads just those), and
 `apply(placement)` moves to a new placement between steps (keeping what stays, reading what arrives).
 

@@ -15,14 +15,17 @@ import socket
 import torch
 import torch.distributed as dist
 
-from moe_runtime.checkpoint.loader import load_model
+from moe_runtime.checkpoint.layout import resolve_dtype
+from moe_runtime.checkpoint.loader import load_model, read_config, resolve_device
 from moe_runtime.cluster.expert_parallel import ShardedExpertsBuilder
 from moe_runtime.cluster.placement import Placement
 from moe_runtime.config import RuntimeConfig
 from moe_runtime.engine.kv_cache import allocate_kv_cache
 from moe_runtime.engine.model_runner import ModelRunner
+from moe_runtime.engine.parts import choose_kernels, make_forward
 from moe_runtime.engine.sampler import Sampler
 from moe_runtime.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from moe_runtime.model.parts import ModelParts
 
 
 class ExpertWorker:
@@ -59,16 +62,19 @@ class ExpertWorker:
         if self.cfg.engine.num_threads is not None:
             torch.set_num_threads(self.cfg.engine.num_threads)
         m = self.cfg.model
+        model_cfg = read_config(self.model_dir)
+        # as LocalExecutor: the same kernels as the local engine on this device
+        kernels = choose_kernels(m, resolve_device(m.device), resolve_dtype(m.dtype, model_cfg))
         # the replicated weights and only this rank's experts (never the whole model)
-        self.experts = ShardedExpertsBuilder(self.placement, self.rank, dist.group.WORLD, m.moe_backend)
-        model = load_model(self.model_dir, m.dtype, m.device, experts=self.experts)
-        if not m.exact:  # as LocalExecutor: the same arithmetic as the local engine, on CPU and 16-bit weights
-            model.keep_fp32_copies()  # large batches
-            model.use_fast_cpu_paths()  # small batches and expert groups (native kernels)
+        self.experts = ShardedExpertsBuilder(self.placement, self.rank, dist.group.WORLD, kernels.moe)
+        parts = ModelParts(experts=self.experts, attention=kernels.attention, norm=kernels.norm,
+                           linear=kernels.linear, huge_pages=kernels.huge_pages)
+        model = load_model(self.model_dir, m.dtype, m.device, parts=parts)
         kv = allocate_kv_cache(
             model.config, num_kv_blocks, self.cfg.cache.block_size, model.dtype, model.device
         )
-        self.runner = ModelRunner(model, kv, self.cfg.cache.block_size, Sampler(self.seed))
+        forward = make_forward(model, kv, kernels, self.cfg.engine, graphs_allowed=False)  # a collective per layer
+        self.runner = ModelRunner(model, kv, self.cfg.cache.block_size, Sampler(self.seed), forward)
         return self.experts.expert_bytes()
 
     def apply_placement(self, placement: Placement) -> int:

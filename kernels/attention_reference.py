@@ -1,7 +1,7 @@
 """Torch references for the paged-attention kernels: the test oracle and the portable fallback.
 
 Each function has the signature of its Triton twin (kernels/triton/paged_decode.py, paged_prefill.py,
-kv_write.py, rms_norm.py). Attention follows `model.attention.attention` (causal, GQA, sliding window, the
+kv_write.py, rope_kv_write.py). Attention follows `model.attention.attention` (causal, GQA, sliding window, the
 flat varlen batch) but reads every context from the paged cache, computes in fp32 and rounds once to q's
 dtype, as the kernels do. RoPE and RMSNorm follow the model's own rounding points, bit for bit.
 """
@@ -234,19 +234,3 @@ def rope_kv_write_reference(
     q.copy_(rope_reference(q, cos, sin))
     k.copy_(rope_reference(k, cos, sin))
     kv_write_reference(k, v, kv_cache, slot_mapping)
-
-
-def rms_norm_reference(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The model's `RMSNorm` of x [T, D] with weight [D] (x's dtype) -> [T, D] in x's dtype.
-
-    With residual [T, D]: residual += x first, in place and rounded to the dtype (the model's
-    `h = h + block(h)`), and the updated residual is what gets normalized.
-    """
-    if residual is not None:
-        residual += x  # [T, D]
-        x = residual
-    h = x.float()  # [T, D]
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)  # [T, D]
-    return weight * h.to(x.dtype)  # 16-bit: the product in fp32, rounded once

@@ -1,80 +1,25 @@
-"""Attention over a flat batch of sequences, with an optional paged KV cache.
+"""Attention with torch's ops over a flat batch of sequences and an optional paged KV cache: the backends
+`torch` (SDPA throughout, the reference implementation's arithmetic) and `cpu` (decode rows in fp32).
 
-A step's tokens are flat: sequence b owns rows `query_start_loc[b]:query_start_loc[b+1]` of q/k/v and has
-`context_lens[b]` tokens in its context after this step (cached + new), so its new tokens sit at positions
-`context_lens[b] - q_len .. context_lens[b] - 1`. Without a cache every sequence is a whole prompt.
-
-The KV cache of one layer is a pair of tensors [num_blocks, block_size, KVH, Dh]; token j of sequence b
-lives in slot `block_tables[b][j // block_size] * block_size + j % block_size`.
+The batch layout and the cache layout are `kernels.attention`'s. Prompts (and prompt chunks) attend one
+sequence at a time; every sequence that adds one token to a cached context attends in one batched call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from moe_runtime.kernels.attention_reference import KVCache
+
+if TYPE_CHECKING:  # a cycle at run time: kernels.attention builds its backends from these functions
+    from moe_runtime.kernels.attention import AttentionMetadata
+
 # B sequences, T flat tokens, H query heads, KVH key/value heads, Dh head dim, C context tokens
-
-
-@dataclass(frozen=True)
-class AttentionMetadata:
-    """What attention needs to know about a step's flat batch. Built by the engine's model runner."""
-
-    # [B+1] host ints: cumulative new-token counts; sequence b's new tokens are rows qsl[b]:qsl[b+1].
-    query_start_loc: list[int]
-    # [B] host ints: tokens in sequence b's context after this step (cached + new).
-    context_lens: list[int]
-    # [T] int64: flat KV slot for each new token; None when running without a cache.
-    slot_mapping: torch.Tensor | None = None
-    # [B, max_blocks] int64: KV block ids of each sequence, padded; None without a cache.
-    block_tables: torch.Tensor | None = None
-
-    @classmethod
-    def for_prompts(cls, prompt_lens: list[int]) -> AttentionMetadata:
-        """Metadata for whole prompts run without a KV cache (parity tests, one-shot scoring)."""
-        qsl = [0]
-        for n in prompt_lens:
-            qsl.append(qsl[-1] + n)
-        return cls(query_start_loc=qsl, context_lens=list(prompt_lens))
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.context_lens)
-
-    def decode_batch(self, block_size: int) -> DecodeBatch | None:
-        """The sequences with exactly one new token and a cached context, batched for one SDPA call.
-
-        Built on the first layer's call and reused by the others (the metadata is shared by every layer
-        of a step). None without a cache or when fewer than two sequences decode.
-        """
-        memo = self.__dict__.setdefault("_decode_batch", {})  # frozen dataclass: memo outside the fields
-        if block_size not in memo:
-            memo[block_size] = self._make_decode_batch(block_size)
-        return memo[block_size]
-
-    def _make_decode_batch(self, block_size: int) -> DecodeBatch | None:
-        if self.block_tables is None:
-            return None
-        qsl = self.query_start_loc
-        seqs = [b for b in range(self.num_seqs) if qsl[b + 1] - qsl[b] == 1 and self.context_lens[b] > 1]
-        if len(seqs) < 2:
-            return None
-        ctx = [self.context_lens[b] for b in seqs]
-        width = -(-max(ctx) // block_size)
-        dev = self.block_tables.device
-        index = torch.tensor(seqs, device=dev)
-        ctx_t = torch.tensor(ctx, device=dev)
-        key_pos = torch.arange(width * block_size, device=dev)  # [C]
-        return DecodeBatch(
-            seqs=seqs,
-            rows=torch.tensor([qsl[b] for b in seqs], device=dev),
-            tables=self.block_tables[index, :width],
-            context_lens=ctx_t,
-            valid=(key_pos[None, :] < ctx_t[:, None])[:, None, None, :],  # [Bd, 1, 1, C]
-        )
 
 
 @dataclass(frozen=True)
@@ -88,7 +33,42 @@ class DecodeBatch:
     valid: torch.Tensor  # [Bd, 1, 1, C] bool, C = W * block_size: key position < context length
 
 
-KVCache = tuple[torch.Tensor, torch.Tensor]  # (k, v), each [num_blocks, block_size, KVH, Dh]
+
+
+def decode_batch(meta: AttentionMetadata, block_size: int) -> DecodeBatch | None:
+    """The sequences with exactly one new token and a cached context, batched for one SDPA call.
+
+    Built on the first layer's call and reused by the others (the metadata is shared by every layer of a
+    step). None without a cache or when fewer than two sequences decode.
+    """
+    key = ("decode_batch", block_size)
+    if key not in meta.memo:
+        meta.memo[key] = _make_decode_batch(meta, block_size)
+    return meta.memo[key]
+
+
+def _make_decode_batch(meta: AttentionMetadata, block_size: int) -> DecodeBatch | None:
+    if meta.block_tables is None:
+        return None
+    qsl = meta.query_start_loc
+    seqs = [b for b in range(meta.num_seqs) if qsl[b + 1] - qsl[b] == 1 and meta.context_lens[b] > 1]
+    if len(seqs) < 2:
+        return None
+    ctx = [meta.context_lens[b] for b in seqs]
+    width = -(-max(ctx) // block_size)
+    dev = meta.block_tables.device
+    index = torch.tensor(seqs, device=dev)
+    ctx_t = torch.tensor(ctx, device=dev)
+    key_pos = torch.arange(width * block_size, device=dev)  # [C]
+    return DecodeBatch(
+        seqs=seqs,
+        rows=torch.tensor([qsl[b] for b in seqs], device=dev),
+        tables=meta.block_tables[index, :width],
+        context_lens=ctx_t,
+        valid=(key_pos[None, :] < ctx_t[:, None])[:, None, None, :],  # [Bd, 1, 1, C]
+    )
+
+
 
 
 def attention(
@@ -151,7 +131,7 @@ def _attention(
         v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
     qsl = meta.query_start_loc
-    batched = meta.decode_batch(block_size) if kv_cache is not None else None
+    batched = decode_batch(meta, block_size) if kv_cache is not None else None
     if batched is not None:
         out[batched.rows] = how.decode(q[batched.rows], k_cache, v_cache, batched, sliding_window)
     skip = set(batched.seqs) if batched is not None else ()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_runtime.model.attention import AttentionMetadata
+from moe_runtime.kernels.attention import AttentionMetadata
 
 # Prompts of mixed lengths (token ids of the tiny vocab; 1 is BOS).
 PROMPTS = (

@@ -14,7 +14,8 @@ import torch.distributed as dist
 from moe_runtime.checkpoint.loader import load_model
 from moe_runtime.cluster.expert_parallel import ShardedExpertsBuilder
 from moe_runtime.cluster.placement import Placement
-from moe_runtime.model.attention import AttentionMetadata
+from moe_runtime.kernels.attention import AttentionMetadata
+from moe_runtime.model.parts import ModelParts
 
 PROMPTS = ([1, 17, 245, 3, 99, 870, 12, 5, 640, 33, 7], [5, 6, 7])
 
@@ -25,7 +26,7 @@ def run_rank(rank: int, world: int, port: int, model_dir: str, placements: list[
         torch.set_num_threads(1)
         hidden = []
         for placement in placements:
-            model = load_model(model_dir, "float32", "cpu", experts=ShardedExpertsBuilder(placement, rank, dist.group.WORLD))
+            model = load_model(model_dir, "float32", "cpu", parts=ModelParts(experts=ShardedExpertsBuilder(placement, rank, dist.group.WORLD)))
             hidden.append(forward(model))
         if rank == 0:
             torch.save(hidden, out)

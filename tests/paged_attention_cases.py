@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from paged_cases import shuffled_pages
 
+from moe_runtime.kernels.attention import AttentionMetadata
 from moe_runtime.kernels.attention_reference import PagedBatch
-from moe_runtime.model.attention import AttentionMetadata
 
 
 @dataclass(frozen=True)

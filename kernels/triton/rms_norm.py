@@ -7,7 +7,7 @@ and the updated residual is normalized. Two kernels, one per case (a mode flag w
 difference), share `_norm_row`. The square root and divisions are IEEE-rounded (`sqrt_rn`, `div_rn`, as
 torch's CPU `rsqrt` and `mean`), and no multiply is fused into an add; only the order of the sum of
 squares differs from torch, which can move the mean by an ulp of fp32.
-Reference: `attention_reference.rms_norm_reference`.
+Reference: `norm.rms_norm_reference`.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def _add_rms_norm_kernel(
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Triton twin of `attention_reference.rms_norm_reference`.
+    """Triton twin of `norm.rms_norm_reference`.
 
     x: [T, D]; weight: [D] in x's dtype; residual: None or [T, D] in x's dtype, updated in place to
     residual + x (then normalized instead of x). All need unit stride along D. Returns [T, D] in x's

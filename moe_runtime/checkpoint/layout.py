@@ -5,7 +5,8 @@ Hub names: `model.layers.{l}.block_sparse_moe.experts.{e}.w1|w2|w3.weight` for t
 projection [I, D], w3 the up projection [I, D], w2 the down projection [D, I]), `...block_sparse_moe.gate`
 for the router, `self_attn.{q,k,v,o}_proj`, the two norms per layer, `model.embed_tokens`, `model.norm`
 and `lm_head`. The runtime stacks each layer's experts as w13 [E, 2I, D] (gate rows, then up rows: one GEMM
-computes both) and w2 [E, D, I].
+computes both) and w2 [E, D, I], and each layer's q, k and v projections as one [(H + 2 KVH) Dh, D] weight
+(q rows, then k, then v: `qkv_rows`).
 """
 
 from __future__ import annotations
@@ -67,6 +68,19 @@ def read_expert(read_into: Callable[[str, torch.Tensor], T], layer: int, expert:
         read_into(names.w3, w13[inter:]),  # up rows
         read_into(names.w2, w2),
     ]
+
+
+def qkv_rows(cfg: ModelConfig) -> dict[str, slice]:
+    """Where each attention projection's rows sit in the stacked q/k/v weight.
+
+    >>> cfg = ModelConfig.from_hf({"architectures": ["MixtralForCausalLM"], "vocab_size": 8, "hidden_size": 8,
+    ...     "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+    ...     "num_local_experts": 2, "num_experts_per_tok": 1})
+    >>> qkv_rows(cfg)
+    {'q_proj': slice(0, 8, None), 'k_proj': slice(8, 12, None), 'v_proj': slice(12, 16, None)}
+    """
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return {"q_proj": slice(0, q), "k_proj": slice(q, q + kv), "v_proj": slice(q + kv, q + 2 * kv)}
 
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -2,14 +2,16 @@
 
 1. Check everything before reading a weight (`CheckpointFiles`): a problem is a `CheckpointError` naming
    the tensor and the file.
-2. Build the model on the meta device with the experts the caller's `ExpertsBuilder` makes (all local by
-   default; offloaded or sharded ones from `moe_runtime.offload` and `moe_runtime.cluster`), then give it
-   empty storage on the target device in the target dtype.
+2. Build the model on the meta device with the caller's `ModelParts` (the kernels, and the experts its
+   `ExpertsBuilder` makes: all local by default, offloaded or sharded ones from `moe_runtime.offload` and
+   `moe_runtime.cluster`), then give it empty storage on the target device in the target dtype (large
+   weights on huge pages when the parts ask for them).
 3. Read every tensor into place in file order, converting the dtype (`SafetensorsReader`: pread into the
    parameter itself, so no mmap page stays resident and no staging copy is made on CPU); the experts a
    layer's `Experts` holds are stacked as w13 [S, 2I, D] (gate rows, then up rows) and w2 [S, D, I]
-   (`layout.read_expert`).
-4. `experts.finish(...)`: whatever the experts need once the rest is loaded (the offload store opens).
+   (`layout.read_expert`), q, k and v as one projection (`layout.qkv_rows`).
+4. `experts.finish(...)`: whatever the experts need once the rest is loaded (the offload store opens);
+   then the kernels derive what they keep from their weights (`prepare_kernels`).
 The model is returned only once every tensor is in place, so nothing half-loaded is ever used.
 """
 
@@ -21,12 +23,12 @@ from pathlib import Path
 import torch
 
 from moe_runtime.checkpoint.files import CheckpointFiles
-from moe_runtime.checkpoint.layout import read_expert, resolve_dtype
+from moe_runtime.checkpoint.layout import qkv_rows, read_expert, resolve_dtype
 from moe_runtime.checkpoint.reader import SafetensorsReader
-from moe_runtime.config import ModelConfig
+from moe_runtime.config import ModelConfig, ModelLoadConfig
 from moe_runtime.errors import CheckpointError, ConfigError
-from moe_runtime.model.experts import ExpertsBuilder, LocalExpertsBuilder
 from moe_runtime.model.mixtral import MixtralForCausalLM, RotaryEmbedding
+from moe_runtime.model.parts import ModelParts
 
 
 def resolve_device(device: str) -> torch.device:
@@ -37,32 +39,48 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def read_config(model_dir: str | Path) -> ModelConfig:
+    """The checkpoint's config.json; a `CheckpointError` naming the file when it is missing or bad."""
+    try:
+        return ModelConfig.from_pretrained(model_dir)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load_weights(model_dir: str | Path, cfg: ModelLoadConfig, parts: ModelParts, progress: bool = False
+                 ) -> MixtralForCausalLM:
+    """The model the `model:` section asks for: the checkpoint's weights (`load_model`), or with
+    `load_format: dummy` seeded random ones made on the device from config.json alone (`dummy_model`)."""
+    if cfg.load_format == "dummy":
+        from moe_runtime.checkpoint.dummy import dummy_model
+
+        return dummy_model(read_config(model_dir), cfg.dtype, cfg.device, parts=parts)
+    return load_model(model_dir, cfg.dtype, cfg.device, parts=parts, progress=progress)
+
+
 def load_model(
     model_dir: str | Path,
     dtype: str = "auto",
     device: str = "auto",
     *,
-    experts: ExpertsBuilder | None = None,
+    parts: ModelParts | None = None,
     progress: bool = False,
 ) -> MixtralForCausalLM:
     """Build a `MixtralForCausalLM` from a HF checkpoint directory. Raises `CheckpointError` on any defect.
 
-    experts: makes each layer's `Experts` (default: all E experts local, on the `auto` MoE backend). Only
-    the experts they hold (`Experts.held_experts`) are read here; every tensor is still checked.
+    parts: how the model computes (default: the reference arithmetic, all E experts local). Only the
+    experts the layers' `Experts` hold (`Experts.held_experts`) are read here; every tensor is still checked.
     """
-    experts = experts if experts is not None else LocalExpertsBuilder()
-    try:
-        cfg = ModelConfig.from_pretrained(model_dir)
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
+    parts = parts if parts is not None else ModelParts()
+    cfg = read_config(model_dir)
     torch_dtype, dev = resolve_dtype(dtype, cfg), resolve_device(device)
     with CheckpointFiles(model_dir, cfg) as ckpt:
         with torch.device("meta"):
-            model = MixtralForCausalLM(cfg, experts)
+            model = MixtralForCausalLM(cfg, parts)
         model = model.to(torch_dtype).to_empty(device=dev)
+        if parts.huge_pages:
+            _to_huge_pages(model)
         model.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta).to(dev)  # buffers are not in checkpoints
-        for layer in model.layers:
-            layer.block_sparse_moe.experts.routed_tokens.zero_()
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         targets = _targets(model)
@@ -70,8 +88,21 @@ def load_model(
         with torch.no_grad(), SafetensorsReader(model_dir, {n: ckpt.location[n] for n in order}) as reader:
             for name in _progress(order, progress):
                 reader.copy_into(name, targets[name])
-        experts.finish(model, str(model_dir), ckpt.location)
+        parts.experts.finish(model, str(model_dir), ckpt.location)
+    model.prepare_kernels()
     return model.eval()
+
+
+def _to_huge_pages(model: MixtralForCausalLM) -> None:
+    """Give every parameter of at least `hugepages.MIN_BYTES` fresh storage on transparent huge pages (not
+    initialized: the weights are read into it next)."""
+    from moe_runtime.kernels.cpu import hugepages
+
+    for p in model.parameters():
+        if p.numel() * p.element_size() >= hugepages.MIN_BYTES:
+            p.data = hugepages.empty(tuple(p.shape), p.dtype)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
 
 
 def _targets(model: MixtralForCausalLM) -> dict[str, torch.Tensor]:
@@ -84,8 +115,9 @@ def _targets(model: MixtralForCausalLM) -> dict[str, torch.Tensor]:
         p = f"model.layers.{l}."
         targets[p + "input_layernorm.weight"] = layer.input_layernorm.weight
         targets[p + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            targets[f"{p}self_attn.{proj}.weight"] = getattr(layer.self_attn, proj).weight
+        for proj, rows in qkv_rows(model.config).items():
+            targets[f"{p}self_attn.{proj}.weight"] = layer.self_attn.qkv_proj.weight[rows]
+        targets[p + "self_attn.o_proj.weight"] = layer.self_attn.o_proj.weight
         moe = layer.block_sparse_moe
         targets[p + "block_sparse_moe.gate.weight"] = moe.gate.weight
         for slot, e in enumerate(moe.experts.held_experts()):

@@ -42,6 +42,11 @@ class RuntimeConfig(Section):
                 "executor='ray' with offload.enabled=true is not supported: Ray workers hold only their placed "
                 "experts already; allowed: executor: local with offloading, or executor: ray without it"
             )
+        if self.model.load_format == "dummy" and (self.offload.enabled or self.executor == "ray"):
+            raise ValueError(
+                "model.load_format='dummy' reads no checkpoint, but offloading and the Ray workers read experts "
+                "from its files; allowed: load_format: dummy with executor: local and offload disabled"
+            )
         return self
 
 

@@ -21,12 +21,19 @@ class ModelLoadConfig(Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: the checkpoint's torch_dtype
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     moe_backend: str = "auto"  # one of moe_runtime.kernels.BACKEND_NAMES
-    # false (default): CPU fast paths for 16-bit weights (`MixtralForCausalLM.use_fast_cpu_paths`: native
-    # kernels of kernels/cpu for a few rows, fp32 decode attention, fp32 weight copies for large batches);
-    # they round where torch rounds but sum in another order, so bf16 logits move by a few ulps. true:
-    # torch's kernels only, the arithmetic the parity tests hold equal to transformers' bit for bit (the
-    # torch MoE backend still widens expert groups of >= 16 rows to fp32; moe_backend: reference avoids
-    # that too). Slower on CPUs without native bf16 GEMMs; no effect on GPUs or fp32 weights.
+    # RoPE + KV write + attention (kernels/attention.py). auto: triton on CUDA; on CPU `cpu` (fp32 decode
+    # matmuls) unless `exact`, then `torch` (SDPA, the reference arithmetic). triton on a CPU host needs the
+    # Triton interpreter (TRITON_INTERPRET=1, tests only).
+    attention_backend: Literal["auto", "torch", "triton", "cpu"] = "auto"
+    # auto: the checkpoint's safetensors. dummy (vLLM's name): only config.json is read; every weight is a
+    # seeded random tensor made on the device (benchmarks of shapes whose weights are not on disk).
+    load_format: Literal["auto", "dummy"] = "auto"
+    # false (default): fast paths (engine/parts.py). On CPU with 16-bit weights: native kernels of
+    # kernels/cpu for a few rows and whole decode steps, fp32 decode attention, fp32 weight copies for large
+    # batches; on GPU the Triton kernels and CUDA graphs. They round where torch rounds but sum in another
+    # order, so bf16 logits move by a few ulps. true: torch's kernels only, the arithmetic the parity tests
+    # hold equal to transformers' bit for bit (the torch MoE backend still widens expert groups of >= 16
+    # rows to fp32; moe_backend: reference avoids that too). Slower everywhere.
     exact: bool = False
 
     @field_validator("moe_backend")
@@ -52,6 +59,11 @@ class EngineConfig(Section):
     max_model_len: int | None = Field(default=None, gt=0)  # None: the checkpoint's max_position_embeddings
     num_threads: int | None = Field(default=None, gt=0)  # torch intra-op threads on CPU; None: torch default
     seed: int | None = None  # draws of requests without their own seed; None: a fresh seed per engine
+    # CUDA graphs for decode steps (engine/cuda_graphs.py), captured at start for batches of 1, 2, 4, 8, 16,
+    # 24, ... up to cuda_graph_max_batch sequences (capped at max_num_seqs). On CUDA with the triton
+    # kernels only; ignored elsewhere.
+    cuda_graphs: bool = True
+    cuda_graph_max_batch: int = Field(default=256, gt=0)
 
 
 class CacheConfig(Section):

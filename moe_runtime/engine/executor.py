@@ -13,14 +13,17 @@ from typing import Any
 
 import torch
 
-from moe_runtime.checkpoint.loader import load_model
+from moe_runtime.checkpoint.layout import resolve_dtype
+from moe_runtime.checkpoint.loader import load_weights, read_config, resolve_device
 from moe_runtime.config import ModelConfig, RuntimeConfig
 from moe_runtime.engine.kv_cache import allocate_kv_cache, num_kv_blocks
 from moe_runtime.engine.model_runner import ModelRunner
+from moe_runtime.engine.parts import choose_kernels, make_forward
 from moe_runtime.engine.sampler import Sampler
 from moe_runtime.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from moe_runtime.errors import UnsupportedError
 from moe_runtime.model.experts import LocalExpertsBuilder
+from moe_runtime.model.parts import ModelParts
 from moe_runtime.offload import OffloadedExpertsBuilder, OffloadStats
 
 
@@ -72,22 +75,26 @@ class Executor(ABC):
 
 
 class LocalExecutor(Executor):
+    """The model in this process, its kernels and step runner chosen for its device (engine/parts.py)."""
+
     def __init__(self, cfg: RuntimeConfig, model_dir: str, progress: bool = False):
         if cfg.engine.num_threads is not None:
             torch.set_num_threads(cfg.engine.num_threads)
-        backend = cfg.model.moe_backend
-        self._offload = OffloadedExpertsBuilder(cfg.offload, backend) if cfg.offload.enabled else None
-        experts = self._offload if self._offload is not None else LocalExpertsBuilder(backend)
-        self.model = load_model(model_dir, cfg.model.dtype, cfg.model.device, experts=experts, progress=progress)
-        if not cfg.model.exact:  # CPUs without native bf16 GEMMs; no-ops on GPUs and for fp32 weights
-            self.model.keep_fp32_copies()  # large batches
-            self.model.use_fast_cpu_paths()  # small batches and expert groups
-        self.model_config = self.model.config
+        self.model_config = read_config(model_dir)
+        dtype, device = resolve_dtype(cfg.model.dtype, self.model_config), resolve_device(cfg.model.device)
+        kernels = choose_kernels(cfg.model, device, dtype)
+        self._offload = OffloadedExpertsBuilder(cfg.offload, kernels.moe) if cfg.offload.enabled else None
+        parts = ModelParts(
+            experts=self._offload if self._offload is not None else LocalExpertsBuilder(kernels.moe),
+            attention=kernels.attention, norm=kernels.norm, linear=kernels.linear, huge_pages=kernels.huge_pages,
+        )
+        self.model = load_weights(model_dir, cfg.model, parts, progress)
         self.num_kv_blocks = num_kv_blocks(cfg.cache, self.model_config, self.model.dtype)
         kv = allocate_kv_cache(
             self.model_config, self.num_kv_blocks, cfg.cache.block_size, self.model.dtype, self.model.device
         )
-        self.runner = ModelRunner(self.model, kv, cfg.cache.block_size, Sampler(cfg.engine.seed))
+        forward = make_forward(self.model, kv, kernels, cfg.engine, graphs_allowed=self._offload is None)
+        self.runner = ModelRunner(self.model, kv, cfg.cache.block_size, Sampler(cfg.engine.seed), forward)
 
     @property
     def expert_store(self):

@@ -10,7 +10,7 @@ import torch
 
 from moe_runtime.config import CacheConfig, ModelConfig
 from moe_runtime.errors import ConfigError
-from moe_runtime.model.attention import KVCache
+from moe_runtime.kernels.attention import KVCache
 
 DEFAULT_MEMORY_BYTES = 1 << 30
 

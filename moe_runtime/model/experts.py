@@ -27,16 +27,18 @@ from moe_runtime.kernels import RoutingResult, fused_moe
 class Experts(nn.Module, ABC):
     """One layer's routed experts. `forward(x [T, D], routing)` -> [T, D] in x's dtype.
 
-    Also counts the tokens routed to each expert (`routed_tokens` [E] int64, on the device, added without a
-    host sync), which telemetry reads through `MixtralForCausalLM.take_router_counts`.
+    Also keeps the latest routing's expert ids (`last_routing` [T, A] int32, on the device), from which the
+    step's runner counts the tokens routed to each expert for telemetry (`router_counts`), after the step
+    and without a host sync (a captured graph's padding rows left out).
     """
 
     def __init__(self, num_experts: int):
         super().__init__()
-        self.register_buffer("routed_tokens", torch.zeros(num_experts, dtype=torch.long), persistent=False)
+        self.num_experts = num_experts
+        self.last_routing: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, routing: RoutingResult) -> torch.Tensor:
-        self.routed_tokens += torch.bincount(routing.ids.flatten(), minlength=self.routed_tokens.numel())  # [E]
+        self.last_routing = routing.ids  # [T, A]
         return self.run(x, routing)
 
     @abstractmethod
@@ -47,6 +49,18 @@ class Experts(nn.Module, ABC):
         """Expert ids whose weights this module holds in `w13`/`w2`, in slot order (the loader fills them from
         the checkpoint). None here by default: an implementation that keeps its weights elsewhere."""
         return []
+
+
+def router_counts(routing_ids: list[torch.Tensor], num_experts: int, num_tokens: int) -> torch.Tensor:
+    """Tokens routed to each expert, per layer: routing_ids L x [>= T, A] (rows past num_tokens are padding)
+    -> [L, E] int64 on their device, in two launches and no host sync.
+
+    >>> router_counts([torch.tensor([[0, 2], [2, 1], [3, 3]])], num_experts=4, num_tokens=2).tolist()
+    [[1, 1, 2, 0]]
+    """
+    ids = torch.stack([r[:num_tokens] for r in routing_ids]).flatten(1).long()  # [L, T*A]
+    counts = torch.zeros(ids.shape[0], num_experts, dtype=torch.long, device=ids.device)  # [L, E]
+    return counts.scatter_add_(1, ids, torch.ones_like(ids))
 
 
 class ExpertsBuilder(Protocol):

@@ -1,7 +1,7 @@
 """Expert offloading (DESIGN.md section 4): resident expert slots on the device, the rest in a host tier.
 
 Enable with the `offload:` YAML section (`OffloadConfig`) and load with
-`load_model(dir, ..., experts=OffloadedExpertsBuilder(cfg.offload, backend))`; the builder's `store` is then
+`load_model(dir, ..., parts=ModelParts(experts=OffloadedExpertsBuilder(cfg.offload, backend)))`; the builder's `store` is then
 the open `ExpertStore` and its counters `store.stats()` (an `OffloadStats`).
 """
 

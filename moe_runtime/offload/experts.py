@@ -1,7 +1,7 @@
 """Offloaded experts: each MoE layer runs its experts through the `ExpertStore` (a budget of resident slots on
 the device, the rest in a host tier), with outputs identical to the all-resident run.
 
-`OffloadedExpertsBuilder` is what `load_model(..., experts=...)` gets: it makes every layer's
+`OffloadedExpertsBuilder` is what `load_model(..., parts=ModelParts(experts=...))` gets: it makes every layer's
 `OffloadedExperts` (which hold no weights themselves, so no expert is ever materialized on the device
 except in the store's slots and, with the `mmap` tier, none in host memory either), and opens the store
 once the rest of the model is loaded (the store applies the next layer's router to prefetch).

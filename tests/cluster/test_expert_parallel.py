@@ -23,6 +23,7 @@ from moe_runtime.cluster.placement_config import build_placement
 from moe_runtime.cluster.planner import round_robin
 from moe_runtime.config import ModelConfig, PlacementConfig
 from moe_runtime.kernels import fused_moe, route
+from moe_runtime.model.parts import ModelParts
 
 E, D, I = 6, 32, 48  # noqa: E741  experts, hidden, intermediate
 CFG = ModelConfig.from_hf({"architectures": ["MixtralForCausalLM"], "vocab_size": 64, "hidden_size": D,
@@ -101,7 +102,7 @@ def test_a_rank_loads_only_its_experts_and_re_places_them(tiny_model_dir):
     placement = build_placement(PlacementConfig(workers=2, replicas={"*": {3: [0]}}), cfg.num_hidden_layers,
                                 cfg.num_local_experts)
     builder = ShardedExpertsBuilder(placement, 1)
-    model = load_model(tiny_model_dir, "float32", "cpu", experts=builder)
+    model = load_model(tiny_model_dir, "float32", "cpu", parts=ModelParts(experts=builder))
 
     def check(placement):
         for layer, (got, want) in enumerate(zip(model.layers, full.layers, strict=True)):

@@ -12,7 +12,8 @@ import pytest
 import torch
 from paged_cases import shuffled_pages
 
-from moe_runtime.model.attention import AttentionMetadata, attention, attention_fp32
+from moe_runtime.kernels.attention import AttentionMetadata
+from moe_runtime.kernels.torch_attention import attention, attention_fp32
 
 H, KVH, Dh, BS = 6, 2, 8, 4
 # (context lengths of the decoding sequences, sliding window)

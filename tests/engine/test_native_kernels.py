@@ -15,11 +15,14 @@ import pytest
 import torch
 
 from moe_runtime.checkpoint.loader import load_model
-from moe_runtime.config import load_config
+from moe_runtime.config import ModelLoadConfig, load_config
+from moe_runtime.engine.parts import choose_kernels
 from moe_runtime.engine.sampling_params import SamplingParams
 from moe_runtime.errors import ConfigError
-from moe_runtime.model.attention import AttentionMetadata
-from moe_runtime.model.mixtral import NATIVE_MAX_ROWS, Linear
+from moe_runtime.kernels.attention import AttentionMetadata
+from moe_runtime.kernels.linear import NATIVE_MAX_ROWS, CpuLinear, TorchLinear
+from moe_runtime.model.experts import LocalExpertsBuilder
+from moe_runtime.model.parts import ModelParts
 
 HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
@@ -42,20 +45,26 @@ def test_exact_is_a_checked_bool():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_native_logits_close_to_torch(tiny_model_dir, dtype):
     exact = load_model(tiny_model_dir, dtype=dtype, device="cpu")
-    fast = load_model(tiny_model_dir, dtype=dtype, device="cpu")
-    fast.use_fast_cpu_paths()
-    assert fast.lm_head.native and fast.layers[0].block_sparse_moe.experts.backend == "cpu"
+    fast = load_model(tiny_model_dir, dtype=dtype, device="cpu", parts=_fast_parts(dtype))
+    assert isinstance(fast.lm_head.kernel, CpuLinear) and fast.layers[0].block_sparse_moe.experts.backend == "cpu"
     for n in (1, 5, NATIVE_MAX_ROWS):
         got, want = _logits(fast, n), _logits(exact, n)
         assert not torch.equal(got, want)  # the native path ran: other summation order
         torch.testing.assert_close(got, want, atol=0.1, rtol=0)
 
 
-def test_fp32_weights_stay_on_torch(tiny_model_dir):
-    model = load_model(tiny_model_dir, dtype="float32", device="cpu")
-    model.use_fast_cpu_paths()
-    assert not any(m.native for m in model.modules() if isinstance(m, Linear))
-    assert model.layers[0].block_sparse_moe.experts.backend == "auto"
+def test_fp32_weights_stay_on_torch():
+    kernels = choose_kernels(ModelLoadConfig(exact=False), torch.device("cpu"), torch.float32)
+    assert (kernels.attention, kernels.norm, kernels.linear, kernels.moe) == ("torch",) * 4
+    assert not kernels.native_decode and not kernels.huge_pages
+
+
+def _fast_parts(dtype: str) -> ModelParts:
+    """The parts the engine gives a 16-bit model on this CPU with model.exact: false."""
+    kernels = choose_kernels(ModelLoadConfig(exact=False), torch.device("cpu"), getattr(torch, dtype))
+    assert kernels.native_decode  # the native kernels built here (HAS_AVX2)
+    return ModelParts(experts=LocalExpertsBuilder(kernels.moe), attention=kernels.attention,
+                      linear=kernels.linear, norm=kernels.norm)
 
 
 @pytest.mark.skipif(not HAS_AVX2, reason="the native CPU kernels run only on AVX2 CPUs")
@@ -67,8 +76,8 @@ def test_engine_switch(make_engine, tiny_model_dir):
     for exact in (True, False):
         engine = make_engine(model__dtype="bfloat16", model__exact=exact)
         model = engine.executor.model
-        assert model.lm_head.native is (not exact) and (model.lm_head.weight_fp32 is None) is exact
-        assert model.layers[0].block_sparse_moe.experts.backend == ("auto" if exact else "cpu")
+        assert isinstance(model.lm_head.kernel, TorchLinear if exact else CpuLinear)
+        assert model.layers[0].block_sparse_moe.experts.backend == ("torch" if exact else "cpu")
     reference = load_model(tiny_model_dir, dtype="bfloat16", device="cpu")
     for prompt, out in zip(prompts, engine.generate(prompts, params), strict=True):
         ids = prompt + out.token_ids[:-1]

@@ -6,7 +6,8 @@ import pytest
 import torch
 from paged_cases import shuffled_pages
 
-from moe_runtime.model.attention import AttentionMetadata, attention
+from moe_runtime.kernels.attention import AttentionMetadata
+from moe_runtime.kernels.torch_attention import attention, decode_batch
 
 # (context lengths, sliding window)
 CASES = (((5, 17, 1, 33), None), ((9, 16, 40), 7), ((2, 3), None))
@@ -27,7 +28,7 @@ def test_batched_decode_equals_one_by_one(ctx, window):
     meta = AttentionMetadata(list(range(B + 1)), list(ctx), slots, block_tables)
     caches = (k_cache.clone(), v_cache.clone())
     batched = attention(q, k, v, meta, caches, window)
-    assert (meta.decode_batch(bs) is None) == (sum(c > 1 for c in ctx) < 2)
+    assert (decode_batch(meta, bs) is None) == (sum(c > 1 for c in ctx) < 2)
     for b, c in enumerate(ctx):
         one = AttentionMetadata([0, 1], [c], slots[b : b + 1], block_tables[b : b + 1])
         alone = attention(

@@ -117,8 +117,9 @@ def test_route_on_cpu_is_the_reference(renormalize):
 def test_tiny_model_forward_with_each_backend(tiny_model_dir, backend):
     """The model's MoE blocks through each backend give the reference backend's logits (fp32)."""
     from moe_runtime.checkpoint.loader import load_model
-    from moe_runtime.model.attention import AttentionMetadata
+    from moe_runtime.kernels.attention import AttentionMetadata
     from moe_runtime.model.experts import LocalExpertsBuilder
+    from moe_runtime.model.parts import ModelParts
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton on CPU = the interpreter
     prompt = torch.tensor([1, 17, 245, 3, 99, 870, 12, 5, 640, 33, 7], device=device)
@@ -126,7 +127,7 @@ def test_tiny_model_forward_with_each_backend(tiny_model_dir, backend):
     meta = AttentionMetadata.for_prompts([len(prompt)])
     logits = {}
     for name in ("reference", backend):
-        model = load_model(tiny_model_dir, dtype="float32", device=device, experts=LocalExpertsBuilder(name))
+        model = load_model(tiny_model_dir, dtype="float32", device=device, parts=ModelParts(experts=LocalExpertsBuilder(name)))
         logits[name] = model.compute_logits(model(prompt, positions, meta))
     torch.testing.assert_close(logits[backend], logits["reference"], atol=1e-4, rtol=0)
     assert torch.equal(logits[backend].argmax(-1), logits["reference"].argmax(-1))

@@ -15,9 +15,10 @@ from paged_cases import shuffled_pages
 
 from moe_runtime.config import ModelConfig
 from moe_runtime.kernels import cpu
+from moe_runtime.kernels.attention import AttentionMetadata
 from moe_runtime.kernels.reference import fused_moe_reference_fp32, route_reference
-from moe_runtime.model.attention import AttentionMetadata, attention_fp32
 from moe_runtime.model.mixtral import Attention, RMSNorm, RotaryEmbedding
+from moe_runtime.model.parts import ModelParts
 from moe_runtime.presets.configs import preset_config
 
 HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -33,7 +34,7 @@ DTYPES = (torch.bfloat16, torch.float16)
 @pytest.mark.parametrize("dtype", (*DTYPES, torch.float32))
 def test_rms_norm_matches_the_module(dtype):
     gen = torch.Generator().manual_seed(0)
-    norm = RMSNorm(96, eps=1e-5).to(dtype)
+    norm = RMSNorm(96, eps=1e-5, kernel="torch").to(dtype)
     norm.weight.copy_(torch.rand(96, generator=gen) + 0.5)
     x = (torch.randn(5, 96, generator=gen) * 3).to(dtype)
     got = cpu.rms_norm(x, norm.weight, norm.eps)
@@ -44,7 +45,7 @@ def test_rms_norm_matches_the_module(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_adds_the_residual_in_place_first(dtype):
     gen = torch.Generator().manual_seed(1)
-    norm = RMSNorm(64, eps=1e-6).to(dtype)
+    norm = RMSNorm(64, eps=1e-6, kernel="torch").to(dtype)
     h = torch.randn(3, 64, generator=gen).to(dtype)
     x = torch.randn(3, 64, generator=gen).to(dtype)
     want_h = h + x  # the model's `h = h + block(h)`, one rounding
@@ -87,10 +88,9 @@ def _attention_case(dtype, sliding_window=None, ctx=(1, 7, 16, 40), block_size=8
     random keys and values."""
     gen = torch.Generator().manual_seed(seed)
     cfg = ModelConfig.from_hf(preset_config("tiny", sliding_window=sliding_window, **heads))
-    attn = Attention(cfg).to(dtype).requires_grad_(False)
+    attn = Attention(cfg, ModelParts(attention="cpu")).to(dtype).requires_grad_(False)  # fp32 decode attention
     for p in attn.parameters():
         p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    attn.attend = attention_fp32
     T, Dh, KVH = len(ctx), cfg.head_dim, cfg.num_key_value_heads
     num_blocks = sum(-(-c // block_size) for c in ctx) + 3
     # [T, W] and [T]: each sequence's pages in no particular order, the slot of its newest token
@@ -104,9 +104,8 @@ def _attention_case(dtype, sliding_window=None, ctx=(1, 7, 16, 40), block_size=8
 
 
 def _native(attn, x, cos, sin, k_cache, v_cache, meta):
-    w_qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
     return cpu.attention_decode(
-        x, w_qkv, attn.o_proj.weight, cos, sin, k_cache, v_cache, meta.slot_mapping, meta.block_tables,
+        x, attn.qkv_proj.weight, attn.o_proj.weight, cos, sin, k_cache, v_cache, meta.slot_mapping, meta.block_tables,
         torch.tensor(meta.context_lens), attn.n_heads, attn.n_kv_heads, attn.sliding_window,
     )  # fmt: skip
 
@@ -116,7 +115,7 @@ def _native(attn, x, cos, sin, k_cache, v_cache, meta):
 def test_attention_decode_matches_the_module(dtype, sliding_window):
     attn, x, cos, sin, k_cache, v_cache, meta = _attention_case(dtype, sliding_window)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    want = attn(x, cos, sin, meta, (k_ref, v_ref))  # [T, D]: torch ops, attention_fp32
+    want = attn(x, (cos, sin), meta, (k_ref, v_ref))  # [T, D]: torch ops, attention_fp32
     got = _native(attn, x, cos, sin, k_cache, v_cache, meta)
     assert got.dtype == dtype and got.shape == want.shape
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=0)
@@ -139,7 +138,7 @@ def test_attention_decode_matches_the_module(dtype, sliding_window):
 def test_attention_decode_head_layouts(n_heads, n_kv_heads, head_dim):
     heads = dict(num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=head_dim)
     attn, x, cos, sin, k_cache, v_cache, meta = _attention_case(torch.float16, ctx=(1, 9, 57, 130), **heads)
-    want = attn(x, cos, sin, meta, (k_cache.clone(), v_cache.clone()))  # [T, D]
+    want = attn(x, (cos, sin), meta, (k_cache.clone(), v_cache.clone()))  # [T, D]
     got = _native(attn, x, cos, sin, k_cache, v_cache, meta)
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=0)
 
@@ -226,7 +225,7 @@ def test_scalar_fallback_matches_avx2():
     assert torch.equal(counts[0], counts[1])
 
     attn, x, cos, sin, k_cache, v_cache, meta = _attention_case(torch.bfloat16, sliding_window=5)
-    w_qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    w_qkv = attn.qkv_proj.weight
     caches = [(k_cache.clone(), v_cache.clone()) for _ in range(2)]
     outs = [
         ext.attention_decode(x, w_qkv, attn.o_proj.weight, cos, sin, k, v, meta.slot_mapping, meta.block_tables,

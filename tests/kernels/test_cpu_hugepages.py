@@ -39,13 +39,14 @@ def test_memory_lives_as_long_as_the_tensor():
 
 
 def test_model_weights_move_and_keep_their_values(tiny_model_dir, monkeypatch):
-    """`use_fast_cpu_paths` moves every weight of at least MIN_BYTES (lowered here for the tiny model)."""
+    """Parts with `huge_pages` put every weight of at least MIN_BYTES (lowered here for the tiny model) on
+    huge pages, with the values the checkpoint holds."""
     from moe_runtime.checkpoint.loader import load_model
+    from moe_runtime.model.parts import ModelParts
 
     monkeypatch.setattr(hugepages, "MIN_BYTES", 64 * 1024)
-    model = load_model(tiny_model_dir, dtype="bfloat16", device="cpu")
-    before = {n: p.clone() for n, p in model.named_parameters()}
-    model.use_fast_cpu_paths()
+    before = dict(load_model(tiny_model_dir, dtype="bfloat16", device="cpu").named_parameters())
+    model = load_model(tiny_model_dir, dtype="bfloat16", device="cpu", parts=ModelParts(huge_pages=True))
     moved = [n for n, p in model.named_parameters() if p.data_ptr() % hugepages.HUGE_PAGE == 0]
     assert any("w13" in n for n in moved) and "lm_head.weight" in moved
     for n, p in model.named_parameters():

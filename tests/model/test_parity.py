@@ -12,7 +12,7 @@ from transformers import GenerationConfig
 from transformers import MixtralForCausalLM as HFMixtral
 
 from moe_runtime.checkpoint.loader import load_model
-from moe_runtime.model.attention import AttentionMetadata
+from moe_runtime.kernels.attention import AttentionMetadata
 from moe_runtime.presets.configs import preset_config
 from moe_runtime.presets.init_model import write_checkpoint
 

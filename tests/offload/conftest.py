@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moe_runtime.model.attention import AttentionMetadata
+from moe_runtime.kernels.attention import AttentionMetadata
 
 
 def greedy_tokens(model, prompts: list[list[int]], steps: int) -> list[list[int]]:

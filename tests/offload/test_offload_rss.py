@@ -26,8 +26,9 @@ SCRIPT = r"""
 import json, sys
 import torch
 from moe_runtime.config import OffloadConfig
-from moe_runtime.model.attention import AttentionMetadata
+from moe_runtime.kernels.attention import AttentionMetadata
 from moe_runtime.checkpoint.loader import load_model
+from moe_runtime.model.parts import ModelParts
 from moe_runtime.offload import OffloadedExpertsBuilder
 
 def status(key):
@@ -47,7 +48,7 @@ if mode == "floor":  # everything but weights: imports, the model skeleton, one 
     sys.exit(0)
 offload = OffloadConfig(enabled=True, resident_experts_per_layer=2, host_tier="mmap", miss="fetch")
 builder = OffloadedExpertsBuilder(offload) if mode == "offload" else None
-model = load_model(model_dir, device="cpu", experts=builder)
+model = load_model(model_dir, device="cpu", parts=ModelParts(experts=builder) if builder else None)
 toks = [1, 5, 77, 300, 12, 999, 40, 41]
 for _ in range(4):
     h = model(torch.tensor(toks), torch.arange(len(toks)), AttentionMetadata.for_prompts([len(toks)]))

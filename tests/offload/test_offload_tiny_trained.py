@@ -41,7 +41,7 @@ def test_bf16_hidden_states_bit_identical(trained_dir):
     experts split across waves and the host (some experts get >= 16 rows: the torch backend's fp32 path)."""
     import torch
 
-    from moe_runtime.model.attention import AttentionMetadata
+    from moe_runtime.kernels.attention import AttentionMetadata
 
     tok = Tokenizer.from_dir(trained_dir)
     prompts = [tok.encode(t * 3) for t in TEXTS]

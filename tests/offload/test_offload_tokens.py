@@ -70,7 +70,7 @@ def test_offloaded_model_holds_no_experts(tiny_model_dir):
 
 def teacher_forced_logits(model, seqs: list[list[int]]) -> torch.Tensor:
     """Logits at every position of each sequence, in one flat forward pass: [sum of lengths, vocab]."""
-    from moe_runtime.model.attention import AttentionMetadata
+    from moe_runtime.kernels.attention import AttentionMetadata
 
     ids = torch.tensor([t for s in seqs for t in s], device=model.device)
     positions = torch.cat([torch.arange(len(s)) for s in seqs]).to(model.device)
@@ -105,17 +105,16 @@ def test_same_results_on_cuda_pinned(tiny_model_dir, greedy):
 
 
 def test_counters_add_up_to_the_routers_expert_uses(tiny_model_dir):
-    """hits + misses == the (forward, layer, expert) triples the router sent tokens to (take_router_counts)."""
-    from moe_runtime.model.attention import AttentionMetadata
+    """hits + misses == the (forward, layer, expert) triples the router sent tokens to (router_counts)."""
+    from moe_runtime.kernels.attention import AttentionMetadata
 
     offload = OffloadConfig(enabled=True, resident_experts_per_layer=3, miss="auto", host_tier="mmap")
     model, store = load_offloaded(tiny_model_dir, device="cpu", offload=offload)
-    model.take_router_counts()
     uses = 0
     for prompt in PROMPTS:
         ids = torch.tensor(prompt)
         model(ids, torch.arange(len(prompt)), AttentionMetadata.for_prompts([len(prompt)]))
-        uses += int((model.take_router_counts() > 0).sum())  # [L, E] tokens per expert this forward
+        uses += int((model.router_counts(len(prompt)) > 0).sum())  # [L, E] tokens per expert this forward
     s = store.stats()
     assert s.hits + s.misses == uses
     assert s.fetched + s.host_computed == s.misses

@@ -1,17 +1,20 @@
 """Triton KV write and RoPE + KV write: exact equality with the references and with the model.
 
-A copy must be exact, and RoPE must equal the model's `apply_rotary` bit for bit in fp32 and fp16 (the
+A copy must be exact, and RoPE must equal the torch attention backend's RoPE (`rope_reference`, the
+reference implementation's arithmetic) bit for bit in fp32 and fp16 (the
 kernel keeps torch's rounding points and fuses no multiply into an add).
 """
 
 import pytest
 import torch
 
+from moe_runtime.kernels.attention import AttentionMetadata
 from moe_runtime.kernels.attention_reference import kv_write_reference, rope_kv_write_reference
+from moe_runtime.kernels.attention_reference import rope_reference as apply_rotary
+from moe_runtime.kernels.torch_attention import attention
 from moe_runtime.kernels.triton.kv_write import kv_write
 from moe_runtime.kernels.triton.rope_kv_write import rope_kv_write
-from moe_runtime.model.attention import AttentionMetadata, attention
-from moe_runtime.model.mixtral import RotaryEmbedding, apply_rotary
+from moe_runtime.model.mixtral import RotaryEmbedding
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

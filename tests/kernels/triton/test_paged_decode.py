@@ -13,9 +13,9 @@ from paged_attention_cases import PagedInputs, decode_case, make_inputs, model_s
 
 from moe_runtime.kernels import attention_reference
 from moe_runtime.kernels.attention_reference import PagedBatch, paged_attention_decode_reference
+from moe_runtime.kernels.torch_attention import attention
 from moe_runtime.kernels.triton import paged_decode
 from moe_runtime.kernels.triton.paged_decode import GPU_TILES, num_splits, paged_attention_decode
-from moe_runtime.model.attention import attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}

@@ -10,8 +10,8 @@ import torch
 from paged_attention_cases import PagedCase, PagedInputs, make_inputs, model_step
 
 from moe_runtime.kernels.attention_reference import PagedBatch, paged_attention_prefill_reference
+from moe_runtime.kernels.torch_attention import attention
 from moe_runtime.kernels.triton.paged_prefill import paged_attention_prefill
-from moe_runtime.model.attention import attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}

@@ -1,0 +1,26 @@
+"""How a model computes, chosen once where the model is built (the executor, by device and config).
+
+The model file names no device and no kernel: each module asks for the kernel its `ModelParts` names,
+when it is constructed. Kernel names here are concrete; whoever builds the model resolves "auto" for its
+device first (`moe_runtime.engine.parts.choose_parts`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moe_runtime.model.experts import ExpertsBuilder, LocalExpertsBuilder
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """The defaults are the reference implementation's arithmetic on any device (parity tests)."""
+
+    # Where each MoE layer's experts live and which fused-MoE kernel runs them (local, offloaded, sharded).
+    experts: ExpertsBuilder = field(default_factory=LocalExpertsBuilder)
+    attention: str = "torch"  # RoPE + KV write + attention: kernels.attention.ATTENTION_BACKENDS
+    norm: str = "torch"  # RMSNorm with the fused residual add: kernels.norm.RMS_NORM_BACKENDS
+    linear: str = "torch"  # dense projections: kernels.linear.LINEAR_BACKENDS
+    # Weights of kernels.cpu.hugepages.MIN_BYTES or more on transparent huge pages, where Linux gives them
+    # (a CPU decode step streams every weight; fewer TLB misses). Values unchanged.
+    huge_pages: bool = False
