@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# The one GPU check: environment, every GPU test, tile tuning for Mixtral bf16, the kernel benchmark, the
-# offload benchmark and the engine benchmark, in under 10 minutes (each step has its own timeout; a step
-# that hits it is cut, marked TIMEOUT and the script goes on). Ends with a table: each step's status and,
-# for the test steps, pytest's counts. Exit status 1 if any step failed, timed out or collected no tests.
+# The one GPU check: environment, every GPU test, the kernel benchmark, the offload benchmark and the engine
+# benchmark (and tile tuning for Mixtral bf16 with TUNE=1), in under 10 minutes: each step has its own
+# timeout (150 + 100 + 45 + 240 s, plus 220 + 60 s for tuning); a step that hits it is cut, marked TIMEOUT,
+# and the script goes on. Ends with a table: each step's status and, for the test steps, pytest's counts.
+# Exit status 1 if any step failed, timed out or collected no tests.
 #
 #   bash bench/gpu_check.sh                 # from the repo root on a CUDA machine
 #   OUT=/some/dir bash bench/gpu_check.sh   # also writes env.txt, pytest.txt, tune.txt, the tuned table
 #                                           # (tuned_*.json), kernels_bench.md, offload_bench.md and
 #                                           # engine_bench.md there (8 files: what the device tool returns)
 #   BENCH_ARGS='--shapes mini --m 1,16' bash bench/gpu_check.sh   # a shorter kernel benchmark
-#   TUNE=0 bash bench/gpu_check.sh          # keep kernels/tuned/ as it is (the benchmark uses it either way)
+#   TUNE=1 bash bench/gpu_check.sh          # retune kernels/tuned/ for this card first (off by default:
+#                                           # H100 and H200 tables are committed)
+#   ENGINE_ARGS='--models mini --graphs on' bash bench/gpu_check.sh   # a shorter engine benchmark
 #   OFFLOAD_BENCH=0 ENGINE_BENCH=0 bash bench/gpu_check.sh    # leave those steps out
 #
 # The lent GPU machine has torch and triton but no network and not every runtime dependency: run
@@ -92,7 +95,7 @@ fi
 # 3. GPU tests: every test marked gpu. Without the runtime's dependencies only the kernel tests can run
 #    (--noconftest: the suite-wide conftest builds checkpoints), and the step says so.
 if [ "$RUNTIME_OK" = 1 ]; then
-  pytest_step "pytest -m gpu (whole suite)" 240 -m gpu tests
+  pytest_step "pytest -m gpu (whole suite)" 150 -m gpu tests
 else
   pytest_step "pytest -m gpu tests/kernels only" 120 -m gpu tests/kernels --noconftest
   record "pytest -m gpu (rest of the suite)" 1 "NOT RUN: the runtime's dependencies are missing"
@@ -100,7 +103,7 @@ fi
 
 # 4. Tile tuning for Mixtral-8x7B bf16 on this GPU: writes kernels/tuned/E=8,N=14336,device_name=...json
 #    (the benchmark below then uses it, and shows the untuned heuristic beside it).
-if [ "${TUNE:-1}" = 1 ]; then
+if [ "${TUNE:-0}" = 1 ]; then
   echo "== bench/tune_fused_moe.py"
   timeout 220 $PY bench/tune_fused_moe.py --shape mixtral --dtype bf16 --budget-s 160 2>&1 | tee_out tune.txt
   record "tune_fused_moe (mixtral bf16)" "${PIPESTATUS[0]}" ""
@@ -114,25 +117,25 @@ fi
 # 5. Kernel benchmark: Mixtral-8x7B and mini shapes, bf16 (BENCH_ARGS overrides).
 echo "== bench/moe_kernels.py"
 # shellcheck disable=SC2086
-timeout 150 $PY bench/moe_kernels.py ${BENCH_ARGS:---shapes mixtral,mini --dtype bf16 --repeats 25} \
+timeout 100 $PY bench/moe_kernels.py ${BENCH_ARGS:---shapes mixtral,mini --dtype bf16 --repeats 10} \
   ${OUTDIR:+--out "$OUTDIR/kernels_bench.md"}
 record "moe_kernels benchmark" $? ""
 
 # 6. Offload on the GPU (pinned host tier, side-stream copies).
 if [ "${OFFLOAD_BENCH:-1}" = 1 ] && [ "$RUNTIME_OK" = 1 ]; then
   echo "== bench/offload.py (pinned tier)"
-  timeout 60 $PY bench/offload.py --device cuda --tier pinned --models tiny-trained --batches 1,16 --tokens 16 \
+  timeout 45 $PY bench/offload.py --device cuda --tier pinned --models tiny-trained --batches 1,16 --tokens 16 \
     --repeats 2 ${OUTDIR:+--out "$OUTDIR/offload_bench.md"} 2>&1 | tail -n 30
   record "offload benchmark" "${PIPESTATUS[0]}" ""
 elif [ "${OFFLOAD_BENCH:-1}" = 1 ]; then
   record "offload benchmark" 1 "NOT RUN: the runtime's dependencies are missing"
 fi
 
-# 7. The engine on the GPU (bench/gpu_engine.py, when present): decode and prefill tok/s, % of roofline.
-if [ "${ENGINE_BENCH:-1}" = 1 ] && [ -f bench/gpu_engine.py ] && [ "$RUNTIME_OK" = 1 ]; then
+# 7. The engine on the GPU: decode and prefill tok/s, % of the roofline, CUDA graphs on and off.
+if [ "${ENGINE_BENCH:-1}" = 1 ] && [ "$RUNTIME_OK" = 1 ]; then
   echo "== bench/gpu_engine.py"
   # shellcheck disable=SC2086
-  timeout "${ENGINE_TIMEOUT:-200}" $PY bench/gpu_engine.py ${ENGINE_ARGS:-} ${OUTDIR:+--out "$OUTDIR/engine_bench.md"}
+  timeout "${ENGINE_TIMEOUT:-240}" $PY bench/gpu_engine.py ${ENGINE_ARGS:-} ${OUTDIR:+--out "$OUTDIR/engine_bench.md"}
   record "gpu engine benchmark" $? ""
 fi
 

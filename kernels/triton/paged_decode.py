@@ -15,6 +15,7 @@ Reference: `attention_reference.paged_attention_decode_reference`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -200,6 +201,12 @@ def num_splits(capacity: int, programs: int, num_sms: int, tiles: DecodeTiles) -
     return Splits(count=triton.cdiv(steps, steps_per_split), keys=steps_per_split * tiles.block_n)
 
 
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    """Streaming multiprocessors of a CUDA device, looked up once (every layer of every step asks)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def paged_attention_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: PagedBatch
 ) -> torch.Tensor:
@@ -224,7 +231,7 @@ def paged_attention_decode(
         return out
     capacity = batch.block_tables.shape[1] * block_size
     if q.is_cuda:
-        tiles, sms = GPU_TILES, torch.cuda.get_device_properties(q.device).multi_processor_count
+        tiles, sms = GPU_TILES, _num_sms(q.device.index if q.device.index is not None else torch.cuda.current_device())
     else:
         tiles, sms = INTERPRETER_TILES, INTERPRETER_SMS
     splits = num_splits(capacity, B * KVH, sms, tiles)
