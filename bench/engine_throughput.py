@@ -16,6 +16,13 @@ several rows at a time: up to ~20% faster on one core here), best of 2, measured
 runs; each row uses the best of its own measurements, so the floor follows the machine's state during
 that row. Each measurement is repeated `--repeats` times, ours and theirs taking turns; the best time is
 kept.
+
+The compute floor: at batch 16 and beyond a CPU decode step can be bound by arithmetic instead. The peak is
+the faster of a bf16 GEMM (oneDNN's AVX512-BF16 / AMX path where the CPU has it) and an fp32 GEMM (FMA),
+[256, 4096] x [4096, 4096], with the run's threads, measured once; compute floor tok/s = peak / (2 x the
+weights a token multiplies: the non-expert weights, the head, top-k experts per layer). The table gives ours
+as a % of the lower of the two floors. The header names the CPU and its ISA flags (the plan of kernels the
+engine measured on it is logged at start-up; `moe-runtime info` prints it).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from moe_runtime.cli import env_defaults
 from moe_runtime.config import load_config
 from moe_runtime.engine.llm_engine import LLMEngine
 from moe_runtime.engine.sampling_params import SamplingParams
+from moe_runtime.kernels.cpu.dispatch import machine_key
 
 
 @dataclass
@@ -63,6 +71,28 @@ def read_bandwidth(repeats: int = 2) -> float:
             read()
             best = min(best, time.perf_counter() - t0)
     return buf.numel() * buf.element_size() / best
+
+
+def compute_peak() -> tuple[float, float]:
+    """(bf16, fp32) GEMM FLOP/s of [256, 4096] x [4096, 4096] with torch's threads, best of 3 each."""
+    out = []
+    for dtype in (torch.bfloat16, torch.float32):
+        a, b = torch.randn(256, 4096).to(dtype), torch.randn(4096, 4096).to(dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        out.append(2 * 256 * 4096 * 4096 / best)
+    return out[0], out[1]
+
+
+def flops_per_token(cfg) -> float:
+    """2 x the weights one decoded token multiplies (attention, router, head, its top-k experts per layer)."""
+    D, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    attn = D * (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim * 2
+    return 2 * (L * (attn + D * cfg.num_local_experts + cfg.num_experts_per_tok * 3 * D * I) + cfg.vocab_size * D)
 
 
 def make_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -145,6 +175,8 @@ def main() -> None:
     sets = [f"model.path={model_dir}", "model.device=cpu", f"engine.max_num_seqs={max(batches)}", *args.overrides]
     engine = LLMEngine(load_config(overrides=sets))
     vocab = engine.model_config.vocab_size
+    args.machine, args.peak = machine_key(), max(compute_peak())
+    args.token_flops = flops_per_token(engine.model_config)
     hf, impl = (None, "-") if args.no_baseline else load_hf(model_dir)
     warm = make_prompts(2, 16, vocab, seed=99)
     run_ours(engine, warm, 4)
@@ -177,7 +209,9 @@ def _row(batch, args, ours: list[Timing], theirs: list[Timing], bandwidth: float
     o_dec = decode_tokens / min(t.decode_s for t in ours)
     step_bytes = sum(t.bytes_per_step for t in ours) / len(ours)
     floor = batch * bandwidth / step_bytes
-    row = dict(batch=batch, o_pre=o_pre, o_dec=o_dec, floor=floor, gb=step_bytes / 1e9, bw=bandwidth / 1e9)
+    compute = args.peak / args.token_flops
+    row = dict(batch=batch, o_pre=o_pre, o_dec=o_dec, floor=floor, gb=step_bytes / 1e9, bw=bandwidth / 1e9,
+               compute=compute)
     if theirs:
         row.update(t_pre=prompt_tokens / min(t.prefill_s for t in theirs),
                    t_dec=decode_tokens / max(1e-9, min(t.decode_s for t in theirs)))
@@ -186,16 +220,18 @@ def _row(batch, args, ours: list[Timing], theirs: list[Timing], bandwidth: float
 
 def _print(rows, impl, args) -> None:
     head = ("| batch | prefill tok/s ours | transformers | ratio | decode tok/s ours | transformers | ratio "
-            "| GB/step | read GB/s | floor tok/s | ours % of floor |")
-    lines = [head, "|" + "---|" * 11]
+            "| GB/step | read GB/s | floor tok/s | compute floor tok/s | ours % of min(floors) |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         t_pre, t_dec = r.get("t_pre"), r.get("t_dec")
         lines.append(
             f"| {r['batch']} | {r['o_pre']:.0f} | {t_pre or 0:.0f} | {r['o_pre'] / t_pre if t_pre else 0:.2f}x "
             f"| {r['o_dec']:.1f} | {t_dec or 0:.1f} | {r['o_dec'] / t_dec if t_dec else 0:.2f}x "
-            f"| {r['gb']:.2f} | {r['bw']:.1f} | {r['floor']:.0f} | {100 * r['o_dec'] / r['floor']:.0f}% |"
+            f"| {r['gb']:.2f} | {r['bw']:.1f} | {r['floor']:.0f} | {r['compute']:.0f} "
+            f"| {100 * r['o_dec'] / min(r['floor'], r['compute']):.0f}% |"
         )
-    info = (f"model {args.model.name}, prompts {args.prompt_len} tokens, {args.new_tokens} new, greedy; "
+    info = (f"{args.machine}; compute peak {args.peak / 1e9:.0f} GFLOP/s\n"
+            f"model {args.model.name}, prompts {args.prompt_len} tokens, {args.new_tokens} new, greedy; "
             f"threads {torch.get_num_threads()}; "
             f"transformers experts_implementation={impl}; best of {args.repeats}")
     text = "\n".join([info, "", *lines])

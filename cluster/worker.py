@@ -22,10 +22,9 @@ from moe_runtime.cluster.placement import Placement
 from moe_runtime.config import RuntimeConfig
 from moe_runtime.engine.kv_cache import allocate_kv_cache
 from moe_runtime.engine.model_runner import ModelRunner
-from moe_runtime.engine.parts import choose_kernels, make_forward
+from moe_runtime.engine.parts import choose_kernels, cpu_plan, make_forward, model_parts
 from moe_runtime.engine.sampler import Sampler
 from moe_runtime.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from moe_runtime.model.parts import ModelParts
 
 
 class ExpertWorker:
@@ -64,16 +63,16 @@ class ExpertWorker:
         m = self.cfg.model
         model_cfg = read_config(self.model_dir)
         # as LocalExecutor: the same kernels as the local engine on this device
-        kernels = choose_kernels(m, resolve_device(m.device), resolve_dtype(m.dtype, model_cfg))
+        dtype = resolve_dtype(m.dtype, model_cfg)
+        kernels = choose_kernels(m, resolve_device(m.device), dtype)
+        plan = cpu_plan(kernels, model_cfg, dtype, self.cfg.engine)  # the local engine's measured plan
         # the replicated weights and only this rank's experts (never the whole model)
         self.experts = ShardedExpertsBuilder(self.placement, self.rank, dist.group.WORLD, kernels.moe)
-        parts = ModelParts(experts=self.experts, attention=kernels.attention, norm=kernels.norm,
-                           linear=kernels.linear, huge_pages=kernels.huge_pages)
-        model = load_model(self.model_dir, m.dtype, m.device, parts=parts)
+        model = load_model(self.model_dir, m.dtype, m.device, parts=model_parts(kernels, self.experts, plan))
         kv = allocate_kv_cache(
             model.config, num_kv_blocks, self.cfg.cache.block_size, model.dtype, model.device
         )
-        forward = make_forward(model, kv, kernels, self.cfg.engine, graphs_allowed=False)  # a collective per layer
+        forward = make_forward(model, kv, kernels, self.cfg.engine, graphs_allowed=False, plan=plan)  # a collective per layer
         self.runner = ModelRunner(model, kv, self.cfg.cache.block_size, Sampler(self.seed), forward)
         return self.experts.expert_bytes()
 

@@ -23,6 +23,7 @@ from moe_runtime.kernels.backends import (
     UNAVAILABLE_BACKENDS,
     BackendUnavailableError,
     UnknownBackendError,
+    moe_kernel,
     resolve_backend,
 )
 from moe_runtime.kernels.reference import RoutingResult, route_reference
@@ -36,6 +37,7 @@ __all__ = [
     "UNAVAILABLE_BACKENDS",
     "BackendUnavailableError",
     "UnknownBackendError",
+    "moe_kernel",
 ]
 
 

@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 import torch
 
-from moe_runtime.kernels.cpu.moe import fused_moe_cpu_fp32
+from moe_runtime.kernels.cpu.dispatch import RowPlan
+from moe_runtime.kernels.cpu.moe import CpuMoe, fused_moe_cpu_fp32
 from moe_runtime.kernels.reference import RoutingResult, fused_moe_reference_fp32
 from moe_runtime.kernels.torch_moe import fused_moe_torch_fp32
 
@@ -78,3 +79,14 @@ def resolve_backend(name: str, device: torch.device) -> FusedMoeFn:
     except KeyError:
         allowed = list(BACKEND_NAMES)
         raise UnknownBackendError(f"moe_backend={name!r} is not known; allowed: {allowed}") from None
+
+
+def moe_kernel(name: str, expert_plan: RowPlan | None = None) -> FusedMoeFn:
+    """The fp32 fused MoE function of backend `name` for a caller that keeps it (a layer's experts): the
+    `cpu` backend with a measured plan for its expert groups (kernels/cpu/dispatch.py) when one is given,
+    else the registered function, "auto" resolved by the device of each call's hidden states."""
+    if name == "cpu" and expert_plan is not None:
+        return CpuMoe(expert_plan)
+    if name != "auto":
+        return resolve_backend(name, torch.device("cpu"))  # a fixed name: the same function on any device
+    return lambda hidden, *args: resolve_backend(name, hidden.device)(hidden, *args)

@@ -7,8 +7,9 @@ weight (q, k, v): [M, sum(sizes)].
     torch  torch's GEMM; stacked projections run one GEMM each, so the result is the reference
            implementation's bit for bit (one GEMM over the stack may sum in another order on some CPUs)
     fused  torch's GEMM; stacked projections in one GEMM (GPUs: one launch instead of three)
-    cpu    16-bit weights on CPU: the native small-M kernel (kernels/cpu) for a few rows, an fp32 copy of
-           the weight for large batches, torch in between; stacked projections in one call
+    cpu    16-bit weights on CPU: per row count the fastest of the native small-M kernel (kernels/cpu),
+           torch's 16-bit GEMM and an fp32 copy of the weight, as measured on the machine
+           (kernels/cpu/dispatch.py); stacked projections in one call
 """
 
 from __future__ import annotations
@@ -18,20 +19,16 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from moe_runtime.kernels.cpu.dispatch import CpuPlan, RowPlan
+
 # M rows, K input features, N output features
 
-# Rows up to which the `cpu` kernel runs the native small-M kernel: it reads the weight once for all rows
-# and accumulates in fp32. One core of the 2-core AVX2 EPYC, [M, 1024] x [1024, 7168] bf16, cold weights
-# (bench/cpu_linear.py, docs/benchmarks.md, Engine): 1.7x / 4.1x / 5.0x torch's bf16 GEMM at M = 1 / 4 /
-# 16, 1.6x the fp32 copy at 16 and 1.2x at 32; at 64 the fp32 copy is ahead (0.94x).
-# TODO(cpu): measured on the machine at start-up instead (issue 16); these are one chip's switch points.
-NATIVE_MAX_ROWS = 32
-# Rows from which the `cpu` kernel multiplies by an fp32 copy of its weight (the native kernel goes first
-# up to NATIVE_MAX_ROWS). CPUs without native bf16 GEMMs (AVX2, no AVX512-BF16/AMX) run a bf16 GEMM about
-# row by row (1.6 ms per row for 7168x1024 on one core of that EPYC) while the fp32 GEMM reads its weight
-# once (9 ms for 16 rows, 38 ms for 64, vs 28 and 194 in bf16). Below this, a 16-bit GEMV streams the
-# half-size weight once and wins.
-FP32_MIN_ROWS = 16
+# What the `cpu` kernel runs without a measured plan (kernels/cpu/dispatch.py): the switch points of the
+# 2-core AVX2 EPYC it was tuned on ([M, 1024] x [1024, 7168] bf16, one core, cold weights, bench/cpu_linear.py:
+# native 1.7x / 4.1x / 5.0x torch's bf16 GEMM at M = 1 / 4 / 16, 1.6x the fp32 copy at 16 and 1.2x at 32;
+# from 64 the fp32 copy is ahead). On a CPU with AVX512-BF16 or AMX torch's bf16 GEMM wins from a few
+# rows instead: the engine measures (engine/parts.py).
+DEFAULT_PLAN = RowPlan(bounds=(32, 33), choices=("native", "fp32"))
 
 
 class LinearKernel(Protocol):
@@ -69,20 +66,27 @@ class FusedLinear(TorchLinear):
 
 
 class CpuLinear(FusedLinear):
-    """16-bit weights on CPU: native kernel up to NATIVE_MAX_ROWS rows, an fp32 copy of the weight from
-    FP32_MIN_ROWS, torch's GEMM otherwise (and always for fp32 weights, or where the native kernels are not
-    available). Not torch's arithmetic: the same rounding points, fp32 accumulation in another order.
+    """16-bit weights on CPU: each call runs what the plan picks for its rows (kernels/cpu/dispatch.py):
+    `native` (the small-M kernel; torch's bf16 GEMM where the native kernels did not build), `bf16` (torch's
+    16-bit GEMM) or `fp32` (an fp32 copy of the weight). fp32 weights always take torch's GEMM. Not torch's
+    arithmetic: the same rounding points, fp32 accumulation in another order.
 
-    `prepare(w)` makes the fp32 copy (2 bytes more per weight element); call it once the weight is loaded.
-    A weight changed in place, or another weight tensor, is seen: the copy is made again on first use.
+    plan: the measured `CpuPlan` (the row plan for this weight's shape), or None for DEFAULT_PLAN.
+    `prepare(w)` picks the row plan and makes the fp32 copy if the plan ever uses it (2 bytes more per
+    weight element); call it once the weight is loaded. A weight changed in place, or another weight
+    tensor, is seen: the copy is made again on first use.
     """
 
-    def __init__(self):
+    def __init__(self, plan: CpuPlan | None = None):
+        self._plan = plan
+        self.rows = DEFAULT_PLAN
         self._fp32: torch.Tensor | None = None
         self._source: tuple[int, int] | None = None  # (id, version) of the weight the copy was made from
 
     def prepare(self, w: torch.Tensor) -> None:
-        if not _cpu_16bit(w):
+        measured = self._plan.linear_plan(w) if self._plan is not None else None
+        self.rows = measured if measured is not None else DEFAULT_PLAN
+        if not _cpu_16bit(w) or "fp32" not in self.rows.choices:
             self._fp32, self._source = None, None
             return
         self._fp32, self._source = w.float(), (id(w), w._version)
@@ -97,23 +101,29 @@ class CpuLinear(FusedLinear):
             self.prepare(w)
         return self._fp32
 
+    def _choice(self, rows: int, w: torch.Tensor) -> str:
+        if not _cpu_16bit(w):
+            return "bf16"  # torch's GEMM in the weight's own dtype
+        choice = self.rows.choice(rows)
+        return "bf16" if choice == "native" and not _native_available() else choice
+
     def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        if rows <= NATIVE_MAX_ROWS and _native(w):
+        choice = self._choice(x.shape[0], w)
+        if choice == "native":
             from moe_runtime.kernels import cpu
 
             return cpu.linear(x, w)  # fp32 accumulation, rounded once to x's dtype
-        if rows >= FP32_MIN_ROWS and _cpu_16bit(w):
+        if choice == "fp32":
             return F.linear(x.float(), self._copy(w)).to(x.dtype)
         return F.linear(x, w)
 
     def fp32(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        if rows <= NATIVE_MAX_ROWS and _native(w):
+        choice = self._choice(x.shape[0], w)
+        if choice == "native":
             from moe_runtime.kernels import cpu
 
             return cpu.linear_fp32(x, w)  # [M, N], no 16-bit rounding
-        if rows >= FP32_MIN_ROWS and _cpu_16bit(w):
+        if choice == "fp32":
             return F.linear(x.float(), self._copy(w))  # [M, N], no 16-bit rounding
         return F.linear(x, w).float()
 
@@ -125,10 +135,10 @@ def _cpu_16bit(w: torch.Tensor) -> bool:
     return w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
 
 
-def _native(w: torch.Tensor) -> bool:
+def _native_available() -> bool:
     from moe_runtime.kernels import cpu
 
-    return _cpu_16bit(w) and cpu.available()
+    return cpu.available()
 
 
 LINEAR_BACKENDS = {"torch": TorchLinear, "fused": FusedLinear, "cpu": CpuLinear}
@@ -138,11 +148,12 @@ class UnknownLinearBackendError(ValueError):
     """A linear backend name outside `LINEAR_BACKENDS`."""
 
 
-def make_linear(name: str) -> LinearKernel:
-    """A new kernel object of backend `name` (one per projection)."""
+def make_linear(name: str, plan: CpuPlan | None = None) -> LinearKernel:
+    """A new kernel object of backend `name` (one per projection); `plan` reaches the `cpu` kernel."""
     try:
-        return LINEAR_BACKENDS[name]()
+        kernel = LINEAR_BACKENDS[name]
     except KeyError:
         raise UnknownLinearBackendError(
             f"linear_backend={name!r} is not known; allowed: {sorted(LINEAR_BACKENDS)}"
         ) from None
+    return kernel(plan) if kernel is CpuLinear else kernel()

@@ -1,11 +1,13 @@
-"""The `cpu` MoE backend: the torch backend's sort / scatter with native expert GEMMs for small groups.
+"""The `cpu` MoE backend: the torch backend's sort / scatter, each expert group on its fastest implementation.
 
 Steps 1 and 3 are `torch_moe.run_experts_fp32` (sort the (token, k) pairs by slot once, gather, weight in
-fp32, scatter back, sum over k in fp32; `kernels.fused_moe` rounds once). Step 2 differs: an active expert
-with 16-bit weights and at most `NATIVE_MAX_ROWS` rows runs `kernels.cpu.expert_mlp`, which reads its w13
-and w2 once for all its rows (rounding where the torch backend rounds below UPCAST_MIN_ROWS); larger groups
-(prefill) and fp32 weights take the torch backend's path, whose fp32 GEMMs win there. Without the native
-kernels (no AVX2, no compiler) every group takes the torch path: this backend then equals `torch`.
+fp32, scatter back, sum over k in fp32; `kernels.fused_moe` rounds once). Step 2 runs each active expert
+with 16-bit weights on the implementation its `RowPlan` picks for the group's rows (kernels/cpu/dispatch.py,
+measured on the machine): `native` (`kernels.cpu.expert_mlp`, which reads w13 and w2 once for all rows),
+`bf16` (torch's 16-bit GEMMs) or `fp32` (the weights widened chunk by chunk). When every group is small
+enough for `native` (decode: T * k rows in all), the whole layer is one native call (`cpu.moe_fp32`, the
+same arithmetic without the Python per-expert loop). fp32 weights, and `native` where the native kernels
+did not build, take the torch backend's path.
 
 Not bit-identical to the reference: the same rounding points, but fp32 accumulation in another order
 (tests/kernels/test_cpu_moe.py states the tolerance). `model.exact: true` keeps the `torch` backend.
@@ -16,38 +18,57 @@ from __future__ import annotations
 import torch
 
 from moe_runtime.kernels import cpu
+from moe_runtime.kernels.cpu.dispatch import RowPlan
 from moe_runtime.kernels.reference import RoutingResult
-from moe_runtime.kernels.torch_moe import _expert_mlp, run_experts_fp32
+from moe_runtime.kernels.torch_moe import _expert_mlp, expert_mlp_16bit, expert_mlp_fp32, run_experts_fp32
 
-# Rows per expert up to which the native kernel runs it. One core of the 2-core AVX2 EPYC, one mini
-# expert (H 1024, I 3584, bf16), bench/cpu_linear.py --shapes expert: 1.7x / 3.8x / 1.6x / 1.3x the torch
-# backend's expert at 1 / 4 / 16 / 32 rows (its chunked fp32 from 16 rows), equal at 64.
-NATIVE_MAX_ROWS = 32
+# What runs without a measured plan (the registered `cpu` backend, offloaded and sharded experts): the
+# switch points of the 2-core AVX2 EPYC it was tuned on. One mini expert (H 1024, I 3584, bf16),
+# bench/cpu_linear.py --shapes expert: native 1.7x / 3.8x / 1.6x / 1.3x the torch backend's expert at
+# 1 / 4 / 16 / 32 rows (its chunked fp32 from 16 rows), equal at 64.
+DEFAULT_PLAN = RowPlan(bounds=(32, 33), choices=("native", "fp32"))
 
-
-def _native_expert_mlp(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """One expert: rows [n, H]; w13 [2I, H]; w2 [H, I] -> [n, H] (fp32 from the native kernel)."""
-    if _is_16bit(w13) and rows.shape[0] <= NATIVE_MAX_ROWS and cpu.available():
-        return cpu.expert_mlp(rows, w13, w2)
-    return _expert_mlp(rows, w13, w2)
+__all__ = ["CpuMoe", "DEFAULT_PLAN", "expert_mlp_16bit", "expert_mlp_fp32", "fused_moe_cpu_fp32"]
 
 
-def fused_moe_cpu_fp32(
-    hidden: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    routing: RoutingResult,
-    slot_map: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Same contract as `reference.fused_moe_reference_fp32`: hidden [T, H]; w13 [S, 2I, H]; w2 [S, H, I];
-    routing ids/weights [T, k]; slot_map [E] or None. Returns [T, H] float32, not rounded. CPU tensors.
+class CpuMoe:
+    """The `cpu` backend with a plan for the expert groups (fp32-partial contract, see `fused_moe_cpu_fp32`)."""
 
-    When no group can exceed NATIVE_MAX_ROWS (T * k rows in all: decode), the whole layer is one native
-    call (`cpu.moe_fp32`, the same arithmetic without the Python per-expert loop).
-    """
-    if _is_16bit(w13) and hidden.shape[0] * routing.top_k <= NATIVE_MAX_ROWS and cpu.available():
-        return cpu.moe_fp32(hidden, w13, w2, routing.slots(slot_map), routing.weights)
-    return run_experts_fp32(hidden, w13, w2, routing, slot_map, _native_expert_mlp)
+    def __init__(self, plan: RowPlan | None = None):
+        self.plan = plan if plan is not None else DEFAULT_PLAN
+        # Groups up to this many rows all choose `native`: a layer whose T * k rows fit is one native call.
+        self.native_upto = next((b for b, c in zip(self.plan.bounds, self.plan.choices, strict=True)
+                                 if c != "native"), self.plan.bounds[-1] + 1) - 1
+        self._impls = {"native": self._native, "bf16": expert_mlp_16bit, "fp32": expert_mlp_fp32}
+
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        routing: RoutingResult,
+        slot_map: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden [T, H]; w13 [S, 2I, H]; w2 [S, H, I]; routing ids/weights [T, k]; slot_map [E] or None.
+        Returns [T, H] float32, not rounded. CPU tensors."""
+        if not _is_16bit(w13):
+            return run_experts_fp32(hidden, w13, w2, routing, slot_map, _expert_mlp)
+        if hidden.shape[0] * routing.top_k <= self.native_upto and cpu.available():
+            return cpu.moe_fp32(hidden, w13, w2, routing.slots(slot_map), routing.weights)
+        return run_experts_fp32(hidden, w13, w2, routing, slot_map, self._expert)
+
+    def _expert(self, rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        """One expert: rows [n, H]; w13 [2I, H]; w2 [H, I] -> [n, H], on the plan's choice for n rows."""
+        return self._impls[self.plan.choice(rows.shape[0])](rows, w13, w2)
+
+    @staticmethod
+    def _native(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        if cpu.available():
+            return cpu.expert_mlp(rows, w13, w2)
+        return _expert_mlp(rows, w13, w2)
+
+
+fused_moe_cpu_fp32 = CpuMoe()  # the registered backend: the default plan
 
 
 def _is_16bit(w: torch.Tensor) -> bool:

@@ -64,6 +64,10 @@ class EngineConfig(Section):
     # kernels only; ignored elsewhere.
     cuda_graphs: bool = True
     cuda_graph_max_batch: int = Field(default=256, gt=0)
+    # Where the CPU fast path keeps the plans it measures at start-up (which kernel runs each op at each row
+    # count on this machine, engine/parts.py); None: ~/.cache/moe-runtime/cpu-plans. The second start on the
+    # same machine reads the plan instead of measuring.
+    cpu_plan_dir: str | None = None
 
 
 class CacheConfig(Section):

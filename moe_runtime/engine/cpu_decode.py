@@ -28,6 +28,7 @@ from torch import nn
 from moe_runtime.engine.forward import EagerForward, StepInputs
 from moe_runtime.kernels import cpu
 from moe_runtime.kernels.attention import AttentionMetadata, KVCache
+from moe_runtime.kernels.cpu.dispatch import RowPlan, best_times, buckets, pick
 from moe_runtime.model.experts import LocalExperts
 from moe_runtime.model.mixtral import MixtralForCausalLM
 
@@ -55,16 +56,19 @@ class _Layer:
 class CpuDecodeForward:
     """Runs a model's decode steps of up to MAX_TOKENS sequences natively, every other step eagerly.
 
-    It reads the layers' weights at each step (placement or a weight update may replace them).
+    plan: per batch size, "native" or "eager" (measured on the machine: `plan_decode`); None runs every
+    decode step it can natively. It reads the layers' weights at each step (placement or a weight update
+    may replace them).
     """
 
-    def __init__(self, model: MixtralForCausalLM, kv_caches: list[KVCache]):
-        self.model, self.kv_caches = model, kv_caches
+    def __init__(self, model: MixtralForCausalLM, kv_caches: list[KVCache], plan: RowPlan | None = None):
+        self.model, self.kv_caches, self.plan = model, kv_caches, plan
         self.eager = EagerForward(model, kv_caches)
         self._layers = [self._plan(i) for i in range(len(model.layers))]
 
     def __call__(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.applies(inputs.input_ids.shape[0], inputs.meta):
+        n = inputs.input_ids.shape[0]
+        if not self.applies(n, inputs.meta) or (self.plan is not None and self.plan.choice(n) != "native"):
             return self.eager(inputs)
         return self.decode(inputs.input_ids, inputs.positions, inputs.meta)
 
@@ -126,3 +130,22 @@ class CpuDecodeForward:
             w, eps = layers[i + 1].norm_attn if i + 1 < len(layers) else (m.norm.weight, m.norm.eps)
             x = cpu.rms_norm(y, w, eps, residual=h)  # h += y; [T, D]
         return x, counts
+
+
+def plan_decode(model: MixtralForCausalLM, kv_caches: list[KVCache], max_batch: int, context: int = 64) -> RowPlan:
+    """Per batch size up to `max_batch`: whether the native decode step or the eager ops (with the model's
+    measured kernels) run a decode step faster on this machine, timed on the loaded model with sequences of
+    `context` tokens (they all read the same cache blocks and write one slot: values do not matter here)."""
+    num_blocks, block_size = kv_caches[0][0].shape[:2]
+    context = min(context, num_blocks * block_size)
+    native = CpuDecodeForward(model, kv_caches)
+    choices = []
+    for batch in buckets(max_batch):
+        table = torch.arange(-(-context // block_size)).repeat(batch, 1)  # [B, W]: the same blocks for each
+        slots = torch.full((batch,), int(table[0, -1]) * block_size + (context - 1) % block_size)
+        meta = AttentionMetadata(list(range(batch + 1)), [context] * batch, slots, table)
+        step = StepInputs(torch.zeros(batch, dtype=torch.long), torch.full((batch,), context - 1), meta, True)
+        times = best_times({"native": lambda s=step: native.decode(s.input_ids, s.positions, s.meta),
+                            "eager": lambda s=step: native.eager(s)}, rounds=2)
+        choices.append(pick(times, choices[-1] if choices else None))
+    return RowPlan(buckets(max_batch), tuple(choices))

@@ -18,12 +18,11 @@ from moe_runtime.checkpoint.loader import load_weights, read_config, resolve_dev
 from moe_runtime.config import ModelConfig, RuntimeConfig
 from moe_runtime.engine.kv_cache import allocate_kv_cache, num_kv_blocks
 from moe_runtime.engine.model_runner import ModelRunner
-from moe_runtime.engine.parts import choose_kernels, make_forward
+from moe_runtime.engine.parts import choose_kernels, cpu_plan, make_forward, model_parts
 from moe_runtime.engine.sampler import Sampler
 from moe_runtime.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from moe_runtime.errors import UnsupportedError
 from moe_runtime.model.experts import LocalExpertsBuilder
-from moe_runtime.model.parts import ModelParts
 from moe_runtime.offload import OffloadedExpertsBuilder, OffloadStats
 
 
@@ -83,17 +82,15 @@ class LocalExecutor(Executor):
         self.model_config = read_config(model_dir)
         dtype, device = resolve_dtype(cfg.model.dtype, self.model_config), resolve_device(cfg.model.device)
         kernels = choose_kernels(cfg.model, device, dtype)
+        plan = cpu_plan(kernels, self.model_config, dtype, cfg.engine)  # None off the CPU fast path
         self._offload = OffloadedExpertsBuilder(cfg.offload, kernels.moe) if cfg.offload.enabled else None
-        parts = ModelParts(
-            experts=self._offload if self._offload is not None else LocalExpertsBuilder(kernels.moe),
-            attention=kernels.attention, norm=kernels.norm, linear=kernels.linear, huge_pages=kernels.huge_pages,
-        )
-        self.model = load_weights(model_dir, cfg.model, parts, progress)
-        self.num_kv_blocks = num_kv_blocks(cfg.cache, self.model_config, self.model.dtype)
+        experts = self._offload or LocalExpertsBuilder(kernels.moe, None if plan is None else plan.expert)
+        self.model = load_weights(model_dir, cfg.model, model_parts(kernels, experts, plan), progress)
+        self.num_kv_blocks = num_kv_blocks(cfg, self.model_config, self.model.dtype, self.model.device)
         kv = allocate_kv_cache(
             self.model_config, self.num_kv_blocks, cfg.cache.block_size, self.model.dtype, self.model.device
         )
-        forward = make_forward(self.model, kv, kernels, cfg.engine, graphs_allowed=self._offload is None)
+        forward = make_forward(self.model, kv, kernels, cfg.engine, graphs_allowed=self._offload is None, plan=plan)
         self.runner = ModelRunner(self.model, kv, cfg.cache.block_size, Sampler(cfg.engine.seed), forward)
 
     @property

@@ -1,7 +1,8 @@
 """The one place that picks how a model computes on a device: kernels, weight placement, step runner.
 
-Executors call `choose_kernels` once, build the model with `ModelParts` from it, and the runner with
-`make_forward`. Nothing downstream branches on the device again.
+Executors call `choose_kernels` once, on CPU `cpu_plan` (which implementation each hot op runs per row
+count, measured on this machine and cached: kernels/cpu/dispatch.py), build the model with `model_parts`,
+and the runner with `make_forward`. Nothing downstream branches on the device again.
 
     device  exact   attention  norm    linear  MoE (auto)  steps
     cuda    false   triton     triton  fused   triton      CUDA graphs for decode (engine.cuda_graphs)
@@ -15,17 +16,24 @@ its native parts to CPUs where the native kernels build (kernels/cpu; else torch
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from moe_runtime.config import EngineConfig, ModelLoadConfig
-from moe_runtime.engine.cpu_decode import CpuDecodeForward
+from moe_runtime.config import EngineConfig, ModelConfig, ModelLoadConfig
+from moe_runtime.engine.cpu_decode import MAX_TOKENS, CpuDecodeForward, plan_decode
 from moe_runtime.engine.forward import EagerForward, StepForward
 from moe_runtime.kernels import cpu
 from moe_runtime.kernels.attention import KVCache
+from moe_runtime.kernels.cpu import dispatch
+from moe_runtime.kernels.cpu.dispatch import CpuPlan
+from moe_runtime.model.experts import ExpertsBuilder
 from moe_runtime.model.mixtral import MixtralForCausalLM
+from moe_runtime.model.parts import ModelParts
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +79,68 @@ def choose_kernels(cfg: ModelLoadConfig, device: torch.device, dtype: torch.dtyp
     return KernelChoice(**{**choice.__dict__, **overrides})
 
 
+# Rows measured at most: beyond this GEMMs are compute bound and the fastest implementation no longer
+# changes with the row count (the last bucket's choice runs every larger batch). Keeps start-up to seconds.
+MAX_MEASURED_ROWS = 256
+
+
+def cpu_plan(kernels: KernelChoice, cfg: ModelConfig, dtype: torch.dtype, engine: EngineConfig) -> CpuPlan | None:
+    """The measured plans of the CPU fast path for this model's shapes (None without it): read from the plan
+    cache, else measured now (a few seconds) and cached. The decode-step plan is added by `make_forward`."""
+    if kernels.linear != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    path = dispatch.cache_file(_plan_dir(engine), dispatch.machine_key(), _model_key(cfg, dtype, engine))
+    plan = dispatch.load_plan(path)
+    if plan is not None:
+        log.info("CPU kernel plan (cached, %s):\n%s", path, plan.describe())
+        return plan
+    t0 = time.perf_counter()
+    native = cpu.available()
+    rows = min(engine.max_num_batched_tokens, MAX_MEASURED_ROWS)
+    D, H, KVH, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    shapes = {((H + 2 * KVH) * Dh, D): rows, (D, H * Dh): rows,  # q/k/v stacked, o_proj
+              (cfg.vocab_size, D): min(engine.max_num_seqs, rows)}  # the head: one row per sampled sequence
+    plan = CpuPlan(
+        machine=dispatch.machine_key(),
+        linear={dispatch.shape_key(s): dispatch.plan_linear(*s, dtype, r, native) for s, r in shapes.items()},
+        expert=dispatch.plan_expert(D, cfg.intermediate_size, dtype, rows, native),
+    )
+    log.info("CPU kernel plan, measured in %.1f s:\n%s", time.perf_counter() - t0, plan.describe())
+    dispatch.save_plan(plan, path)
+    return plan
+
+
+def model_parts(kernels: KernelChoice, experts: ExpertsBuilder, plan: CpuPlan | None) -> ModelParts:
+    return ModelParts(experts=experts, attention=kernels.attention, norm=kernels.norm, linear=kernels.linear,
+                      huge_pages=kernels.huge_pages, cpu_plan=plan)
+
+
+def _plan_dir(engine: EngineConfig) -> Path:
+    return Path(engine.cpu_plan_dir) if engine.cpu_plan_dir else Path.home() / ".cache" / "moe-runtime" / "cpu-plans"
+
+
+def _model_key(cfg: ModelConfig, dtype: torch.dtype, engine: EngineConfig) -> str:
+    """What a plan was measured for besides the machine: the shapes, the dtype, the most rows."""
+    return (f"D{cfg.hidden_size} I{cfg.intermediate_size} H{cfg.num_attention_heads} KVH{cfg.num_key_value_heads} "
+            f"Dh{cfg.head_dim} V{cfg.vocab_size} L{cfg.num_hidden_layers} {dtype} "
+            f"tokens{engine.max_num_batched_tokens} seqs{engine.max_num_seqs}")
+
+
 def make_forward(model: MixtralForCausalLM, kv_caches: list[KVCache], kernels: KernelChoice,
-                 engine: EngineConfig, graphs_allowed: bool) -> StepForward:
+                 engine: EngineConfig, graphs_allowed: bool, plan: CpuPlan | None = None) -> StepForward:
     """How the runner runs steps. graphs_allowed: the executor's experts can be captured (local ones; an
-    offload store decides on the host at each layer, so it cannot)."""
+    offload store decides on the host at each layer, so it cannot). plan: the CPU plan, whose decode-step
+    part (native calls or eager ops, per batch size) is measured here on the loaded model if it has none."""
     if kernels.native_decode:
-        return CpuDecodeForward(model, kv_caches)
+        if plan is not None and plan.decode is None:
+            t0 = time.perf_counter()
+            decode = plan_decode(model, kv_caches, min(engine.max_num_seqs, MAX_TOKENS))
+            plan = dataclasses.replace(plan, decode=decode)
+            log.info("CPU decode-step plan, measured in %.1f s: %s", time.perf_counter() - t0,
+                     ", ".join(dispatch.ranges(decode)))
+            dispatch.save_plan(plan, dispatch.cache_file(_plan_dir(engine), plan.machine,
+                                                         _model_key(model.config, model.dtype, engine)))
+        return CpuDecodeForward(model, kv_caches, None if plan is None else plan.decode)
     capturable = kernels.attention == "triton" and kernels.moe == "triton" and graphs_allowed
     if model.device.type == "cuda" and engine.cuda_graphs and capturable:
         from moe_runtime.engine.cuda_graphs import CudaGraphForward

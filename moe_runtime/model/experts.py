@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from moe_runtime.config import ModelConfig
-from moe_runtime.kernels import RoutingResult, fused_moe
+from moe_runtime.kernels import RoutingResult, moe_kernel
+from moe_runtime.kernels.cpu.dispatch import RowPlan
 
 # T tokens, A activated experts (top-k), E experts, S expert slots held here, D hidden, I intermediate
 
@@ -73,33 +74,36 @@ class ExpertsBuilder(Protocol):
 
 
 class LocalExperts(Experts):
-    """All E experts of the layer in this process, run by the fused MoE kernel of `backend`.
+    """All E experts of the layer in this process, run by the fused MoE kernel of `backend` (the `cpu`
+    backend with the measured `plan` for its expert groups, when given).
 
     w13: [E, 2I, D], gate rows (checkpoint w1) then up rows (w3); w2: [E, D, I].
     """
 
-    def __init__(self, cfg: ModelConfig, backend: str = "auto"):
+    def __init__(self, cfg: ModelConfig, backend: str = "auto", plan: RowPlan | None = None):
         super().__init__(cfg.num_local_experts)
         E, D, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
         self.w13 = nn.Parameter(torch.empty(E, 2 * I, D), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(E, D, I), requires_grad=False)
         self.backend = backend
+        self.moe = moe_kernel(backend, plan)  # fp32 partial sums
 
     def run(self, x: torch.Tensor, routing: RoutingResult) -> torch.Tensor:
-        return fused_moe(x, self.w13, self.w2, routing, backend=self.backend)  # [T, D]
+        return self.moe(x, self.w13, self.w2, routing, None).to(x.dtype)  # [T, D], one rounding
 
     def held_experts(self) -> list[int]:
         return list(range(self.w13.shape[0]))
 
 
 class LocalExpertsBuilder:
-    """Every layer's experts local, on the MoE kernel `backend` (`model.moe_backend`)."""
+    """Every layer's experts local, on the MoE kernel `backend` (`model.moe_backend`); `plan`: the measured
+    expert plan for the `cpu` backend (kernels/cpu/dispatch.py)."""
 
-    def __init__(self, backend: str = "auto"):
-        self.backend = backend
+    def __init__(self, backend: str = "auto", plan: RowPlan | None = None):
+        self.backend, self.plan = backend, plan
 
     def build(self, cfg: ModelConfig, layer: int) -> Experts:
-        return LocalExperts(cfg, self.backend)
+        return LocalExperts(cfg, self.backend, self.plan)
 
     def finish(self, model: nn.Module, model_dir: str, location: dict[str, str]) -> None:
         pass

@@ -30,12 +30,12 @@ from moe_runtime.model.parts import ModelParts
 
 
 class Linear(nn.Module):
-    """y = x @ W^T without bias, multiplied by the kernel `parts.linear` names."""
+    """y = x @ W^T without bias, multiplied by the kernel `parts.linear` names (with `parts.cpu_plan`)."""
 
-    def __init__(self, in_features: int, out_features: int, kernel: str):
+    def __init__(self, in_features: int, out_features: int, parts: ModelParts):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.kernel = make_linear(kernel)
+        self.kernel = make_linear(parts.linear, parts.cpu_plan)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.kernel(x, self.weight)
@@ -44,8 +44,8 @@ class Linear(nn.Module):
 class StackedLinear(Linear):
     """Several projections of the same input stacked in one weight [sum(sizes), in] (q, k and v)."""
 
-    def __init__(self, in_features: int, sizes: tuple[int, ...], kernel: str):
-        super().__init__(in_features, sum(sizes), kernel)
+    def __init__(self, in_features: int, sizes: tuple[int, ...], parts: ModelParts):
+        super().__init__(in_features, sum(sizes), parts)
         self.sizes = sizes
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -90,8 +90,8 @@ class Attention(nn.Module):
         )
         self.sliding_window = cfg.sliding_window
         D, H, KVH, Dh = cfg.hidden_size, self.n_heads, self.n_kv_heads, cfg.head_dim
-        self.qkv_proj = StackedLinear(D, (H * Dh, KVH * Dh, KVH * Dh), parts.linear)
-        self.o_proj = Linear(H * Dh, D, parts.linear)
+        self.qkv_proj = StackedLinear(D, (H * Dh, KVH * Dh, KVH * Dh), parts)
+        self.o_proj = Linear(H * Dh, D, parts)
         self.attend = make_attention(parts.attention, cfg.sliding_window)  # RoPE, KV write, attention
 
     def forward(self, x, rope: Rope, meta: AttentionMetadata, kv_cache: KVCache | None) -> torch.Tensor:
@@ -146,7 +146,7 @@ class MixtralForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.layers = nn.ModuleList(DecoderLayer(cfg, l, parts) for l in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, parts.norm)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, parts.linear)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, parts)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.requires_grad_(False)

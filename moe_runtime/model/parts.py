@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moe_runtime.kernels.cpu.dispatch import CpuPlan
 from moe_runtime.model.experts import ExpertsBuilder, LocalExpertsBuilder
 
 
@@ -24,3 +25,6 @@ class ModelParts:
     # Weights of kernels.cpu.hugepages.MIN_BYTES or more on transparent huge pages, where Linux gives them
     # (a CPU decode step streams every weight; fewer TLB misses). Values unchanged.
     huge_pages: bool = False
+    # Which implementation each `cpu` linear runs per row count, measured on this machine
+    # (kernels/cpu/dispatch.py); None: the defaults. The experts' plan travels in `experts`.
+    cpu_plan: CpuPlan | None = None

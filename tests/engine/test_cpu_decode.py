@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from moe_runtime.checkpoint.loader import load_model
-from moe_runtime.engine.cpu_decode import MAX_TOKENS, CpuDecodeForward
+from moe_runtime.engine.cpu_decode import MAX_TOKENS, CpuDecodeForward, plan_decode
 from moe_runtime.engine.forward import StepInputs
 from moe_runtime.engine.kv_cache import allocate_kv_cache
 from moe_runtime.kernels import cpu
 from moe_runtime.kernels.attention import AttentionMetadata
+from moe_runtime.kernels.cpu.dispatch import RowPlan
 from moe_runtime.model.experts import LocalExpertsBuilder
 from moe_runtime.model.parts import ModelParts
 
@@ -143,3 +144,17 @@ def test_other_moe_backends_keep_their_block(tiny_model_dir):
     assert calls == [1]
     torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=0)
     assert torch.equal(got_counts, want_counts)
+
+
+def test_the_decode_plan_sends_each_batch_size_its_way(tiny_model_dir):
+    """A measured plan: one sequence decodes natively, two go through the eager ops."""
+    model, kv, tables = _prefilled(tiny_model_dir)
+    forward = CpuDecodeForward(model, kv, RowPlan(bounds=(1, 64), choices=("native", "eager")))
+    ran = []
+    eager = forward.eager
+    forward.eager = lambda inputs: ran.append("eager") or eager(inputs)
+    for rows in ([0], [0, 1]):
+        ids, positions, meta = _decode_inputs(tables, rows)
+        forward(StepInputs(ids, positions, meta, decode=True))
+    assert ran == ["eager"]  # the batch of two only
+    assert plan_decode(model, kv, max_batch=4).bounds == (1, 2, 4)

@@ -1,5 +1,5 @@
-"""fp32 weight copies for large CPU batches (the `cpu` linear kernel without its native part): identical
-below FP32_MIN_ROWS, close above it."""
+"""fp32 weight copies for large CPU batches (the `cpu` linear kernel's default plan, its native part
+unavailable): identical to torch's 16-bit GEMM up to the plan's fp32 bucket, close above it."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import torch
 from moe_runtime.checkpoint.loader import load_model
 from moe_runtime.kernels import cpu
 from moe_runtime.kernels.attention import AttentionMetadata
-from moe_runtime.kernels.linear import FP32_MIN_ROWS
+from moe_runtime.kernels.linear import DEFAULT_PLAN
 from moe_runtime.model.parts import ModelParts
+
+FP32_MIN_ROWS = DEFAULT_PLAN.max_rows("native") + 1  # from here on the default plan multiplies in fp32
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from moe_runtime.engine.parts import choose_kernels
 from moe_runtime.engine.sampling_params import SamplingParams
 from moe_runtime.errors import ConfigError
 from moe_runtime.kernels.attention import AttentionMetadata
-from moe_runtime.kernels.linear import NATIVE_MAX_ROWS, CpuLinear, TorchLinear
+from moe_runtime.kernels.linear import DEFAULT_PLAN, CpuLinear, TorchLinear
 from moe_runtime.model.experts import LocalExpertsBuilder
 from moe_runtime.model.parts import ModelParts
 
@@ -47,7 +47,7 @@ def test_native_logits_close_to_torch(tiny_model_dir, dtype):
     exact = load_model(tiny_model_dir, dtype=dtype, device="cpu")
     fast = load_model(tiny_model_dir, dtype=dtype, device="cpu", parts=_fast_parts(dtype))
     assert isinstance(fast.lm_head.kernel, CpuLinear) and fast.layers[0].block_sparse_moe.experts.backend == "cpu"
-    for n in (1, 5, NATIVE_MAX_ROWS):
+    for n in (1, 5, DEFAULT_PLAN.max_rows("native")):
         got, want = _logits(fast, n), _logits(exact, n)
         assert not torch.equal(got, want)  # the native path ran: other summation order
         torch.testing.assert_close(got, want, atol=0.1, rtol=0)

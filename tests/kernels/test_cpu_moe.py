@@ -12,7 +12,8 @@ import torch
 from moe_cases import CASES, make_inputs
 
 from moe_runtime.kernels import cpu
-from moe_runtime.kernels.cpu.moe import NATIVE_MAX_ROWS, fused_moe_cpu_fp32
+from moe_runtime.kernels.cpu.dispatch import RowPlan
+from moe_runtime.kernels.cpu.moe import DEFAULT_PLAN, CpuMoe, fused_moe_cpu_fp32
 from moe_runtime.kernels.reference import RoutingResult, fused_moe_reference_fp32
 from moe_runtime.kernels.torch_moe import fused_moe_torch_fp32, run_experts_fp32
 
@@ -31,8 +32,11 @@ def test_16bit_matches_fp32_reference(case, dtype):
     torch.testing.assert_close(got.to(dtype).float(), want, atol=2e-2, rtol=0)  # as `fused_moe` rounds it
 
 
+NATIVE_MAX_ROWS = DEFAULT_PLAN.max_rows("native")
+
+
 def test_large_groups_take_the_torch_path():
-    """A group above NATIVE_MAX_ROWS runs the torch backend's arithmetic (its fp32 GEMMs win there)."""
+    """With the default plan, a group above NATIVE_MAX_ROWS runs the torch backend's arithmetic."""
     case = next(c for c in CASES if c.routing == "one_expert")  # k=1: every token on one expert
     x = make_inputs(case, torch.bfloat16)
     reps = NATIVE_MAX_ROWS // case.T + 1
@@ -64,3 +68,28 @@ def test_one_call_layer_rejects_bad_slots():
     x = make_inputs(CASES[1], torch.bfloat16)
     with pytest.raises(RuntimeError, match="outside"):
         cpu.moe_fp32(x.hidden, x.w13, x.w2, x.slot_ids + 100, x.routing.weights)
+
+
+@pytest.mark.parametrize("choice", ["native", "bf16", "fp32"])
+def test_every_plan_choice_matches_the_reference(choice):
+    """Whatever the measured plan picks for a group size, the layer is the reference within the 16-bit
+    tolerance: the implementations differ only in summation order (and fp32 widening)."""
+    case = next(c for c in CASES if c.name == "t33_e8_k2_ragged")
+    x = make_inputs(case, torch.bfloat16)
+    want = fused_moe_reference_fp32(x.hidden.float(), x.w13.float(), x.w2.float(), x.routing, x.slot_map)
+    moe = CpuMoe(RowPlan(bounds=(1, 1000), choices=(choice, choice)))
+    torch.testing.assert_close(moe(x.hidden, x.w13, x.w2, x.routing, x.slot_map), want, atol=2e-2, rtol=0)
+
+
+def test_a_plan_switches_the_implementation_by_group_size(monkeypatch):
+    """Groups of up to 2 rows run native, larger ones bf16; no layer-wide native call when groups exceed 2."""
+    calls = []
+    monkeypatch.setattr(cpu, "expert_mlp", lambda r, *a: calls.append(("native", r.shape[0])) or torch.zeros(r.shape))
+    import moe_runtime.kernels.cpu.moe as cpu_moe
+
+    monkeypatch.setattr(cpu_moe, "expert_mlp_16bit", lambda r, *a: calls.append(("bf16", r.shape[0])) or torch.zeros(r.shape))
+    case = next(c for c in CASES if c.name == "t33_e8_k2_ragged")
+    x = make_inputs(case, torch.bfloat16)
+    moe = cpu_moe.CpuMoe(RowPlan(bounds=(2, 64), choices=("native", "bf16")))
+    moe(x.hidden, x.w13, x.w2, x.routing, x.slot_map)
+    assert calls and all(kind == ("native" if n <= 2 else "bf16") for kind, n in calls)

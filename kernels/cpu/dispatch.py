@@ -1,0 +1,244 @@
+"""Which implementation of each hot CPU op runs, by row count: measured on this machine, not assumed.
+
+The same CPU op has up to three implementations that round at the same points (each GEMM's result, once,
+to the activation dtype) and differ only in speed, which depends on the chip:
+    native  kernels/cpu: reads a 16-bit weight once for all rows, fp32 accumulation (AVX2)
+    bf16    torch's 16-bit GEMM: oneDNN picks AVX512-BF16 or AMX where the CPU has them
+    fp32    torch's fp32 GEMM on an fp32 copy of the weight (linears), or on weight chunks widened as they
+            are read (experts)
+On a 2-core AVX2 EPYC (no 16-bit GEMM instructions) torch's bf16 GEMM runs about row by row, so native
+wins to ~32 rows and fp32 beyond; on a Zen 4 EPYC with AVX512-BF16, torch's bf16 GEMM wins from 4-8 rows
+and fp32 never does (docs/benchmarks.md). So each op's plan is timed at start-up for the model's shapes,
+per bucket of rows (1, 2, 4, ... the most the engine will send), and cached per machine (CPU model, ISA
+flags, torch version, threads): the second start reads it.
+
+A `RowPlan` answers "which implementation for n rows": the first bucket bound >= n.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+LINEAR_CHOICES = ("native", "bf16", "fp32")
+EXPERT_CHOICES = ("native", "bf16", "fp32")
+NATIVE_MAX_ROWS = 64  # the native kernels take at most this many rows (kernels/cpu/small_m_tiles.h)
+# A measurement's weights: copies cycled through, at least this many bytes in all, so that small-row GEMMs
+# read them from memory (as in a decode step, which streams every weight once) and not from the caches.
+COLD_BYTES = 96 << 20
+FORMAT = 1  # bump when the cached JSON's meaning changes
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """`choices[i]` runs batches of up to `bounds[i]` rows; beyond the last bound, the last choice.
+
+    >>> plan = RowPlan(bounds=(1, 2, 4, 8), choices=("native", "native", "bf16", "bf16"))
+    >>> plan.choice(1), plan.choice(3), plan.choice(100)
+    ('native', 'bf16', 'bf16')
+    """
+
+    bounds: tuple[int, ...]
+    choices: tuple[str, ...]
+
+    def choice(self, rows: int) -> str:
+        i = bisect.bisect_left(self.bounds, rows)
+        return self.choices[min(i, len(self.choices) - 1)]
+
+    def max_rows(self, choice: str) -> int:
+        """The most rows this plan runs with `choice` (0 if never)."""
+        return max((b for b, c in zip(self.bounds, self.choices, strict=True) if c == choice), default=0)
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    """The measured plans of one model on one machine."""
+
+    machine: str  # CPU model, ISA flags, torch version, threads: what the timings hold for
+    linear: dict[str, RowPlan] = field(default_factory=dict)  # "NxK" weight shape -> plan over rows
+    expert: RowPlan | None = None  # one expert's SwiGLU MLP, over its group's rows
+    decode: RowPlan | None = None  # a whole decode step: "native" calls or "eager" ops, over sequences
+
+    def linear_plan(self, w: torch.Tensor) -> RowPlan | None:
+        return self.linear.get(shape_key(w.shape))
+
+    def describe(self) -> str:
+        """One line per op: which implementation runs up to how many rows."""
+        lines = [f"machine: {self.machine}"]
+        for name, plan in [*(("linear " + k, p) for k, p in self.linear.items()), ("expert", self.expert),
+                           ("decode step", self.decode)]:
+            if plan is not None:
+                lines.append(f"{name}: " + ", ".join(ranges(plan)))
+        return "\n".join(lines)
+
+
+def shape_key(shape: tuple[int, ...] | torch.Size) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def buckets(max_rows: int) -> tuple[int, ...]:
+    """Row counts measured: powers of two up to max_rows (and max_rows itself).
+
+    >>> buckets(48)
+    (1, 2, 4, 8, 16, 32, 48)
+    """
+    out, b = [], 1
+    while b < max_rows:
+        out.append(b)
+        b *= 2
+    return (*out, max_rows)
+
+
+def machine_key(threads: int | None = None) -> str:
+    """What a plan is valid for: CPU model name, the ISA flags that pick kernels, torch, threads."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    isa = sorted(flags & {"avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"})
+    threads = threads if threads is not None else torch.get_num_threads()
+    return f"{model} [{' '.join(isa)}] torch {torch.__version__} threads {threads}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------------------
+def best_times(candidates: dict[str, Callable[[], object]], rounds: int = 3) -> dict[str, float]:
+    """Seconds of each candidate: the best of `rounds`, the candidates taking turns (a noisy neighbour then
+    slows them alike), after one untimed call each."""
+    for fn in candidates.values():
+        fn()
+    best = dict.fromkeys(candidates, float("inf"))
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def _cold_copies(shape: tuple[int, ...], dtype: torch.dtype) -> list[torch.Tensor]:
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
+    n = max(1, min(8, -(-COLD_BYTES // nbytes)))
+    first = (torch.randn(shape) / 16).to(dtype)  # values do not change GEMM times (no denormals here)
+    return [first, *(first.clone() for _ in range(n - 1))]
+
+
+# A candidate replaces the previous bucket's choice only when at least this much faster: measurement noise
+# on a shared host must not make the plan flip back and forth between neighbouring row counts.
+HYSTERESIS = 0.05
+
+
+def pick(times: dict[str, float], previous: str | None) -> str:
+    """The fastest candidate, unless the previous bucket's choice is within HYSTERESIS of it.
+
+    >>> pick({"bf16": 1.0, "native": 1.03}, previous="native"), pick({"bf16": 1.0, "native": 1.2}, "native")
+    ('native', 'bf16')
+    """
+    best = min(times, key=times.get)
+    if previous in times and times[previous] <= times[best] * (1 + HYSTERESIS):
+        return previous
+    return best
+
+
+class _Cycle:
+    """Calls fn(weights) with the next of several weight copies each time."""
+
+    def __init__(self, copies: list, fn: Callable):
+        self.copies, self.fn, self.i = copies, fn, 0
+
+    def __call__(self):
+        self.i = (self.i + 1) % len(self.copies)
+        return self.fn(self.copies[self.i])
+
+
+def plan_linear(n: int, k: int, dtype: torch.dtype, max_rows: int, native: bool) -> RowPlan:
+    """The fastest of native / bf16 / fp32 for x [rows, k] @ w[n, k]^T, per bucket of rows."""
+    from moe_runtime.kernels import cpu
+
+    weights = _cold_copies((n, k), dtype)
+    fp32 = [w.float() for w in weights[:2]]  # the fp32 copy is 2x the bytes: fewer copies keep it comparable
+    choices = []
+    for rows in buckets(max_rows):
+        x = torch.randn(rows, k).to(dtype)
+        cands = {"bf16": _Cycle(weights, lambda w, x=x: F.linear(x, w)),
+                 "fp32": _Cycle(fp32, lambda w, x=x: F.linear(x.float(), w))}
+        if native and rows <= NATIVE_MAX_ROWS:
+            cands["native"] = _Cycle(weights, lambda w, x=x: cpu.linear(x, w))
+        choices.append(pick(best_times(cands), choices[-1] if choices else None))
+    return RowPlan(buckets(max_rows), tuple(choices))
+
+
+def plan_expert(hidden: int, inter: int, dtype: torch.dtype, max_rows: int, native: bool) -> RowPlan:
+    """The fastest of native / bf16 / fp32 for one expert's SwiGLU MLP over a group of rows."""
+    from moe_runtime.kernels import cpu
+    from moe_runtime.kernels.cpu.moe import expert_mlp_16bit, expert_mlp_fp32
+
+    pairs = list(zip(_cold_copies((2 * inter, hidden), dtype), _cold_copies((hidden, inter), dtype), strict=False))
+    choices = []
+    for rows in buckets(max_rows):
+        x = torch.randn(rows, hidden).to(dtype) / 4
+        cands = {"bf16": _Cycle(pairs, lambda p, x=x: expert_mlp_16bit(x, *p)),
+                 "fp32": _Cycle(pairs, lambda p, x=x: expert_mlp_fp32(x, *p))}
+        if native and rows <= NATIVE_MAX_ROWS:
+            cands["native"] = _Cycle(pairs, lambda p, x=x: cpu.expert_mlp(x, *p))
+        choices.append(pick(best_times(cands), choices[-1] if choices else None))
+    return RowPlan(buckets(max_rows), tuple(choices))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------------------
+def cache_file(cache_dir: str | Path, machine: str, model_key: str) -> Path:
+    digest = hashlib.sha256(f"{FORMAT} {machine} {model_key}".encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"cpu-plan-{digest}.json"
+
+
+def load_plan(path: Path) -> CpuPlan | None:
+    """The cached plan at `path`, or None when there is none or it does not parse (then it is measured)."""
+    try:
+        data = json.loads(path.read_text())
+        rows = {k: RowPlan(tuple(v["bounds"]), tuple(v["choices"])) for k, v in data["linear"].items()}
+        opt = {k: RowPlan(tuple(data[k]["bounds"]), tuple(data[k]["choices"])) if data.get(k) else None
+               for k in ("expert", "decode")}
+        return CpuPlan(data["machine"], rows, **opt)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save_plan(plan: CpuPlan, path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(plan), indent=1))
+        tmp.replace(path)
+    except OSError as e:  # a read-only cache costs a measurement at the next start, nothing else
+        log.warning("could not cache the CPU kernel plan at %s (%s)", path, e.strerror)
+
+
+def ranges(plan: RowPlan) -> list[str]:
+    out, lo = [], 1
+    for bound, choice in zip(plan.bounds, plan.choices, strict=True):
+        if out and out[-1][0] == choice:
+            out[-1][2] = bound
+        else:
+            out.append([choice, lo, bound])
+        lo = bound + 1
+    return [f"{c} {a}-{b}" if a != b else f"{c} {a}" for c, a, b in out] + [f"(beyond {plan.bounds[-1]}: {plan.choices[-1]})"]
