@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -10,6 +11,7 @@ from moe_runtime.cli import main
 from moe_runtime.config import load_config
 from moe_runtime.engine.llm_engine import LLMEngine
 from moe_runtime.engine.sampling_params import SamplingParams
+from moe_runtime.errors import RequestError
 
 
 def _run_json(capsys, argv) -> list[dict]:
@@ -92,3 +94,30 @@ def test_the_cli_parser_and_client_commands_do_not_import_torch():
              "import moe_runtime.server.client, moe_runtime.commands.stats; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_empty_text_is_refused_offline_as_over_grpc(tiny_model_dir, capsys):
+    """An empty prompt used to run offline on BOS alone; the engine now refuses it wherever it comes from."""
+    assert main(["generate", "--model", str(tiny_model_dir), "--prompt", "", "--max-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "moe-runtime generate: error: prompt='': empty; send text or token ids"
+    engine = LLMEngine(load_config(overrides=[f"model.path={tiny_model_dir}", "cache.num_blocks=64"]))
+    for prompt, words in (("", "prompt='': empty"), ([], "prompt_token_ids: empty"),
+                          ("\udcff", "prompt: not valid Unicode")):
+        with pytest.raises(RequestError, match=re.escape(words)):
+            engine.make_request("r", prompt)
+
+
+def test_text_longer_than_the_context_can_hold_is_refused_before_tokenizing(tiny_model_dir, monkeypatch):
+    engine = LLMEngine(load_config(overrides=[f"model.path={tiny_model_dir}", "cache.num_blocks=64",
+                                              "engine.max_model_len=64"]))
+    limit = 63 * engine.tokenizer.max_token_bytes
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized text that cannot fit")
+
+    assert len(engine.encode("é" * (limit // 2))) > 1  # at the bound (2 bytes each): tokenized
+    monkeypatch.setattr(engine.tokenizer, "encode", no_tokenizing)
+    with pytest.raises(RequestError, match=rf"prompt=<{limit + 2} bytes of text>: longer than the context; "
+                                           rf"allowed: at most {limit} bytes \(63 tokens"):
+        engine.encode("é" * (limit // 2 + 1))

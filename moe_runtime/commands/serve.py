@@ -2,7 +2,8 @@
 
 Serves `moe_runtime.v1.GenerationService` over gRPC and Prometheus `/metrics`. With no model (neither
 `--model` nor `model.path` in the config) it serves the embedded `tiny` model, created in the user cache on
-first run. The bearer token comes from MOE_RUNTIME_AUTH_TOKEN (read in cli.py); unset: no auth.
+first run. The bearer token comes from MOE_RUNTIME_AUTH_TOKEN (read in cli.py); unset: no auth; set but
+empty: an error. SIGTERM/Ctrl-C drains (server.drain_grace_s); a second one exits at once.
 """
 
 from __future__ import annotations

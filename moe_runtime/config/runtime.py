@@ -17,6 +17,7 @@ from moe_runtime.config.sections import (
     PlacementConfig,
     RayConfig,
     ServerConfig,
+    SpeculativeConfig,
     TelemetryConfig,
 )
 from moe_runtime.errors import ConfigError
@@ -34,6 +35,7 @@ class RuntimeConfig(Section):
     placement: PlacementConfig = PlacementConfig()
     server: ServerConfig = ServerConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    speculative: SpeculativeConfig = SpeculativeConfig()
 
     @model_validator(mode="after")
     def _compatible_sections(self) -> RuntimeConfig:
@@ -41,6 +43,11 @@ class RuntimeConfig(Section):
             raise ValueError(
                 "executor='ray' with offload.enabled=true is not supported: Ray workers hold only their placed "
                 "experts already; allowed: executor: local with offloading, or executor: ray without it"
+            )
+        if self.executor == "ray" and self.speculative.method != "none":
+            raise ValueError(
+                f"executor='ray' with speculative.method={self.speculative.method!r} is not supported yet: the "
+                "Ray workers run no proposer; allowed: speculative.method: none with executor: ray"
             )
         if self.model.load_format == "dummy" and (self.offload.enabled or self.executor == "ray"):
             raise ValueError(
@@ -59,16 +66,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path}: not found") from None
+        except OSError as e:  # a directory, no permission
+            raise ConfigError(f"config file {path}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                              f"{e.start}); allowed: a UTF-8 YAML file") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
+            raise ConfigError(f"config file {path}: not valid YAML ({_one_line(e)})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping of sections, got {type(data).__name__}")
     for item in overrides:
         apply_override(data, item)
     return validate(RuntimeConfig, data, str(path) if path else "config")
+
+
+def _one_line(e: yaml.YAMLError) -> str:
+    """PyYAML's message (several lines, with a caret under the source) as one line: problem, line, column."""
+    if not isinstance(e, yaml.MarkedYAMLError) or e.problem is None:
+        return " ".join(str(e).split())
+    where = "" if e.problem_mark is None else f" at line {e.problem_mark.line + 1}, column {e.problem_mark.column + 1}"
+    return f"{e.problem}{where}" + (f", {e.context}" if e.context else "")
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:

@@ -88,11 +88,12 @@ def validate_prompt(prompt_token_ids: list[int], vocab_size: int, max_model_len:
     no room for output in the context."""
     if len(prompt_token_ids) == 0:
         raise RequestError("prompt_token_ids: empty; a prompt needs at least one token", "prompt_token_ids")
+    # The length first: it is O(1), and a prompt of millions of ids must not cost a pass over them.
+    _check(len(prompt_token_ids) < max_model_len, "prompt", f"<{len(prompt_token_ids)} tokens>",
+           "longer than the context", f"at most {max_model_len - 1} tokens leave room for output")
     for i, t in enumerate(prompt_token_ids):
         _check(_is_int(t) and 0 <= t < vocab_size, f"prompt_token_ids[{i}]", t, "out of vocabulary",
                f"[0, {vocab_size})")
-    _check(len(prompt_token_ids) < max_model_len, "prompt", f"<{len(prompt_token_ids)} tokens>",
-           "longer than the context", f"at most {max_model_len - 1} tokens leave room for output")
 
 
 def _is_int(x: object) -> bool:

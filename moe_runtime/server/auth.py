@@ -1,6 +1,8 @@
 """Bearer-token auth: an interceptor that answers UNAUTHENTICATED unless the call's `authorization`
-metadata is `Bearer <token>`. The token is compared in constant time. Health checks stay open so that
-load balancers and orchestrators can probe the server without the secret."""
+metadata is `Bearer <token>`. The scheme is case-insensitive (RFC 7235: `bearer`, `BEARER` do too), the
+token is compared in constant time. Health checks stay open so that load balancers and orchestrators can
+probe the server without the secret. A denied call is answered without parsing its request, so that an
+unauthenticated client learns UNAUTHENTICATED, never how its bytes parse (decoding.py comes after)."""
 
 from __future__ import annotations
 
@@ -27,14 +29,17 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str):
         if not token:
             raise ValueError("auth token is empty; give a non-empty token or disable auth")
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
 
     def _allowed(self, metadata) -> bool:
         got = next((v for k, v in metadata or () if k == "authorization"), None)
         if got is None:
             return False
         got = got.encode() if isinstance(got, str) else bytes(got)
-        return hmac.compare_digest(got, self._expected)
+        scheme, _, credentials = got.partition(b" ")
+        # compare_digest on every call, even with the wrong scheme: the time taken says nothing of the token
+        matches = hmac.compare_digest(credentials.lstrip(b" "), self._expected)
+        return scheme.lower() == b"bearer" and matches
 
     async def intercept_service(
         self,
@@ -50,14 +55,12 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         message = ("missing authorization metadata; send 'authorization: Bearer <token>'" if missing
                    else "authorization token is wrong")
         behavior = _deny_behavior(message, handler.response_streaming)
+        # No request deserializer: the request stays raw bytes and is never parsed (garbage from an
+        # unauthenticated client gets UNAUTHENTICATED like anything else).
         if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(
-                behavior, handler.request_deserializer, handler.response_serializer)
+            return grpc.stream_stream_rpc_method_handler(behavior, None, handler.response_serializer)
         if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(
-                behavior, handler.request_deserializer, handler.response_serializer)
+            return grpc.stream_unary_rpc_method_handler(behavior, None, handler.response_serializer)
         if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(
-                behavior, handler.request_deserializer, handler.response_serializer)
-        return grpc.unary_unary_rpc_method_handler(behavior, handler.request_deserializer,
-                                                   handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(behavior, None, handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(behavior, None, handler.response_serializer)

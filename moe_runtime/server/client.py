@@ -8,18 +8,22 @@
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 
-from moe_runtime.errors import MoeRuntimeError
+from moe_runtime.errors import ConfigError, MoeRuntimeError
 from moe_runtime.server.convert import FINISH_REASON_NAMES, stats_to_dict
 from moe_runtime.v1 import generation_pb2 as pb
 from moe_runtime.v1 import generation_pb2_grpc as pb_grpc
 
 SAMPLING_FIELDS = tuple(pb.SamplingParams.DESCRIPTOR.fields_by_name)
+PROBE_TIMEOUT_S = 2.0
 
 
 class ClientError(MoeRuntimeError):
@@ -49,9 +53,9 @@ class GenerationClient:
 
     def __init__(self, target: str, auth_token: str | None = None, tls_ca: str | None = None,
                  timeout_s: float | None = None):
+        self.target, self.tls = target, bool(tls_ca)
         if tls_ca:
-            with open(tls_ca, "rb") as f:
-                self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(f.read()))
+            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(_read_ca(tls_ca)))
         else:
             self.channel = grpc.insecure_channel(target)
         self.stub = pb_grpc.GenerationServiceStub(self.channel)
@@ -71,7 +75,23 @@ class GenerationClient:
         try:
             return method(request, metadata=self.metadata, timeout=self.timeout_s)
         except grpc.RpcError as e:
-            raise ClientError(e.code(), e.details()) from None
+            raise self._error(e) from None
+
+    def _error(self, e: grpc.RpcError) -> ClientError:
+        """The call's error; when the connection failed, what was wrong with TLS if that was it. grpc says
+        only "Socket closed" when a plaintext client meets a TLS server, so ask the server directly."""
+        if e.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (e.details() or ""):
+            speaks_tls = _speaks_tls(self.target)
+            if speaks_tls and not self.tls:
+                return ClientError(e.code(), f"server requires TLS: pass --tls-ca CA.pem (the CA certificate that "
+                                             f"signed the server's) ({e.details()})")
+            if speaks_tls is False and self.tls:
+                return ClientError(e.code(), f"server does not use TLS: drop --tls-ca ({e.details()})")
+            if self.tls and "CERTIFICATE_VERIFY_FAILED" in e.details():
+                return ClientError(e.code(), "the server's certificate is not signed by --tls-ca (or does not name "
+                                             f"{self.target.rsplit(':', 1)[0]}): pass the CA that signed it "
+                                             f"({e.details()})")
+        return ClientError(e.code(), e.details())
 
     def generate(self, request: pb.GenerateRequest) -> pb.GenerateResponse:
         return self._call(self.stub.Generate, request)
@@ -81,7 +101,7 @@ class GenerationClient:
         try:
             yield from stream
         except grpc.RpcError as e:
-            raise ClientError(e.code(), e.details()) from None
+            raise self._error(e) from None
         finally:
             stream.cancel()  # no-op when finished; aborts the request if the caller stopped early
 
@@ -97,6 +117,34 @@ class GenerationClient:
     def expert_stats(self) -> dict[str, Any]:
         """The telemetry snapshot as the JSON-able dict the placement planner reads."""
         return stats_to_dict(self._call(self.stub.GetExpertStats, pb.GetExpertStatsRequest()))
+
+
+def _read_ca(path: str) -> bytes:
+    try:
+        pem = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"--tls-ca {path}: cannot read ({e.strerror}); give the PEM CA certificate that signed "
+                          "the server's certificate") from None
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise ConfigError(f"--tls-ca {path}: no PEM certificate in it (BEGIN CERTIFICATE); give the CA certificate "
+                          "that signed the server's")
+    return pem
+
+
+def _speaks_tls(target: str) -> bool | None:
+    """Whether the server at HOST:PORT answers a TLS handshake (certificates unchecked: this only asks which
+    protocol it speaks); None when it cannot be reached."""
+    host, _, port = target.rpartition(":")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S) as sock:
+            with context.wrap_socket(sock):
+                return True
+    except ssl.SSLError:
+        return False  # something answered, not with TLS
+    except (OSError, ValueError):
+        return None
 
 
 def response_to_dict(resp: pb.GenerateResponse) -> dict[str, Any]:
@@ -157,8 +205,7 @@ def run_generate(args: Any, prompts: list[str | list[int]]) -> int:
         "min_p": args.min_p, "seed": args.seed, "stop": list(args.stop), "stop_token_ids": list(args.stop_token_ids),
         "ignore_eos": args.ignore_eos, "logprobs": args.logprobs is not None, "top_logprobs": args.logprobs or 0,
     }
-    timeout = getattr(args, "timeout", None)
-    with GenerationClient(args.server, args.env.get("auth_token"), getattr(args, "tls_ca", None), timeout) as client:
+    with GenerationClient(args.server, args.env["auth_token"], args.tls_ca, args.timeout) as client:
         for prompt in prompts:
             text_prompt = prompt if isinstance(prompt, str) else None
             ids = None if isinstance(prompt, str) else prompt

@@ -1,5 +1,6 @@
 """SIGTERM: the served process stops taking requests, lets in-flight streams finish within the grace
-period (cancelling the rest after it), then exits 0. Runs `moe-runtime serve` as a real subprocess."""
+period (the rest then end with UNAVAILABLE "server shutting down"), then exits 0; a second SIGTERM exits at
+once. Runs `moe-runtime serve` as a real subprocess."""
 
 from __future__ import annotations
 
@@ -59,8 +60,9 @@ def _long_request(n: int) -> pb.GenerateRequest:
     return pb.GenerateRequest(prompt="drain", sampling_params=pb.SamplingParams(max_tokens=n, ignore_eos=True))
 
 
-def test_sigterm_drains_then_cancels_past_the_grace_period(tiny_model_dir):
-    """Two streams in flight at SIGTERM: the short one finishes; the long one is cancelled after the grace."""
+def test_sigterm_drains_then_ends_the_rest_with_unavailable(tiny_model_dir):
+    """Two streams in flight at SIGTERM: the short one finishes; the long one ends with UNAVAILABLE after the
+    grace."""
     with serve_process(tiny_model_dir, grace_s=5) as (proc, address, lines):
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.GenerationServiceStub(channel)
@@ -81,11 +83,32 @@ def test_sigterm_drains_then_cancels_past_the_grace_period(tiny_model_dir):
             assert got == 40 and chunks[-1].finish_reason == pb.FINISH_REASON_LENGTH
             with pytest.raises(grpc.RpcError) as err:
                 list(long)
-            assert err.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "server shutting down" in err.value.details() and "drain_grace_s" in err.value.details()
         assert proc.wait(30) == 0, "".join(lines)
         assert time.monotonic() - t0 < 20
     log = "".join(lines)
-    assert "draining: 2 request(s) in flight" in log and "drain grace over: cancelling 1 request(s)" in log
+    assert "draining: 2 request(s) in flight" in log and "drain grace over: ending 1 request(s)" in log
     assert "stopped" in log
     assert '"request_id"' in log and '"finish_reason": "length"' in log  # the structured request log lines
-    assert '"status": "CANCELLED"' in log
+    assert '"status": "UNAVAILABLE"' in log
+    assert "(auth off, TLS off)" in log  # the start-up line says how it is exposed
+
+
+def test_second_sigterm_exits_at_once(tiny_model_dir):
+    """The first SIGTERM drains (a 60 s grace, a long stream in flight); the second exits now, 128 + 15."""
+    with serve_process(tiny_model_dir, grace_s=60) as (proc, address, lines):
+        with grpc.insecure_channel(address) as channel:
+            long = pb_grpc.GenerationServiceStub(channel).GenerateStream(_long_request(4000), timeout=60)
+            next(long)
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            while _health(address) != health_pb2.HealthCheckResponse.NOT_SERVING and time.monotonic() < deadline:
+                time.sleep(0.01)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 128 + signal.SIGTERM
+            assert time.monotonic() - t0 < 3
+    log = "".join(lines)
+    assert "send it again to exit at once" in log and "second SIGTERM: exiting now without draining" in log
+    assert "Traceback" not in log

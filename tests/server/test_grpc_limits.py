@@ -12,9 +12,9 @@ EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 @pytest.fixture(scope="module")
 def server(start_server):
-    # One running sequence, one queued; 8 blocks x 16 = 128 tokens of KV; 4 KiB messages.
+    # One running sequence, one queued; 8 blocks x 16 = 128 tokens of KV; 4 KiB requests.
     with start_server("engine.max_num_seqs=1", "server.max_queued_requests=1", "cache.num_blocks=8",
-                      "server.max_message_bytes=4096") as srv:
+                      "server.max_request_bytes=4096") as srv:
         yield srv
 
 
