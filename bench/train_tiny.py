@@ -10,6 +10,12 @@ transformers' MixtralForCausalLM is the trainer (a dev dependency, never importe
 the hub tensor names (`block_sparse_moe.experts.{e}.w1|w2|w3`), which the loader reads.
 
     .venv/bin/python bench/train_tiny.py [--steps 200] [--out moe_runtime/presets/assets/tiny-trained]
+
+`--draft` trains `tiny-trained-draft`, the draft model of speculative decoding for tiny-trained: a quarter of
+its size (2 layers, hidden 64), on the same corpus with tiny-trained's own tokenizer (a draft must share the
+vocabulary), committed under moe_runtime/presets/assets/tiny-trained-draft/:
+
+    .venv/bin/python bench/train_tiny.py --draft
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from moe_runtime.presets.bpe import SPECIAL_TOKENS
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "moe_runtime" / "presets" / "assets" / "tiny-trained"
+ASSETS = Path(__file__).resolve().parents[1] / "moe_runtime" / "presets" / "assets"
+DEFAULT_OUT = ASSETS / "tiny-trained"
+DRAFT_OUT = ASSETS / "tiny-trained-draft"
 HF_CONFIG = {
     "vocab_size": 1024,
     "hidden_size": 128,
@@ -45,6 +53,9 @@ HF_CONFIG = {
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
+# The draft: fewer and narrower layers, the same vocabulary, positions and special tokens.
+DRAFT_CONFIG = {**HF_CONFIG, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32}
 
 
 def stdlib_text(max_bytes: int) -> str:
@@ -78,7 +89,8 @@ def train_tokenizer(text: str, vocab_size: int) -> Tokenizer:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--out", type=Path, default=None, help="default: the committed asset directory")
+    ap.add_argument("--draft", action="store_true", help="train the draft model with tiny-trained's tokenizer")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=128)
@@ -91,11 +103,14 @@ def main() -> None:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
+    hf_config = DRAFT_CONFIG if args.draft else HF_CONFIG
+    args.out = args.out or (DRAFT_OUT if args.draft else DEFAULT_OUT)
     text = stdlib_text(args.text_bytes)
-    tok = train_tokenizer(text, HF_CONFIG["vocab_size"])
+    tok = Tokenizer.from_file(str(DEFAULT_OUT / "tokenizer.json")) if args.draft else \
+        train_tokenizer(text, HF_CONFIG["vocab_size"])
     ids = torch.tensor(tok.encode(text, add_special_tokens=False).ids)  # [N]
     print(f"corpus: {len(text) / 1e6:.1f} MB of stdlib sources -> {len(ids) / 1e6:.2f} M tokens")
-    cfg = MixtralConfig(**HF_CONFIG, output_router_logits=True)
+    cfg = MixtralConfig(**hf_config, output_router_logits=True)
     model = MixtralForCausalLM(cfg)
     model.set_experts_implementation("grouped_mm")  # fastest of eager / grouped_mm / batched_mm on CPU
     n_params = sum(p.numel() for p in model.parameters())

@@ -18,6 +18,7 @@ from moe_runtime.config.sections import (
     PlacementConfig,
     RayConfig,
     ServerConfig,
+    SpeculativeConfig,
     TelemetryConfig,
 )
 from moe_runtime.errors import ConfigError
@@ -25,5 +26,6 @@ from moe_runtime.errors import ConfigError
 __all__ = [
     "SUPPORTED_ARCHITECTURES", "AutoRebalanceConfig", "ByteSize", "CacheConfig", "ConfigError", "EngineConfig",
     "ModelConfig", "ModelLoadConfig", "OffloadConfig", "PlacementConfig", "RayConfig", "RuntimeConfig",
-    "Section", "ServerConfig", "TelemetryConfig", "apply_override", "load_config", "parse_byte_size",
+    "Section", "ServerConfig", "SpeculativeConfig", "TelemetryConfig", "apply_override", "load_config",
+    "parse_byte_size",
 ]

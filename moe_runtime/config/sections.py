@@ -1,5 +1,5 @@
-"""The YAML sections, one per component: `model`, `engine`, `cache`, `offload`, `ray`, `placement`,
-`server`, `telemetry`. Each field's comment gives its unit or meaning; the component that reads a section
+"""The YAML sections, one per component: `model`, `engine`, `cache`, `speculative`, `offload`, `ray`,
+`placement`, `server`, `telemetry`. Each field's comment gives its unit or meaning; the component that reads a section
 owns its semantics.
 """
 
@@ -71,16 +71,48 @@ class EngineConfig(Section):
 
 
 class CacheConfig(Section):
-    """`cache:` the paged KV cache. Give `num_blocks` or `memory_bytes` (default: 1 GiB)."""
+    """`cache:` the paged KV cache. Give `num_blocks` or `memory_bytes`, or neither: then it holds
+    `engine.max_num_seqs` full contexts, capped at a share of the device's free memory (engine/kv_cache.py)."""
 
     block_size: int = Field(default=16, gt=0)  # tokens per KV block
     num_blocks: int | None = Field(default=None, gt=0)
-    memory_bytes: int | None = Field(default=None, gt=0)
+    memory_bytes: ByteSize | None = Field(default=None, gt=0)  # "2GiB" ok
+    # Automatic prefix caching (engine/block_manager.py): full KV blocks stay keyed by their prefix, and a new
+    # request with the same leading tokens reuses them instead of computing them again.
+    prefix_caching: bool = True
 
     @model_validator(mode="after")
     def _one_size(self) -> CacheConfig:
         if self.num_blocks is not None and self.memory_bytes is not None:
             raise ValueError("give cache.num_blocks or cache.memory_bytes, not both")
+        return self
+
+
+class SpeculativeConfig(Section):
+    """`speculative:` speculative decoding (engine/spec/). Each step a running request gets up to
+    `num_tokens` cheaply proposed tokens, verified by the model in the step's one forward; greedy outputs are
+    identical to decoding without it, sampled ones follow the same distribution."""
+
+    method: Literal["none", "ngram", "draft"] = "none"
+    num_tokens: int = Field(default=4, gt=0, le=16)  # k: tokens proposed per request and step
+    # ngram (prompt lookup): the longest n-gram, from ngram_max down to ngram_min tokens, that ends the
+    # sequence and occurred earlier in it; propose what followed that occurrence.
+    ngram_min: int = Field(default=1, gt=0)
+    ngram_max: int = Field(default=4, gt=0)
+    # draft: a small checkpoint with the same tokenizer and vocabulary (its own KV cache, same block tables).
+    draft_model: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SpeculativeConfig:
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(f"ngram_min={self.ngram_min} > ngram_max={self.ngram_max}; allowed: ngram_min <= "
+                             "ngram_max")
+        if self.method == "draft" and not self.draft_model:
+            raise ValueError("method='draft' needs draft_model: the directory of a small checkpoint with the "
+                             "target's tokenizer")
+        if self.draft_model and self.method != "draft":
+            raise ValueError(f"draft_model={self.draft_model!r} is set but method={self.method!r}; allowed: "
+                             "method: draft with a draft_model, or no draft_model")
         return self
 
 
@@ -125,7 +157,7 @@ class OffloadConfig(Section):
         Raises `ConfigError` naming the field, the value and the minimum when the budget cannot hold the
         experts of one token (the least any step needs). A budget above E is capped at E.
         """
-        E, A, L = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.num_hidden_layers
+        E, A, L = cfg.num_local_experts, cfg.num_experts_per_tok, len(cfg.moe_layers)  # L: layers with experts
         if self.resident_experts_per_layer is not None:
             if self.resident_experts_per_layer < A:
                 raise ConfigError(
@@ -146,7 +178,11 @@ class OffloadConfig(Section):
 class RayConfig(Section):
     """`ray:` how the Ray executor (`executor: ray`) reaches its cluster; `placement.workers` sets the size."""
 
-    address: str | None = None  # None: start a local cluster; "auto" or "ray://host:10001" join one
+    address: str | None = None  # None: start a local cluster; "auto", "HOST:6379" or "ray://host:10001" join one
+    # Joining: seconds to keep retrying (backoff 0.5 s doubling to 10 s) while the cluster is not up yet, e.g.
+    # a Ray head starting beside the server in the same pod; then fail naming the address. A local cluster
+    # whose start-up times out is retried within the same budget.
+    connect_timeout_s: float = Field(default=120.0, gt=0)
     placement_timeout_s: float = Field(default=60.0, gt=0)  # wait for the workers' bundles, then fail
     collective_timeout_s: float = Field(default=30.0, gt=0)  # a step or collective longer than this fails
     worker_device: Literal["auto", "gpu", "cpu"] = "auto"  # auto: one GPU per worker when the cluster has them
@@ -195,12 +231,22 @@ class PlacementConfig(Section):
 
 
 class ServerConfig(Section):
-    """`server:` the gRPC endpoint."""
+    """`server:` the gRPC endpoint, and the OpenAI-compatible HTTP API beside it (same host, engine, token,
+    TLS and limits)."""
 
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # loopback; another address warns at start unless auth and TLS are both on
     port: int = Field(default=50051, ge=0, le=65535)
+    # The OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health) on this
+    # port; None: off; 0 picks a free one.
+    http_port: int | None = Field(default=None, ge=0, le=65535)
+    # The model id /v1/models lists and requests' `model` must name; None: the checkpoint directory's name.
+    served_model_name: str | None = Field(default=None, min_length=1)
     max_queued_requests: int = Field(default=256, gt=0)
-    max_message_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    # Largest request read (bytes): a larger gRPC message is RESOURCE_EXHAUSTED, a larger HTTP body 413,
+    # before it is parsed. Prompt text has its own, tighter bound from the model: what max_model_len tokens
+    # of the tokenizer's longest could cover, refused before tokenizing (LLMEngine.encode).
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, gt=0)  # largest response message sent (bytes)
     tls_cert: str | None = None  # PEM certificate chain path; TLS needs tls_cert and tls_key together
     tls_key: str | None = None  # PEM private key path
     drain_grace_s: float = Field(default=10.0, ge=0)  # SIGTERM: seconds in-flight streams get to finish
@@ -209,6 +255,13 @@ class ServerConfig(Section):
     def _tls_pair(self) -> ServerConfig:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("give server.tls_cert and server.tls_key together (PEM paths), or neither")
+        return self
+
+    @model_validator(mode="after")
+    def _two_ports(self) -> ServerConfig:
+        if self.http_port is not None and self.http_port != 0 and self.http_port == self.port:
+            raise ValueError(f"server.http_port={self.http_port} is also server.port (gRPC); allowed: another "
+                             "port, 0 (a free one) or null (no HTTP API)")
         return self
 
 

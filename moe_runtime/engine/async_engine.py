@@ -122,9 +122,10 @@ class AsyncEngine:
         """The checkpoint's tokenizer (None: token ids only). Read-only after start, safe from any thread."""
         return self.engine.tokenizer
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of a text prompt; `MissingTokenizerError` when the checkpoint has no tokenizer."""
-        return self.engine.encode(text)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a text prompt (`LLMEngine.encode`); `MissingTokenizerError` when the checkpoint has no
+        tokenizer."""
+        return self.engine.encode(text, add_special_tokens)
 
     # ------------------------------------------------------------------------------------------------------
     # Requests

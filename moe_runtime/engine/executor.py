@@ -21,6 +21,7 @@ from moe_runtime.engine.model_runner import ModelRunner
 from moe_runtime.engine.parts import choose_kernels, cpu_plan, make_forward, model_parts
 from moe_runtime.engine.sampler import Sampler
 from moe_runtime.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from moe_runtime.engine.spec import make_proposer
 from moe_runtime.errors import UnsupportedError
 from moe_runtime.model.experts import LocalExpertsBuilder
 from moe_runtime.offload import OffloadedExpertsBuilder, OffloadStats
@@ -82,7 +83,7 @@ class LocalExecutor(Executor):
         self.model_config = read_config(model_dir)
         dtype, device = resolve_dtype(cfg.model.dtype, self.model_config), resolve_device(cfg.model.device)
         kernels = choose_kernels(cfg.model, device, dtype)
-        plan = cpu_plan(kernels, self.model_config, dtype, cfg.engine)  # None off the CPU fast path
+        plan = cpu_plan(kernels, self.model_config, dtype, cfg.engine, cfg.model.quantization)  # None off CPU fast path
         self._offload = OffloadedExpertsBuilder(cfg.offload, kernels.moe) if cfg.offload.enabled else None
         experts = self._offload or LocalExpertsBuilder(kernels.moe, None if plan is None else plan.expert)
         self.model = load_weights(model_dir, cfg.model, model_parts(kernels, experts, plan), progress)
@@ -91,7 +92,8 @@ class LocalExecutor(Executor):
             self.model_config, self.num_kv_blocks, cfg.cache.block_size, self.model.dtype, self.model.device
         )
         forward = make_forward(self.model, kv, kernels, cfg.engine, graphs_allowed=self._offload is None, plan=plan)
-        self.runner = ModelRunner(self.model, kv, cfg.cache.block_size, Sampler(cfg.engine.seed), forward)
+        proposer = make_proposer(cfg, self.model_config, self.num_kv_blocks, progress)
+        self.runner = ModelRunner(self.model, kv, cfg.cache.block_size, Sampler(cfg.engine.seed), forward, proposer)
 
     @property
     def expert_store(self):

@@ -35,7 +35,9 @@ class LLMEngine:
         self.max_model_len = cfg.engine.max_model_len or self.model_config.max_position_embeddings
         tokenizer_eos = None if self.tokenizer is None else self.tokenizer.eos_token_id
         self.eos_token_ids = self.model_config.eos_token_ids or (() if tokenizer_eos is None else (tokenizer_eos,))
-        self.scheduler = Scheduler(cfg.engine, BlockManager(self.executor.num_kv_blocks, cfg.cache.block_size))
+        blocks = BlockManager(self.executor.num_kv_blocks, cfg.cache.block_size, cfg.cache.prefix_caching)
+        spec = cfg.speculative
+        self.scheduler = Scheduler(cfg.engine, blocks, 0 if spec.method == "none" else spec.num_tokens)
         self.num_steps = 0
         self._num_generate_calls = 0  # ids of `generate` requests: generate-<call>-<index>
         self._last_step_s = 0.0
@@ -44,9 +46,33 @@ class LLMEngine:
     # ------------------------------------------------------------------------------------------------------
     # Requests
     # ------------------------------------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        """Token ids of a text prompt (with BOS); `MissingTokenizerError` for a checkpoint without one."""
-        return require_tokenizer(self.tokenizer, self.config.model.path, "prompt").encode(text)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a text prompt (with BOS unless `add_special_tokens` is False: a rendered chat template
+        writes its own); `MissingTokenizerError` for a checkpoint without one.
+
+        Refuses (`RequestError` on `prompt`) empty text, text that tokenizes to no tokens, and text longer in
+        UTF-8 than `max_model_len - 1` tokens of the tokenizer's longest could cover, which can never fit:
+        that check comes before tokenizing, so a 4 MB prompt costs microseconds, not seconds. Tokenizing
+        releases the GIL: callers on an event loop run this in a thread. Safe from any thread.
+        """
+        tokenizer = require_tokenizer(self.tokenizer, self.config.model.path, "prompt")
+        if not text:
+            raise RequestError("prompt='': empty; send text or token ids", "prompt")
+        try:
+            size = len(text.encode())
+        except UnicodeEncodeError as e:  # lone surrogates, e.g. from a command line that was not UTF-8
+            raise RequestError(f"prompt: not valid Unicode ({e.reason} at character {e.start}); allowed: "
+                               "UTF-8 text", "prompt") from None
+        per_token = tokenizer.max_token_bytes  # None: this tokenizer has no such bound
+        limit = None if per_token is None else (self.max_model_len - 1) * per_token
+        if limit is not None and size > limit:
+            raise RequestError(
+                f"prompt=<{size} bytes of text>: longer than the context; allowed: at most {limit} bytes "
+                f"({self.max_model_len - 1} tokens of at most {per_token} bytes each)", "prompt")
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if not ids:
+            raise RequestError(f"prompt=<{len(text)} characters>: tokenizes to no tokens; send other text", "prompt")
+        return tokenizer.with_special_tokens(ids) if add_special_tokens else ids
 
     def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> Request:
         """A validated request, not queued yet: the one place requests are checked (`RequestError` naming the

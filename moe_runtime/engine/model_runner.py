@@ -6,6 +6,10 @@ How the model runs (eagerly, from CUDA graphs, as native CPU decode steps) is th
 built with (engine/parts.py). On CUDA a step's index inputs reach the device in one copy from pinned
 memory, and its results (sampled tokens, router counts) come back in one copy: the step never waits on the
 GPU before sampling.
+
+Speculative decoding (a `Proposer`, engine/spec/): a request the scheduler gave a budget of k tokens gets
+up to k proposed tokens appended to its scheduled token in the same forward; the logits of all those rows
+are verified at once (`Sampler.verify`), and the request gains the accepted proposals plus one token.
 """
 
 from __future__ import annotations
@@ -14,15 +18,16 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_runtime.engine.forward import StepForward, StepInputs
+from moe_runtime.engine.batch import HostBatch
+from moe_runtime.engine.forward import StepForward
 from moe_runtime.engine.sampler import Sampler
 from moe_runtime.engine.sampling_params import SamplingParams
 from moe_runtime.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from moe_runtime.kernels.attention import AttentionMetadata, KVCache
-from moe_runtime.kernels.attention_reference import PagedBatch
-from moe_runtime.model.mixtral import MixtralForCausalLM
+from moe_runtime.engine.spec.proposer import ProposalRequest, Proposer
+from moe_runtime.kernels.attention import KVCache
+from moe_runtime.model.causal_lm import CausalLM
 
-# B scheduled requests, T flat tokens, N requests that sample this step, W block-table width
+# B scheduled requests, T flat tokens, N sample rows (a request's last token, plus its proposals)
 
 
 @dataclass
@@ -32,28 +37,15 @@ class _RequestState:
     params: SamplingParams
 
 
-@dataclass
-class _HostBatch:
-    """A step's flat batch as host lists, before it goes to the device."""
-
-    input_ids: list[int]  # [T]
-    positions: list[int]  # [T]
-    slots: list[int]  # [T] KV slot of each token
-    query_start_loc: list[int]  # [B + 1]
-    context_lens: list[int]  # [B]
-    tables: list[list[int]]  # B block tables, ragged
-    sample_rows: list[int]  # [N] row of each sampling request's last token
-    sample_ids: list[str]  # [N] those requests
-
-
 class ModelRunner:
-    def __init__(self, model: MixtralForCausalLM, kv_caches: list[KVCache], block_size: int, sampler: Sampler,
-                 forward: StepForward):
+    def __init__(self, model: CausalLM, kv_caches: list[KVCache], block_size: int, sampler: Sampler,
+                 forward: StepForward, proposer: Proposer | None = None):
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.sampler = sampler
         self.forward = forward
+        self.proposer = proposer  # None: no speculative decoding
         self.device = model.device
         self._states: dict[str, _RequestState] = {}
 
@@ -66,69 +58,80 @@ class ModelRunner:
         self._update_states(sched)
         if sched.is_empty:
             return ModelRunnerOutput([], [], [], None)
-        host = self._flatten(sched)
-        inputs, sample_rows = self._to_device(host)
+        drafts = self._propose(sched)
+        host, sample_ids, proposed = self._flatten(sched, drafts)
+        inputs, sample_rows = host.to_device(self.device)
         hidden, router_counts = self.forward(inputs)  # [T, D], [L, E]
-        if not host.sample_rows:
+        if not sample_ids:
             return ModelRunnerOutput([], [], [], router_counts.cpu())
         logits = self.model.compute_logits(hidden[sample_rows])  # [N, V] fp32
-        states = [self._states[rid] for rid in host.sample_ids]
-        sampled = self.sampler(logits, [s.params for s in states], [len(s.token_ids) for s in states])
-        tokens, logprobs, router_counts = sampled.to_host_with(router_counts)  # the step's one device-to-host copy
-        for state, token in zip(states, tokens, strict=True):
-            state.token_ids.append(token)
-        return ModelRunnerOutput(host.sample_ids, tokens, logprobs, router_counts.cpu())
+        if not drafts:
+            states = [self._states[rid] for rid in sample_ids]
+            sampled = self.sampler(logits, [s.params for s in states], [len(s.token_ids) for s in states])
+            tokens, logprobs, router_counts = sampled.to_host_with(router_counts)  # the step's one device-to-host copy
+            for state, token in zip(states, tokens, strict=True):
+                state.token_ids.append(token)
+            return ModelRunnerOutput(sample_ids, [[t] for t in tokens], [None if lp is None else [lp] for lp in logprobs],
+                                     router_counts.cpu())
+        return self._verify(logits, sample_ids, proposed, router_counts)
+
+    def _propose(self, sched: SchedulerOutput) -> dict[str, list[int]]:
+        """Proposals for the requests with a speculation budget (none without a proposer)."""
+        if self.proposer is None or not sched.num_spec_tokens:
+            return {}
+        asks = [ProposalRequest(rid, s.token_ids, s.block_ids, k) for rid, k in sched.num_spec_tokens.items()
+                for s in (self._states[rid],)]
+        return {a.request_id: d[: a.k] for a, d in zip(asks, self.proposer.propose(asks), strict=True) if d}
+
+    def _verify(self, logits: torch.Tensor, sample_ids: list[str], proposed: list[list[int]],
+                router_counts: torch.Tensor) -> ModelRunnerOutput:
+        """Each request's rows are its last known token then its proposals: row j checks proposal j (the
+        last row has none). It keeps tokens up to its first row that does not accept."""
+        params, positions, drafts = [], [], []
+        for rid, props in zip(sample_ids, proposed, strict=True):
+            state = self._states[rid]
+            params += [state.params] * (len(props) + 1)
+            positions += range(len(state.token_ids), len(state.token_ids) + len(props) + 1)
+            drafts += [*props, -1]
+        verified = self.sampler.verify(logits, params, positions, drafts)
+        tokens, accepted, logprobs, router_counts = verified.to_host_verified(router_counts)  # one copy
+        out_tokens, out_logprobs, row = [], [], 0
+        for rid, props in zip(sample_ids, proposed, strict=True):
+            n = len(props) + 1
+            keep = next((j for j in range(n) if not accepted[row + j]), n - 1) + 1  # through the first reject
+            got = tokens[row : row + keep]
+            self._states[rid].token_ids.extend(got)
+            out_tokens.append(got)
+            lps = logprobs[row : row + keep]
+            out_logprobs.append(None if lps[0] is None else lps)
+            row += n
+        return ModelRunnerOutput(sample_ids, out_tokens, out_logprobs, router_counts.cpu(),
+                                 [len(p) for p in proposed])
 
     def _update_states(self, sched: SchedulerOutput) -> None:
         for rid in sched.finished_request_ids:  # before new ones: a resumed request comes back as new
             self._states.pop(rid, None)
+            if self.proposer is not None:
+                self.proposer.drop(rid)
         for new in sched.new_requests:
             self._states[new.request_id] = _RequestState(list(new.token_ids), list(new.block_ids), new.params)
         for cached in sched.cached_requests:
             self._states[cached.request_id].block_ids.extend(cached.new_block_ids)
 
-    def _flatten(self, sched: SchedulerOutput) -> _HostBatch:
-        """The scheduled tokens of every request in one flat batch, with their KV slots."""
-        bs = self.block_size
-        b = _HostBatch([], [], [], [0], [], [], [], [])
+    def _flatten(self, sched: SchedulerOutput, drafts: dict[str, list[int]]
+                 ) -> tuple[HostBatch, list[str], list[list[int]]]:
+        """The scheduled tokens of every request in one flat batch, each followed by its proposals; the
+        requests that sample (those computed up to their last token) and their proposals, aligned."""
+        b = HostBatch(self.block_size)
+        sample_ids, proposed = [], []
         for rid, n in sched.num_scheduled_tokens.items():
             state = self._states[rid]
-            start = sched.num_computed_tokens[rid]
-            end = start + n
-            b.input_ids.extend(state.token_ids[start:end])
-            b.positions.extend(range(start, end))
-            table = state.block_ids
-            b.slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            b.query_start_loc.append(b.query_start_loc[-1] + n)
-            b.context_lens.append(end)
-            b.tables.append(table)
+            start, end = sched.num_computed_tokens[rid], sched.num_computed_tokens[rid] + n
+            props = drafts.get(rid, [])
+            samples = 0
             if end == len(state.token_ids):  # computed up to its last token: sample the next one
-                b.sample_rows.append(b.query_start_loc[-1] - 1)
-                b.sample_ids.append(rid)
-        return b
-
-    def _to_device(self, b: _HostBatch) -> tuple[StepInputs, torch.Tensor]:
-        """The batch's tensors on the model's device: int32 from one pinned buffer in one copy on CUDA
-        (with the triton kernels' `PagedBatch` as views of it), int64 built in place on CPU. Also returns
-        the sample rows [N] on the device."""
-        T, B = len(b.input_ids), len(b.context_lens)
-        W = max(len(t) for t in b.tables)
-        padded = [x for t in b.tables for x in (*t, *[0] * (W - len(t)))]  # [B * W]
-        parts = (b.input_ids, b.positions, b.slots, b.query_start_loc, b.context_lens, b.sample_rows, padded)
-        if self.device.type == "cuda":
-            staged = torch.tensor([x for p in parts for x in p], dtype=torch.int32, pin_memory=True)
-            flat = staged.to(self.device, non_blocking=True)
-        else:
-            flat = torch.tensor([x for p in parts for x in p], dtype=torch.long)
-        ids, pos, slots, qsl, ctx, rows, tables = flat.split([len(p) for p in parts])
-        tables = tables.view(B, W)
-        paged = PagedBatch(tables, ctx, qsl, max(b.query_start_loc[i + 1] - b.query_start_loc[i] for i in range(B)))
-        meta = AttentionMetadata(
-            query_start_loc=b.query_start_loc,
-            context_lens=b.context_lens,
-            slot_mapping=slots,
-            block_tables=tables,
-            paged_batch=paged if self.device.type == "cuda" else None,
-        )
-        decode = T == B and all(c > 1 for c in b.context_lens)
-        return StepInputs(ids, pos, meta, decode), rows
+                samples = len(props) + 1
+                sample_ids.append(rid)
+                proposed.append(props)
+            b.add(state.token_ids[start:end] + props, state.block_ids, start, samples)
+        return b, sample_ids, proposed

@@ -76,6 +76,11 @@ class EngineStats:
     num_prompt_tokens: int = 0  # prompt tokens computed since start (recomputation after preemption included)
     num_generated_tokens: int = 0  # tokens sampled since start
     step_num_tokens: int = 0  # tokens computed by the last step
+    prefix_cache_queries: int = 0  # tokens of admitted requests looked up in the prefix cache, since start
+    prefix_cache_hits: int = 0  # of those, tokens whose KV the cache held (not computed again)
+    spec_proposed_tokens: int = 0  # speculative decoding: proposed tokens verified, since start
+    spec_accepted_tokens: int = 0  # of those, accepted (each saves a decode step)
+    spec_verifications: int = 0  # request-steps that verified proposals: tokens per one = 1 + accepted / this
     step_latency_s: float = 0.0  # wall time of the last step
     router_counts: torch.Tensor | None = field(default=None, repr=False)  # [L, E] int64, the last step's
     offload: OffloadStats | None = None  # expert-store counters since start; None without offloading

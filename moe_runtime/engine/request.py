@@ -59,8 +59,10 @@ class Request:
 
     @property
     def max_num_tokens(self) -> int:
-        """Tokens this request may ever hold in the KV cache (the last sampled token is never cached)."""
-        return self.num_prompt_tokens + self.params.max_tokens - 1
+        """Tokens this request may ever hold in the KV cache (the last sampled token is never cached): it
+        stops at max_tokens outputs or at the context length, whichever comes first."""
+        most = self.num_prompt_tokens + self.params.max_tokens - 1
+        return most if self._max_len is None else min(most, self._max_len - 1)
 
     @property
     def finished(self) -> bool:

@@ -6,7 +6,10 @@ sampling from p. A seeded request takes its q from a counter-based hash of (seed
 token id) (`hash_uniform`), so its tokens depend on nothing else in the batch, on no generator state, nor on
 whether it was preempted and recomputed. Unseeded rows share one generator per sampler and device.
 
-NOTE(sampler) on the contract: `Sampler.__call__` reads the parameters from the host lists it is given and
+Speculative decoding verifies proposed tokens with `Sampler.verify` (the same parameters, one row per
+position a proposal is checked at): see its docstring for the rule, which keeps the model's distribution.
+
+NOTE(sampler) on the contract: `Sampler.__call__` and `verify` read the parameters from the host lists it is given and
 only queues device work (its host-to-device copies are pinned and non-blocking), so it never waits for the
 device; its result holds device tensors. `SampledTokens.to_host` is the step's one device-to-host copy and
 its one wait. Anything else the step wants on the host (the router counts) rides along via `to_host_with`.
@@ -18,59 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
+from moe_runtime.engine.draws import hash_uniform, seed_as_int64
 from moe_runtime.engine.outputs import TokenLogprob
 from moe_runtime.engine.sampling_params import SamplingParams
 
 # N rows (requests that sample this step), S of them not greedy, R of those truncated (top-k/p, min-p),
 # Z of those seeded, M rows that ask for logprobs, K the most alternatives any of them asks for, V vocab.
 
-_U64 = (1 << 64) - 1
-_GAMMA = 0x9E3779B97F4A7C15 - (1 << 64)  # splitmix64's odd increment (golden ratio), as a signed int64
-_MUL1 = 0xBF58476D1CE4E5B9 - (1 << 64)  # splitmix64's finalizer multipliers (Stafford's mix 13), signed
-_MUL2 = 0x94D049BB133111EB - (1 << 64)
 _NO_TOP_K = 1 << 62  # the top_k of a row without top-k: more than any vocabulary
-
-
-def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64: torch's `>>` is arithmetic, so clear the copied sign bits."""
-    return (z >> s) & ((1 << (64 - s)) - 1)
-
-
-def _mix64(z: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finalizer on int64 words, a bijection (int64 multiplication wraps mod 2**64)."""
-    z = (z ^ _shr(z, 30)) * _MUL1
-    z = (z ^ _shr(z, 27)) * _MUL2
-    return z ^ _shr(z, 31)
-
-
-def seed_as_int64(seed: int) -> int:
-    """Any Python int as the int64 with the same low 64 bits (seeds equal mod 2**64 draw alike)."""
-    return ((seed & _U64) ^ (1 << 63)) - (1 << 63)
-
-
-def hash_uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """u[z, t] in (0, 1) for token t of the row with seeds[z] at positions[z]: stateless and reproducible.
-
-    seeds, positions: [Z] int64 on any device (seeds reduced by `seed_as_int64`). Returns u [Z, V] float32
-    on that device. Each row is a splitmix64 stream that starts at a hash of (seed, position):
-        key = mix64(mix64(seed) ^ position)
-        u[t] = (top 24 bits of mix64(key + (t + 1) * GAMMA), the lowest of them set to 1) * 2**-24
-    so u takes the 2**23 odd multiples of 2**-24: never 0 or 1, and exact in float32. Only int64 arithmetic
-    (wrapping multiply, masked shifts) and one exact int -> float conversion: CPU and CUDA give bit-identical
-    u. Example: seed 0 at position 0 is splitmix64 seeded with 0, whose first word is 0xE220A8397B1DCDAF
-    (tests/engine/test_sampling.py also checks a pure-Python splitmix64):
-
-    >>> u = hash_uniform(torch.tensor([0]), torch.tensor([0]), 3)
-    >>> u
-    tensor([[0.8833, 0.4315, 0.0264]])
-    >>> u[0, 0].item() == 0xE220A9 / 2**24
-    True
-    """
-    key = _mix64(_mix64(seeds) ^ positions)  # [Z]
-    counter = torch.arange(1, vocab_size + 1, device=seeds.device) * _GAMMA  # [V], wraps
-    z = _mix64(key[:, None] + counter[None, :])  # [Z, V]
-    return (_shr(z, 40) | 1).to(torch.float32) * 2.0**-24  # [Z, V]
-
 
 @dataclass(frozen=True)
 class SampledTokens:
@@ -82,34 +40,47 @@ class SampledTokens:
     chosen_logprobs: torch.Tensor | None = None  # [M] fp32, log_softmax(raw logits) at the chosen token
     top_ids: torch.Tensor | None = None  # [M, K] int64, the K most likely tokens, most likely first
     top_logprobs: torch.Tensor | None = None  # [M, K] fp32, their logprobs
+    accepted: torch.Tensor | None = None  # [N] bool, from `Sampler.verify`: the row's proposal was accepted
 
     def to_host(self) -> tuple[list[int], list[TokenLogprob | None]]:
         """(token id of each row [N], its TokenLogprob or None where the row did not ask), through one
         device-to-host copy, which waits for the step's device work. On the CPU nothing is copied."""
-        token_ids, logprobs, _ = self._fetch(None)
+        token_ids, _, logprobs, _ = self._fetch(None)
         return token_ids, logprobs
 
     def to_host_with(self, extra: torch.Tensor) -> tuple[list[int], list[TokenLogprob | None], torch.Tensor]:
         """`to_host`, plus `extra` (int64 or float32, any shape, on the logits' device or the CPU; e.g. the
         step's router counts [L, E]) on the CPU, in the same single copy."""
-        return self._fetch(extra)
+        token_ids, _, logprobs, extra = self._fetch(extra)
+        return token_ids, logprobs, extra
 
-    def _fetch(self, extra: torch.Tensor | None) -> tuple[list[int], list[TokenLogprob | None], torch.Tensor | None]:
-        """Both of the above: `extra` on the CPU, or None when there is none."""
+    def to_host_verified(self, extra: torch.Tensor) -> tuple[list[int], list[bool], list[TokenLogprob | None],
+                                                              torch.Tensor]:
+        """`to_host_with` for the result of `Sampler.verify`: also whether each row's proposal was accepted."""
+        assert self.accepted is not None, "not a verification result"
+        token_ids, accepted, logprobs, extra = self._fetch(extra)
+        return token_ids, accepted, logprobs, extra
+
+    def _fetch(self, extra: torch.Tensor | None):
+        """All of the above: (tokens, accepted flags or None, logprobs, `extra` on the CPU or None)."""
         tensors = [self.token_ids]
+        if self.accepted is not None:
+            tensors.append(self.accepted.long())
         if self.logprob_rows:
             tensors += [self.chosen_logprobs, self.top_ids, self.top_logprobs]
         if extra is not None:
             tensors.append(extra)
         host = _one_copy_to_host(tensors)
         token_ids = host[0].tolist()
+        accepted = None if self.accepted is None else [bool(a) for a in host[1].tolist()]
+        at = 1 if self.accepted is None else 2  # where the logprob tensors start
         logprobs: list[TokenLogprob | None] = [None] * len(token_ids)
         if self.logprob_rows:
-            chosen, top_ids, top_vals = host[1].tolist(), host[2].tolist(), host[3].tolist()
+            chosen, top_ids, top_vals = host[at].tolist(), host[at + 1].tolist(), host[at + 2].tolist()
             for j, (row, n) in enumerate(zip(self.logprob_rows, self.num_top, strict=True)):
                 top = tuple(zip(top_ids[j][:n], top_vals[j][:n], strict=True))
                 logprobs[row] = TokenLogprob(token_ids[row], chosen[j], top)
-        return token_ids, logprobs, host[-1] if extra is not None else None
+        return token_ids, accepted, logprobs, host[-1] if extra is not None else None
 
 
 def _one_copy_to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -159,37 +130,65 @@ class Sampler:
             else:
                 tokens = logits.argmax(dim=-1)  # [N]; greedy rows keep this
                 tokens.index_copy_(0, sampled_idx, self._sample(logits.index_select(0, sampled_idx), rows))
-        if not lp_rows:
-            return SampledTokens(tokens)
-        every_row = len(lp_rows) == n
-        lp = torch.log_softmax(logits if every_row else logits.index_select(0, lp_idx), dim=-1)  # [M, V]
-        chosen = lp.gather(1, (tokens if every_row else tokens.index_select(0, lp_idx))[:, None]).squeeze(1)
-        num_top = tuple(params[i].logprobs for i in lp_rows)
-        top_logprobs, top_ids = lp.topk(max(num_top), dim=-1)  # [M, K]
-        return SampledTokens(tokens, tuple(lp_rows), num_top, chosen, top_ids, top_logprobs)
+        return _with_logprobs(logits, tokens, params, lp_rows, lp_idx)
+
+    def verify(self, logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
+               drafts: list[int]) -> SampledTokens:
+        """Check proposed tokens (speculative decoding): row i holds the logits for a position whose proposed
+        token is drafts[i], or -1 where none was proposed (the row after a request's last proposal). Returns
+        each row's token and whether its proposal is accepted (`SampledTokens.accepted`).
+
+        Greedy rows accept when the argmax is the proposal, and their token is the argmax. Sampled rows
+        accept with probability p(draft) under the row's distribution p (temperature, top-k/p, min-p), else
+        draw from p with the draft removed: for a deterministic proposal that is the rejection rule of
+        speculative sampling, so each emitted token is distributed exactly as without speculation. A row
+        without a proposal never accepts and draws from p. The caller keeps a request's tokens up to and
+        including its first row that does not accept. Example (greedy): argmaxes [5, 9, 4] for drafts
+        [5, 7, -1] give tokens [5, 9, 4], accepted [True, False, False]: the request emits 5, 9.
+        """
+        n = len(params)
+        assert logits.dim() == 2 and logits.shape[0] == n == len(positions) == len(drafts), (logits.shape, n)
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        draft, sampled_idx, lp_idx = _upload(logits.device, torch.int64, drafts, sampled, lp_rows)
+        tokens = logits.argmax(dim=-1)  # [N]
+        accepted = tokens == draft  # [N]; never for -1
+        if sampled:
+            rows = _SampleRows.upload([params[i] for i in sampled], [positions[i] for i in sampled], logits.device)
+            probs = _probs(logits.index_select(0, sampled_idx), rows)  # [S, V], truncated, not renormalized
+            u = self._uniforms(rows, probs.shape, logits.device)  # [S, V]
+            d = draft.index_select(0, sampled_idx)  # [S]
+            has = d >= 0
+            col = d.clamp(min=0)[:, None]  # [S, 1]
+            p_draft = probs.gather(1, col).squeeze(1)  # [S]
+            accept = has & (u.gather(1, col).squeeze(1) * probs.sum(dim=-1) < p_draft)  # u < p(d) / sum(p)
+            probs.scatter_(1, col, torch.where(has, 0.0, p_draft)[:, None])  # p without the draft
+            residual = probs.div_(u.log_().neg_()).argmax(dim=-1)  # [S]
+            tokens.index_copy_(0, sampled_idx, torch.where(accept, d, residual))
+            accepted.index_copy_(0, sampled_idx, accept)
+        out = _with_logprobs(logits, tokens, params, lp_rows, lp_idx)
+        return SampledTokens(out.token_ids, out.logprob_rows, out.num_top, out.chosen_logprobs, out.top_ids,
+                             out.top_logprobs, accepted)
 
     def _sample(self, logits: torch.Tensor, rows: _SampleRows) -> torch.Tensor:
         """The non-greedy rows: logits [S, V] float32 -> tokens [S] int64, on the logits' device."""
-        num_rows, vocab = logits.shape
-        probs = torch.softmax(logits / rows.temperature[:, None], dim=-1)  # [S, V]
-        num_truncated = rows.truncated.shape[0]  # R
-        if num_truncated == num_rows:
-            probs = _truncate(probs, rows.top_k, rows.top_p, rows.min_p)
-        elif num_truncated:
-            cut = _truncate(probs.index_select(0, rows.truncated), rows.top_k, rows.top_p, rows.min_p)  # [R, V]
-            probs.index_copy_(0, rows.truncated, cut)
+        probs = _probs(logits, rows)  # [S, V]
+        q = self._uniforms(rows, probs.shape, logits.device).log_().neg_()  # [S, V] ~ Exp(1)
+        return probs.div_(q).argmax(dim=-1)  # [S]
+
+    def _uniforms(self, rows: _SampleRows, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """u [S, V] in (0, 1): hashed for seeded rows, one generator draw for the others."""
+        num_rows, vocab = shape
         num_seeded = rows.seeded.shape[0]  # Z
         if num_seeded == num_rows:
-            q = hash_uniform(rows.seeds, rows.positions, vocab).log_().neg_()  # [S, V]
-        else:
-            # One draw for all unseeded rows. -log(U) is Exp(1), and on the CPU 6x faster than exponential_
-            # (1.7 vs 9.7 ms for [16, 32000]); U < 1, so q > 0 (U = 0 gives q = inf: that token scores 0).
-            q = torch.rand(num_rows - num_seeded, vocab, device=logits.device, generator=self._generator(logits.device))
-            q = q.log_().neg_()  # [S - Z, V]
-            if num_seeded:
-                q_seeded = hash_uniform(rows.seeds, rows.positions, vocab).log_().neg_()  # [Z, V]
-                q = torch.empty_like(probs).index_copy_(0, rows.unseeded, q).index_copy_(0, rows.seeded, q_seeded)
-        return probs.div_(q).argmax(dim=-1)  # [S]
+            return hash_uniform(rows.seeds, rows.positions, vocab)  # [S, V]
+        # One draw for all unseeded rows. -log(U) is Exp(1), and on the CPU 6x faster than exponential_
+        # (1.7 vs 9.7 ms for [16, 32000]); U < 1, so q > 0 (U = 0 gives q = inf: that token scores 0).
+        u = torch.rand(num_rows - num_seeded, vocab, device=device, generator=self._generator(device))  # [S - Z, V]
+        if num_seeded:
+            u_seeded = hash_uniform(rows.seeds, rows.positions, vocab)  # [Z, V]
+            u = torch.empty(shape, device=device).index_copy_(0, rows.unseeded, u).index_copy_(0, rows.seeded, u_seeded)
+        return u
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -227,6 +226,33 @@ class _SampleRows:
             [params[j].min_p for j in trunc],
         )
         return _SampleRows(temperature, truncated, top_k, top_p, min_p, seeded_idx, seeds, seeded_positions, unseeded)
+
+
+def _probs(logits: torch.Tensor, rows: _SampleRows) -> torch.Tensor:
+    """Each non-greedy row's distribution: softmax(logits / temperature) with top-k, top-p and min-p
+    applied (excluded tokens zeroed, not renormalized). logits: [S, V] float32 -> [S, V] float32."""
+    num_rows = logits.shape[0]
+    probs = torch.softmax(logits / rows.temperature[:, None], dim=-1)  # [S, V]
+    num_truncated = rows.truncated.shape[0]  # R
+    if num_truncated == num_rows:
+        return _truncate(probs, rows.top_k, rows.top_p, rows.min_p)
+    if num_truncated:
+        cut = _truncate(probs.index_select(0, rows.truncated), rows.top_k, rows.top_p, rows.min_p)  # [R, V]
+        probs.index_copy_(0, rows.truncated, cut)
+    return probs
+
+
+def _with_logprobs(logits: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams], lp_rows: list[int],
+                   lp_idx: torch.Tensor) -> SampledTokens:
+    """`tokens` [N] with the logprobs the rows in `lp_rows` ask for (log_softmax of the raw logits)."""
+    if not lp_rows:
+        return SampledTokens(tokens)
+    every_row = len(lp_rows) == len(params)
+    lp = torch.log_softmax(logits if every_row else logits.index_select(0, lp_idx), dim=-1)  # [M, V]
+    chosen = lp.gather(1, (tokens if every_row else tokens.index_select(0, lp_idx))[:, None]).squeeze(1)
+    num_top = tuple(params[i].logprobs for i in lp_rows)
+    top_logprobs, top_ids = lp.topk(max(num_top), dim=-1)  # [M, K]
+    return SampledTokens(tokens, tuple(lp_rows), num_top, chosen, top_ids, top_logprobs)
 
 
 def _upload(device: torch.device, dtype: torch.dtype, *lists: list) -> list[torch.Tensor]:

@@ -23,10 +23,11 @@ from moe_runtime.errors import RequestError
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, block_manager: BlockManager):
+    def __init__(self, cfg: EngineConfig, block_manager: BlockManager, num_spec_tokens: int = 0):
         self.max_num_seqs = cfg.max_num_seqs
         self.max_num_batched_tokens = cfg.max_num_batched_tokens
         self.block_manager = block_manager
+        self.num_spec_tokens = num_spec_tokens  # k of speculative decoding; 0: off
         self.requests: dict[str, Request] = {}  # every unfinished request, waiting or running
         self.waiting: deque[Request] = deque()  # FCFS; preempted requests go back to the front
         self.running: list[Request] = []  # in admission order: the newest is preempted first
@@ -36,6 +37,9 @@ class Scheduler:
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
         self.step_num_tokens = 0
+        self.num_spec_proposed = 0  # proposed tokens verified, since start
+        self.num_spec_accepted = 0  # of those, accepted
+        self.num_spec_verified = 0  # request-steps that verified at least one proposal
 
     def add(self, request: Request) -> None:
         """Queue a validated request. A duplicate id of an unfinished request is a `RequestError`."""
@@ -51,13 +55,22 @@ class Scheduler:
         # or everything again after preemption); a step grants each one up to what the budget allows.
         budget = self.max_num_batched_tokens
         scheduled: dict[str, int] = {}
+        spec: dict[str, int] = {}
         new_blocks: dict[str, list[int]] = {}
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens_owed, budget)
+            k = self._spec_budget(req, budget)
+            if k:
+                spec[req.request_id] = k
+                n += k  # room for k proposals in the budget and the KV cache; verified with the token owed
             while not self.block_manager.can_allocate(req.request_id, req.num_computed_tokens + n):
+                if k:  # speculation never preempts: drop it first
+                    n, k = n - k, 0
+                    del spec[req.request_id]
+                    continue
                 victim = self.running.pop()  # newest first; `req` itself is the last resort
                 self._preempt(victim)
                 preempted = True
@@ -66,28 +79,42 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING:
                 break  # preempted itself, so it was the newest running request
             new_blocks[req.request_id] = self.block_manager.allocate(req.request_id, req.num_computed_tokens + n)
-            scheduled[req.request_id] = n
+            scheduled[req.request_id] = n - k
             budget -= n
             i += 1
-        # Admit waiting requests in order, unless this step had to preempt (the cache is full).
+        # Admit waiting requests in order, unless this step had to preempt (the cache is full). A request
+        # starts after the longest prefix of full blocks the cache already holds (none without prefix caching).
         now = time.monotonic()
+        bm = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             req = self.waiting[0]
-            room = self.block_manager.num_free * self.block_manager.block_size  # tokens that fit
-            n = min(req.num_tokens_owed, budget, room)
+            cached = bm.match_prefix(req.token_ids)
+            done = len(cached) * bm.block_size  # tokens whose KV the cache holds
+            room = bm.num_free_besides(cached) * bm.block_size  # new tokens that fit
+            n = min(req.num_tokens - done, budget, room)
             if n == 0:
                 break
             self.waiting.popleft()
-            new_blocks[req.request_id] = self.block_manager.allocate(req.request_id, n)
+            bm.adopt(req.request_id, cached, req.num_tokens)
+            req.num_computed_tokens = done
+            new_blocks[req.request_id] = cached + bm.allocate(req.request_id, done + n)
             req.status = RequestStatus.RUNNING
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
             self.running.append(req)
             scheduled[req.request_id] = n
             budget -= n
-        return self._make_output(scheduled, new_blocks)
+        return self._make_output(scheduled, new_blocks, spec)
 
-    def _make_output(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]]) -> SchedulerOutput:
+    def _spec_budget(self, req: Request, budget: int) -> int:
+        """Proposals a running request may have verified this step: none mid-prompt, and never past its
+        max_tokens or the context (all k accepted plus one more token must still fit)."""
+        if not self.num_spec_tokens or req.num_tokens_owed != 1:
+            return 0
+        return max(0, min(self.num_spec_tokens, budget - 1, req.max_num_tokens - req.num_tokens))
+
+    def _make_output(self, scheduled: dict[str, int], new_blocks: dict[str, list[int]],
+                     spec: dict[str, int]) -> SchedulerOutput:
         new, cached = [], []
         for rid in scheduled:
             req = self.requests[rid]
@@ -99,25 +126,40 @@ class Scheduler:
                 self._worker_known.add(rid)
         dropped, self._dropped = self._dropped, set()
         computed = {rid: self.requests[rid].num_computed_tokens for rid in scheduled}
-        return SchedulerOutput(scheduled, computed, new, cached, dropped)
+        return SchedulerOutput(scheduled, computed, new, cached, dropped, spec)
 
     def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[RequestOutput]:
         """Advance computed tokens, append sampled ones, finish requests that stop; return their outputs."""
         now = time.monotonic()
         self.step_num_tokens = sched.total_num_scheduled_tokens
+        bm = self.block_manager
+        sampled = set(result.request_ids)
         for rid, n in sched.num_scheduled_tokens.items():
             req = self.requests.get(rid)
             if req is None or req.status is not RequestStatus.RUNNING:
                 continue  # aborted since it was scheduled
             self.num_prompt_tokens += max(0, min(n, req.num_prompt_tokens - req.num_computed_tokens))
             req.num_computed_tokens += n
+            if rid not in sampled:  # a prompt chunk: its full blocks are final now
+                bm.cache_full_blocks(rid, req.token_ids, req.num_computed_tokens)
         outputs = []
-        for rid, token_id, logprob in zip(result.request_ids, result.sampled_token_ids, result.logprobs, strict=True):
+        for i, (rid, tokens) in enumerate(zip(result.request_ids, result.sampled_token_ids, strict=True)):
             req = self.requests.get(rid)
             if req is None or req.status is not RequestStatus.RUNNING:
                 continue
-            self.num_generated_tokens += 1
-            req.append_token(token_id, logprob, now)
+            if result.num_proposed and result.num_proposed[i]:
+                self.num_spec_verified += 1
+                self.num_spec_proposed += result.num_proposed[i]
+                self.num_spec_accepted += len(tokens) - 1
+            logprobs = result.logprobs[i]
+            for j, token_id in enumerate(tokens):
+                if j:  # an accepted proposal before it: that one's KV was computed in this step's forward
+                    req.num_computed_tokens += 1
+                self.num_generated_tokens += 1
+                req.append_token(token_id, None if logprobs is None else logprobs[j], now)
+                if req.finished:
+                    break
+            bm.cache_full_blocks(rid, req.token_ids, req.num_computed_tokens)
             if req.finished:
                 self._release(req)
                 self.running.remove(req)
@@ -153,6 +195,11 @@ class Scheduler:
             num_prompt_tokens=self.num_prompt_tokens,
             num_generated_tokens=self.num_generated_tokens,
             step_num_tokens=self.step_num_tokens,
+            prefix_cache_queries=bm.queries,
+            prefix_cache_hits=bm.hits,
+            spec_proposed_tokens=self.num_spec_proposed,
+            spec_accepted_tokens=self.num_spec_accepted,
+            spec_verifications=self.num_spec_verified,
         )
 
     def _preempt(self, req: Request) -> None:

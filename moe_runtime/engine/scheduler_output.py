@@ -51,6 +51,9 @@ class SchedulerOutput:
     cached_requests: list[CachedRequestData]
     # Requests finished, aborted or preempted since the previous step: workers drop their state.
     finished_request_ids: set[str] = field(default_factory=set)
+    # Speculative decoding: request id -> most proposed tokens the runner may verify after its one scheduled
+    # token (its KV blocks cover them). Only requests at their last token; absent: none.
+    num_spec_tokens: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -63,13 +66,17 @@ class SchedulerOutput:
 
 @dataclass
 class ModelRunnerOutput:
-    """What one step produced: a sampled token for each request that reached the end of its tokens."""
+    """What one step produced: new tokens for each request that reached the end of its tokens."""
 
-    # Requests that got a new token, in batch order.
+    # Requests that got new tokens, in batch order.
     request_ids: list[str]
-    # The sampled token of each, aligned with request_ids.
-    sampled_token_ids: list[int]
-    # Logprobs of each sampled token, aligned with request_ids; None for requests that did not ask.
-    logprobs: list[TokenLogprob | None]
+    # The new tokens of each, aligned with request_ids: one, or with speculative decoding the accepted
+    # proposals and then one more token.
+    sampled_token_ids: list[list[int]]
+    # Logprobs of each new token, aligned with sampled_token_ids; None for requests that did not ask.
+    logprobs: list[list[TokenLogprob] | None]
     # [L, E] int64: tokens routed to each expert in this step (telemetry).
     router_counts: torch.Tensor | None = None
+    # Speculative decoding: proposals verified for each request, aligned with request_ids (accepted ones:
+    # len(sampled_token_ids[i]) - 1). Empty when the step had none.
+    num_proposed: list[int] = field(default_factory=list)

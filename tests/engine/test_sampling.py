@@ -9,7 +9,8 @@ import torch
 
 from moe_runtime.engine import sampler as sampler_module
 from moe_runtime.engine.detokenizer import IncrementalDetokenizer
-from moe_runtime.engine.sampler import Sampler, hash_uniform, seed_as_int64
+from moe_runtime.engine.draws import hash_uniform, seed_as_int64
+from moe_runtime.engine.sampler import Sampler
 from moe_runtime.engine.sampling_params import SamplingParams
 from moe_runtime.tokenizer import Tokenizer
 

@@ -34,7 +34,7 @@ class FakeRunner:
             assert n > 0
             if sched.num_computed_tokens[rid] + n == self.num_tokens[rid]:
                 ids.append(rid)
-                tokens.append(EOS if rid.startswith("eos") else 7)
+                tokens.append([EOS if rid.startswith("eos") else 7])
                 self.num_tokens[rid] += 1
         return ModelRunnerOutput(ids, tokens, [None] * len(ids))
 
