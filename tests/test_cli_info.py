@@ -33,3 +33,19 @@ def test_info_names_a_bad_model_path_in_one_line(tmp_path, capsys):
     assert main(["info", "--model", str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing/config.json: not found" in err
+
+
+def test_info_says_native_decode_off_for_a_family_it_does_not_implement(tmp_path, capsys):
+    """The native decode step implements Mixtral's decoder layer only: for Qwen3-MoE `info` must say the
+    engine runs it off (what `make_forward` does), not what the kernel choice alone would allow."""
+    from moe_runtime.presets.init_model import init_model
+
+    mixtral, qwen = init_model("tiny", tmp_path / "mixtral"), init_model("tiny-qwen3moe", tmp_path / "qwen")
+    lines = {}
+    for name, model in (("mixtral", mixtral), ("qwen", qwen)):
+        assert main(["info", "--model", str(model), "--set", "model.device=cpu", "--set", "model.dtype=bfloat16",
+                     "--set", f"engine.cpu_plan_dir={json.dumps(str(tmp_path / 'plans'))}"]) == 0
+        lines[name] = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("kernels: "))
+    assert lines["qwen"].endswith("native decode steps off")
+    if cpu.available():
+        assert lines["mixtral"].endswith("native decode steps on")

@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from moe_runtime.engine.parts import choose_kernels, cpu_plan
     from moe_runtime.kernels import cpu
     from moe_runtime.kernels.cpu.dispatch import machine_key
+    from moe_runtime.model.registry import family
     from moe_runtime.presets.configs import preset_config
 
     overrides = list(args.overrides)
@@ -50,14 +51,16 @@ def run(args: argparse.Namespace) -> int:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     print(f"GPU: {gpu}")
     kernels = choose_kernels(cfg.model, device, dtype)
+    # The native decode step implements some families' decoder layers only (engine/parts.make_forward).
+    native_decode = kernels.native_decode and family(model_cfg).native_decode
     print(f"model: {cfg.model.path or 'the mini preset'} ({model_cfg.num_hidden_layers} layers, hidden "
           f"{model_cfg.hidden_size}, {model_cfg.num_local_experts} experts); {device}, {dtype}")
     print(f"kernels: attention {kernels.attention}, norm {kernels.norm}, linear {kernels.linear}, "
           f"MoE {kernels.moe}; huge pages {'on' if kernels.huge_pages else 'off'}; native decode steps "
-          f"{'on' if kernels.native_decode else 'off'}")
+          f"{'on' if native_decode else 'off'}")
     plan = cpu_plan(kernels, model_cfg, dtype, cfg.engine)
     if plan is not None:
         print(plan.describe())
-        if plan.decode is None:
+        if plan.decode is None and native_decode:
             print("decode step: measured on the loaded model at the engine's first start")
     return 0
