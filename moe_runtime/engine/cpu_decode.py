@@ -1,7 +1,8 @@
 """Decode steps on CPU in native calls: the model's layers in four calls each instead of ~120 torch ops.
 
-When every sequence of a step adds one token to its cached context (and the CPU fast paths are on:
-`model.exact: false`, 16-bit weights, the native kernels built), each layer runs as
+When every sequence of a step adds one token to its cached context, or a few (a speculative verification:
+the last token and its proposals), and the CPU fast paths are on (`model.exact: false`, 16-bit weights, the
+native kernels built), each layer runs as
 
     x = rms_norm(h)                                  # kernels/cpu/rms_norm.cpp
     a = attention_decode(x, ...)                     # q/k/v, RoPE, cache write, paged attention, o_proj
@@ -9,10 +10,16 @@ When every sequence of a step adds one token to its cached context (and the CPU 
     y = moe_decode(x, ...)                           # router, top-k, experts, weighted sum
     x = rms_norm(y, next layer's / final weight, residual=h)
 
-which is `MixtralForCausalLM.forward` with the same rounding points as the CPU parts' torch ops (`cpu`
-attention, the `cpu` MoE backend), only in other summation orders. Why: at batch 1 on the 2-core AVX2 EPYC
+which is `MixtralForCausalLM`'s forward with the same rounding points as the CPU parts' torch ops (`cpu`
+attention, the `cpu` MoE backend), only in other summation orders. Mixtral's layer only: `make_forward`
+builds this for families whose `model.registry.Family.native_decode` says their layer is exactly this one
+(no q/k norms, biases, shared experts or dense layers; renormalized top-k); the others decode eagerly. Why: at batch 1 on the 2-core AVX2 EPYC
 the torch ops around the GEMVs took ~5 ms of a 36 ms step (~250 small ops and their dtype conversions);
 these calls cost well under 1 ms (docs/benchmarks.md, Engine).
+
+A sequence with several new tokens becomes one row per token, each with the sequence's block table and
+its own context length (its position + 1): `attention_decode` writes every row's keys and values before it
+attends, so row j sees the tokens before it and itself, which is causal attention over the step.
 
 Layers whose experts are not local on the `cpu` MoE backend (offloaded, or another backend chosen in the
 config) keep their `SparseMoeBlock` (the attention and norms stay native).
@@ -39,6 +46,9 @@ from moe_runtime.model.mixtral import MixtralForCausalLM
 # 1 thread and 194 vs 157 with 2 against the torch ops (bench/engine_throughput.py --batches 64, same
 # session); beyond that, not measured.
 MAX_TOKENS = 64
+# Most new tokens of one sequence in a native step: a verification's last token and up to
+# `speculative.num_tokens` (<= 16) proposals. A prompt (nothing cached before the step) always runs eagerly.
+MAX_QUERY = 17
 
 
 @dataclass(frozen=True)
@@ -70,12 +80,18 @@ class CpuDecodeForward:
         n = inputs.input_ids.shape[0]
         if not self.applies(n, inputs.meta) or (self.plan is not None and self.plan.choice(n) != "native"):
             return self.eager(inputs)
-        return self.decode(inputs.input_ids, inputs.positions, inputs.meta)
+        return self.decode(inputs.input_ids, inputs.positions, per_token(inputs.meta))
 
     @staticmethod
     def applies(num_tokens: int, meta: AttentionMetadata) -> bool:
-        """A decode step it can run: a KV cache, one new token per sequence, at most MAX_TOKENS of them."""
-        return meta.block_tables is not None and 0 < num_tokens <= MAX_TOKENS and meta.num_seqs == num_tokens
+        """A step it can run: a KV cache, at most MAX_TOKENS new tokens, and each sequence adding one token,
+        or up to MAX_QUERY to a context cached before the step (a speculative verification)."""
+        if meta.block_tables is None or not 0 < num_tokens <= MAX_TOKENS:
+            return False
+        if meta.num_seqs == num_tokens:
+            return True
+        qsl, ctx = meta.query_start_loc, meta.context_lens
+        return all(0 < qsl[b + 1] - qsl[b] <= MAX_QUERY and ctx[b] > qsl[b + 1] - qsl[b] for b in range(len(ctx)))
 
     def _plan(self, i: int) -> _Layer:
         layer = self.model.layers[i]
@@ -94,7 +110,7 @@ class CpuDecodeForward:
     def decode(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """input_ids, positions: [T], one token of each of T sequences. Returns (final hidden [T, D],
+        """input_ids, positions: [T]; `meta` with one row per token (`per_token`). Returns (final hidden [T, D],
         router counts [L, E])."""
         m = self.model
         h = m.embed_tokens(input_ids)  # [T, D], the residual stream, updated in place by rms_norm
@@ -130,6 +146,20 @@ class CpuDecodeForward:
             w, eps = layers[i + 1].norm_attn if i + 1 < len(layers) else (m.norm.weight, m.norm.eps)
             x = cpu.rms_norm(y, w, eps, residual=h)  # h += y; [T, D]
         return x, counts
+
+
+def per_token(meta: AttentionMetadata) -> AttentionMetadata:
+    """`meta` with one row per new token: token j of a sequence with n new tokens and context c gets the
+    sequence's block table and context c - n + 1 + j. A decode step (one token each) is returned as it is."""
+    if meta.num_seqs == meta.slot_mapping.shape[0]:
+        return meta
+    qsl, rows, context_lens = meta.query_start_loc, [], []
+    for b, c in enumerate(meta.context_lens):
+        n = qsl[b + 1] - qsl[b]
+        rows += [b] * n
+        context_lens += range(c - n + 1, c + 1)
+    return AttentionMetadata(list(range(len(rows) + 1)), context_lens, meta.slot_mapping,
+                             meta.block_tables[torch.tensor(rows)])
 
 
 def plan_decode(model: MixtralForCausalLM, kv_caches: list[KVCache], max_batch: int, context: int = 64) -> RowPlan:

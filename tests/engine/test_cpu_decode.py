@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moe_runtime.checkpoint.loader import load_model
-from moe_runtime.engine.cpu_decode import MAX_TOKENS, CpuDecodeForward, plan_decode
+from moe_runtime.engine.cpu_decode import MAX_QUERY, MAX_TOKENS, CpuDecodeForward, plan_decode
 from moe_runtime.engine.forward import StepInputs
 from moe_runtime.engine.kv_cache import allocate_kv_cache
 from moe_runtime.kernels import cpu
@@ -108,8 +108,12 @@ def test_applies_to_decode_steps_only(tiny_model_dir):
     ids, positions, meta = _decode_inputs(tables, [0, 2])
     assert CpuDecodeForward.applies(2, meta)
     assert not CpuDecodeForward.applies(2, AttentionMetadata.for_prompts([1, 1]))  # no cache: whole prompts
-    mixed = AttentionMetadata([0, 1, 3], [7, 13], torch.tensor([6, 75, 76]), tables[[0, 2]])
-    assert not CpuDecodeForward.applies(3, mixed)  # a prompt chunk in the step
+    prompt = AttentionMetadata([0, 1, 3], [7, 2], torch.tensor([6, 32, 33]), tables[[0, 1]])
+    assert not CpuDecodeForward.applies(3, prompt)  # a whole prompt in the step (nothing cached before it)
+    verify = AttentionMetadata([0, 1, 3], [7, 13], torch.tensor([6, 75, 76]), tables[[0, 2]])
+    assert CpuDecodeForward.applies(3, verify)  # two new tokens after a cached context: a verification
+    long = AttentionMetadata([0, 1, 1 + MAX_QUERY + 1], [7, 40], torch.arange(MAX_QUERY + 2), tables[[0, 2]])
+    assert not CpuDecodeForward.applies(MAX_QUERY + 2, long)  # more new tokens than a verification has
     many = AttentionMetadata(
         list(range(MAX_TOKENS + 2)), [2] * (MAX_TOKENS + 1), None, tables[[0] * (MAX_TOKENS + 1)]
     )
@@ -158,3 +162,61 @@ def test_the_decode_plan_sends_each_batch_size_its_way(tiny_model_dir):
         forward(StepInputs(ids, positions, meta, decode=True))
     assert ran == ["eager"]  # the batch of two only
     assert plan_decode(model, kv, max_batch=4).bounds == (1, 2, 4)
+
+
+def _verification(tables, new):
+    """Sequence b adds new[b] tokens after its prompt: (ids [T], positions [T], meta)."""
+    ids, positions, slots, qsl, ctx = [], [], [], [0], []
+    for b, n in new.items():
+        start = len(PROMPTS[b])
+        for pos in range(start, start + n):
+            ids.append(600 + 7 * b + pos)
+            positions.append(pos)
+            slots.append(int(tables[b, pos // BLOCK]) * BLOCK + pos % BLOCK)
+        qsl.append(qsl[-1] + n)
+        ctx.append(start + n)
+    return torch.tensor(ids), torch.tensor(positions), AttentionMetadata(qsl, ctx, torch.tensor(slots), tables[list(new)])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_verification_step_is_the_tokens_decoded_one_at_a_time(tiny_model_dir, dtype):
+    """A speculative verification (sequences adding 3, 1 and 5 tokens to their cached prompts) runs natively,
+    one row per token with its own context length: every token's hidden state and KV rows are those of
+    decoding the tokens one step at a time (the same native calls), so attention over the step is causal."""
+    model, kv, tables = _prefilled(tiny_model_dir, dtype)
+    new = {0: 3, 1: 1, 2: 5}
+    ids, positions, meta = _verification(tables, new)
+    assert CpuDecodeForward.applies(len(ids), meta)
+    kv_steps = [(k.clone(), v.clone()) for k, v in kv]
+    got, got_counts = _native(model, ids, positions, meta, kv)
+
+    rows, want, want_counts = [], torch.empty_like(got), torch.zeros_like(got_counts)
+    for b, n in new.items():
+        rows += [(b, j) for j in range(n)]
+    for j in range(max(new.values())):  # step j: the j-th new token of every sequence that has one
+        step = [t for t, (b, jj) in enumerate(rows) if jj == j]
+        seqs = [rows[t][0] for t in step]
+        meta_j = AttentionMetadata(list(range(len(step) + 1)), [int(positions[t]) + 1 for t in step],
+                                   meta.slot_mapping[step], tables[seqs])
+        want[step], counts = _native(model, ids[step], positions[step], meta_j, kv_steps)
+        want_counts += counts
+    torch.testing.assert_close(got, want, atol=1e-2, rtol=0)  # bf16 rounding of the same sums
+    assert torch.equal(got_counts, want_counts)
+    for (k, v), (k_ref, v_ref) in zip(kv, kv_steps, strict=True):
+        torch.testing.assert_close(k, k_ref, atol=1e-2, rtol=0)
+        torch.testing.assert_close(v, v_ref, atol=1e-2, rtol=0)
+
+
+def test_verification_step_is_close_to_the_torch_ops(tiny_model_dir):
+    """Against the eager ops, whose multi-token attention rounds scores to bf16 where the native kernel keeps
+    fp32: final hidden states within atol 5e-2; KV rows after the first layer carry that difference."""
+    model, kv, tables = _prefilled(tiny_model_dir)
+    ids, positions, meta = _verification(tables, {0: 3, 1: 1, 2: 5})
+    kv_ref = [(k.clone(), v.clone()) for k, v in kv]
+    got, _ = _native(model, ids, positions, meta, kv)
+    want = _torch_ops(model, ids, positions, meta, kv_ref)
+    torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=0)
+    assert torch.equal(kv[0][0], kv_ref[0][0]) and torch.equal(kv[0][1], kv_ref[0][1])  # layer 0: exact
+    for (k, v), (k_ref, v_ref) in zip(kv[1:], kv_ref[1:], strict=True):
+        torch.testing.assert_close(k.float(), k_ref.float(), atol=5e-2, rtol=0)
+        torch.testing.assert_close(v.float(), v_ref.float(), atol=5e-2, rtol=0)
