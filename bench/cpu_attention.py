@@ -22,7 +22,7 @@ from cpu_linear import compare  # bench/ is the script's folder, first on sys.pa
 from moe_runtime.config import ModelConfig
 from moe_runtime.kernels import cpu
 from moe_runtime.kernels.attention import AttentionMetadata
-from moe_runtime.model.mixtral import Attention, RotaryEmbedding
+from moe_runtime.model.layers import Attention, RotaryEmbedding
 from moe_runtime.model.parts import ModelParts
 from moe_runtime.presets.configs import preset_config
 

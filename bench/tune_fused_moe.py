@@ -38,6 +38,10 @@ from moe_runtime.kernels.triton.fused_moe import fused_moe_triton_fp32
 SHAPES = {
     "mixtral": dict(H=4096, I=14336, E=8, k=2),
     "mini": dict(H=1024, I=3584, E=8, k=2),
+    # the other families' released shapes (configs/models/ holds Qwen3-30B-A3B's config.json)
+    "qwen3-30b-a3b": dict(H=2048, I=768, E=128, k=8),
+    "qwen1.5-moe-a2.7b": dict(H=2048, I=1408, E=60, k=4),
+    "olmoe-1b-7b": dict(H=2048, I=1024, E=64, k=8),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

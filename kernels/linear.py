@@ -1,9 +1,10 @@
-"""How a dense projection multiplies, `x @ w.T`: one API, kernels chosen once per layer.
+"""How a dense projection multiplies, `x @ w.T (+ b)`: one API, kernels chosen once per layer.
 
 A kernel object (`make_linear(name)`, one per projection: some keep state derived from their weight) is
-called as `kernel(x, w)` -> [M, N] in x's dtype (after `kernel.prepare(w)` once the weight is loaded), `kernel.fp32(x, w)` -> [M, N] float32 without the final
-rounding (the LM head's logits), and `kernel.stacked(x, w, sizes)` for several projections stacked in one
-weight (q, k, v): [M, sum(sizes)].
+called as `kernel(x, w, b=None)` -> [M, N] in x's dtype (after `kernel.prepare(w)` once the weight is
+loaded), `kernel.fp32(x, w)` -> [M, N] float32 without the final rounding (the LM head's logits), and
+`kernel.stacked(x, w, sizes, b=None)` for several projections stacked in one weight (q, k, v): [M, sum(sizes)].
+A bias b [N] is added before the one rounding to x's dtype, as `nn.Linear` does (q/k/v biases of Qwen2-MoE).
     torch  torch's GEMM; stacked projections run one GEMM each, so the result is the reference
            implementation's bit for bit (one GEMM over the stack may sum in another order on some CPUs)
     fused  torch's GEMM; stacked projections in one GEMM (GPUs: one launch instead of three)
@@ -35,34 +36,39 @@ class LinearKernel(Protocol):
     def prepare(self, w: torch.Tensor) -> None:
         """Build whatever the kernel derives from its weight, once the weight is loaded."""
 
-    def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def fp32(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor: ...
 
-    def stacked(self, x: torch.Tensor, w: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor: ...
+    def stacked(self, x: torch.Tensor, w: torch.Tensor, sizes: tuple[int, ...],
+                b: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 class TorchLinear:
-    """x: [M, K]; w: [N, K] -> [M, N] in x's dtype, torch's GEMM."""
+    """x: [M, K]; w: [N, K]; b: [N] or None -> [M, N] in x's dtype, torch's GEMM."""
 
     def prepare(self, w: torch.Tensor) -> None:
         return None  # nothing derived from the weight
 
-    def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, w)
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, w, b)
 
     def fp32(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.linear(x, w).float()
 
-    def stacked(self, x: torch.Tensor, w: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
-        return torch.cat([F.linear(x, part) for part in w.split(sizes)], dim=-1)  # [M, sum(sizes)]
+    def stacked(self, x: torch.Tensor, w: torch.Tensor, sizes: tuple[int, ...],
+                b: torch.Tensor | None = None) -> torch.Tensor:
+        biases = [None] * len(sizes) if b is None else b.split(sizes)
+        return torch.cat([F.linear(x, part, bias) for part, bias in zip(w.split(sizes), biases, strict=True)],
+                         dim=-1)  # [M, sum(sizes)]
 
 
 class FusedLinear(TorchLinear):
     """`TorchLinear` with stacked projections in one GEMM."""
 
-    def stacked(self, x: torch.Tensor, w: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
-        return F.linear(x, w)
+    def stacked(self, x: torch.Tensor, w: torch.Tensor, sizes: tuple[int, ...],
+                b: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, w, b)
 
 
 class CpuLinear(FusedLinear):
@@ -107,15 +113,17 @@ class CpuLinear(FusedLinear):
         choice = self.rows.choice(rows)
         return "bf16" if choice == "native" and not _native_available() else choice
 
-    def __call__(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         choice = self._choice(x.shape[0], w)
         if choice == "native":
             from moe_runtime.kernels import cpu
 
+            if b is not None:  # the native kernel has no bias: add it before the one rounding
+                return (cpu.linear_fp32(x, w) + b.float()).to(x.dtype)
             return cpu.linear(x, w)  # fp32 accumulation, rounded once to x's dtype
         if choice == "fp32":
-            return F.linear(x.float(), self._copy(w)).to(x.dtype)
-        return F.linear(x, w)
+            return F.linear(x.float(), self._copy(w), None if b is None else b.float()).to(x.dtype)
+        return F.linear(x, w, b)
 
     def fp32(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         choice = self._choice(x.shape[0], w)
@@ -127,8 +135,9 @@ class CpuLinear(FusedLinear):
             return F.linear(x.float(), self._copy(w))  # [M, N], no 16-bit rounding
         return F.linear(x, w).float()
 
-    def stacked(self, x: torch.Tensor, w: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
-        return self(x, w)
+    def stacked(self, x: torch.Tensor, w: torch.Tensor, sizes: tuple[int, ...],
+                b: torch.Tensor | None = None) -> torch.Tensor:
+        return self(x, w, b)
 
 
 def _cpu_16bit(w: torch.Tensor) -> bool:

@@ -10,6 +10,8 @@ import pytest
 from moe_runtime.config import ModelConfig, RuntimeConfig, load_config
 from moe_runtime.errors import ConfigError
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # The published config.json of Mixtral-8x7B-v0.1 (no weights), shipped for dummy-weight runs and planning.
 FIXTURE = Path(__file__).resolve().parents[1] / "configs" / "models" / "mixtral-8x7b-v0.1" / "config.json"
 MIXTRAL = json.loads(FIXTURE.read_text())
@@ -45,7 +47,8 @@ def test_eos_list():
 
 
 HF_ERRORS = (
-    ({"architectures": ["LlamaForCausalLM"]}, r"architectures=\['LlamaForCausalLM'\].*allowed: \['MixtralForCausalLM'\]"),
+    ({"architectures": ["LlamaForCausalLM"]}, r"architectures=\['LlamaForCausalLM'\].*allowed: \['MixtralForCausalLM', "
+                                              r"'Qwen2MoeForCausalLM', 'Qwen3MoeForCausalLM', 'OlmoeForCausalLM'\]"),
     ({"hidden_act": "gelu"}, r"hidden_act='gelu' is not supported; allowed: \['silu'\]"),
     ({"rope_scaling": {"rope_type": "yarn"}}, r"rope_type='yarn' is not supported; allowed: \['default'\]"),
     ({"num_experts_per_tok": 5}, r"num_experts_per_tok \(5\) must be <= num_local_experts \(4\)"),
@@ -80,7 +83,8 @@ YAML_ERRORS = (
     ("executor: ray\noffload:\n  enabled: true\n  resident_experts_per_layer: 4\n",
      r"executor='ray' with offload\.enabled=true is not supported"),
     ("- a\n- b\n", r"top level must be a mapping of sections, got list"),
-    ("engine: [\n", r"not valid YAML"),
+    ("engine: [\n", r"not valid YAML \(expected the node content, but found '<stream end>' at line 2, column 1"),
+    ("cache:\n  memory_bytes: lots\n", r"cache\.memory_bytes='lots': expected bytes as an integer or with a unit"),
 )
 
 
@@ -112,3 +116,27 @@ def test_configs_are_frozen():
     cfg = load_config()
     with pytest.raises(Exception, match="frozen"):
         cfg.engine.max_num_seqs = 3
+
+
+def test_tiny_cpu_yaml_is_what_serve_runs_with_no_config():
+    """configs/tiny-cpu.yaml spells out the defaults; it must never drift from them."""
+    assert load_config(ROOT / "configs" / "tiny-cpu.yaml") == load_config()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_loads(path):
+    load_config(path)
+
+
+def test_yaml_errors_are_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("server:\n  port: 1\n   host: x\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "\n" not in str(err.value) and "at line 3, column 8" in str(err.value)
+
+
+def test_request_and_response_limits_and_cache_bytes():
+    cfg = load_config(overrides=["server.max_request_bytes=65536", "cache.memory_bytes=64MiB"])
+    assert (cfg.server.max_request_bytes, cfg.server.max_message_bytes) == (65536, 4 * 2**20)
+    assert cfg.cache.memory_bytes == 64 * 2**20

@@ -1,8 +1,10 @@
-"""Top-k softmax routing (Mixtral): softmax over experts, keep the k largest, renormalize them to sum to 1.
+"""Top-k softmax routing: softmax over experts, keep the k largest, and renormalize them to sum to 1
+(Mixtral, Qwen3-MoE with `norm_topk_prob`) or keep their probabilities over all E (Qwen2-MoE, OLMoE).
 
 Renormalized top-k of a softmax equals a softmax over the k largest logits alone, so the kernel never
-forms the full distribution: it picks the k largest logits by repeated argmax and normalizes those.
-Reference: `reference.route_reference(logits, top_k, renormalize=True)`.
+forms the full distribution: it picks the k largest logits by repeated argmax and normalizes those; without
+renormalizing the normalizer is the sum over the whole row instead.
+Reference: `reference.route_reference(logits, top_k, renormalize)`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def _topk_softmax_kernel(
     stride_le,
     # Meta-parameters
     K: tl.constexpr,
+    RENORMALIZE: tl.constexpr,  # normalize over the K picks (True) or over all E experts (False)
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,  # next power of two >= E
 ):
@@ -42,15 +45,19 @@ def _topk_softmax_kernel(
     x = tl.where(offs_e[None, :] < E, x, float("-inf"))  # padded experts never win; rows past T stay finite
 
     # -----------------------------------------------------------
-    # Pass 1: the normalizer, the sum of exp over the K largest logits (shifted by the row max, so exp
-    # never overflows). Argmax breaks ties towards the lower expert id, as torch.topk does on CPU.
+    # Pass 1: the normalizer, the sum of exp over the K largest logits, or over the whole row (shifted by
+    # the row max, so exp never overflows; padded experts add exp(-inf) = 0). Argmax breaks ties towards the
+    # lower expert id, as torch.topk does on CPU.
     row_max = tl.max(x, axis=1)  # [BLOCK_T]
-    denom = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    rest = x
-    for _ in tl.static_range(K):
-        best = tl.argmax(rest, axis=1)  # [BLOCK_T]
-        denom += tl.exp(tl.max(rest, axis=1) - row_max)
-        rest = tl.where(offs_e[None, :] == best[:, None], float("-inf"), rest)
+    if RENORMALIZE:
+        denom = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        rest = x
+        for _ in tl.static_range(K):
+            best = tl.argmax(rest, axis=1)  # [BLOCK_T]
+            denom += tl.exp(tl.max(rest, axis=1) - row_max)
+            rest = tl.where(offs_e[None, :] == best[:, None], float("-inf"), rest)
+    else:
+        denom = tl.sum(tl.exp(x - row_max[:, None]), axis=1)  # [BLOCK_T]
 
     # -----------------------------------------------------------
     # Pass 2: the same picks again, now written out normalized (recomputing E <= 256 compares is cheaper
@@ -63,10 +70,12 @@ def _topk_softmax_kernel(
         x = tl.where(offs_e[None, :] == best[:, None], float("-inf"), x)
 
 
-def topk_softmax(router_logits: torch.Tensor, top_k: int) -> RoutingResult:
-    """Mixtral routing on the GPU. router_logits: [T, E] float; returns weights [T, k] fp32, ids [T, k] int32.
+def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool = True) -> RoutingResult:
+    """`route_reference` on the GPU. router_logits: [T, E] float; returns weights [T, k] fp32, ids [T, k]
+    int32, ids by descending weight.
 
-    Example: logits [[0, 2, 1, -1]] with top_k=2 give ids [[1, 2]] and weights [[0.7311, 0.2689]].
+    Example: logits [[0, 2, 1, -1]] with top_k=2 give ids [[1, 2]] and weights [[0.7311, 0.2689]]
+    renormalized, [[0.6439, 0.2369]] (their softmax probabilities over all four) otherwise.
     """
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits must be [T, E], got shape {tuple(router_logits.shape)}")
@@ -82,6 +91,6 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int) -> RoutingResult:
         router_logits, weights, ids,
         T, E,
         router_logits.stride(0), router_logits.stride(1),
-        K=top_k, BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(E),
+        K=top_k, RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(E),
     )  # fmt: skip
     return RoutingResult(weights=weights, ids=ids)

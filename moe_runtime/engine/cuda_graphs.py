@@ -23,12 +23,12 @@ import torch
 from moe_runtime.engine.forward import EagerForward, StepInputs
 from moe_runtime.kernels.attention import AttentionMetadata, KVCache
 from moe_runtime.kernels.attention_reference import PagedBatch
-from moe_runtime.model.experts import router_counts
-from moe_runtime.model.mixtral import MixtralForCausalLM
+from moe_runtime.model.causal_lm import CausalLM
 
 # B sequences (one token each), P the bucket B is padded to, W block-table width, D hidden, L layers
 
-# Runs a captured bucket again on what the static buffers hold now: (hidden [P, D], routing ids L x [P, A]).
+# Runs a captured bucket again on what the static buffers hold now: (hidden [P, D], routing ids of each sparse
+# layer [P, A]).
 Replay = Callable[[], tuple[torch.Tensor, list[torch.Tensor]]]
 
 
@@ -48,7 +48,7 @@ class CudaGraphForward:
     """Captured decode steps for batches up to `max_batch` sequences whose block tables fit `table_width`
     blocks; every other step runs eagerly."""
 
-    def __init__(self, model: MixtralForCausalLM, kv_caches: list[KVCache], max_batch: int, table_width: int):
+    def __init__(self, model: CausalLM, kv_caches: list[KVCache], max_batch: int, table_width: int):
         self.model, self.kv_caches = model, kv_caches
         self.eager = EagerForward(model, kv_caches)
         self.max_batch, self.table_width = max_batch, table_width
@@ -79,9 +79,6 @@ class CudaGraphForward:
         """The model's arguments for a bucket: views of the static buffers."""
         return self.input_ids[:size], self.positions[:size], self._meta(size), self.kv_caches
 
-    def _routing(self) -> list[torch.Tensor]:
-        return [layer.block_sparse_moe.experts.last_routing for layer in self.model.layers]
-
     def _record(self, size: int) -> Replay:
         """Capture the forward of `size` one-token sequences on the static buffers."""
         args = self._args(size)
@@ -91,7 +88,7 @@ class CudaGraphForward:
         with torch.cuda.graph(graph, pool=self._pool):
             hidden = self.model(*args)  # [P, D], in the graph's memory
         self._pool = graph.pool()
-        routing = self._routing()  # the captured routing ids, rewritten by each replay
+        routing = self.model.routings()  # the captured routing ids, rewritten by each replay
 
         def replay() -> tuple[torch.Tensor, list[torch.Tensor]]:
             graph.replay()
@@ -121,5 +118,5 @@ class CudaGraphForward:
             self.slot_mapping[B:size].fill_(-1)
             self.context_lens[B:size].zero_()
         hidden, routing = self.replays[size]()
-        counts = router_counts(routing, self.model.config.num_local_experts, B)  # [L, E], padding rows left out
+        counts = self.model.router_counts(B, routing)  # [L, E], padding rows left out
         return hidden[:B], counts

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 
 from moe_runtime.kernels.attention import AttentionMetadata, KVCache
-from moe_runtime.model.mixtral import MixtralForCausalLM
+from moe_runtime.model.causal_lm import CausalLM
 
 # T flat tokens, B sequences, D hidden, L layers, E experts
 
@@ -37,7 +37,7 @@ class StepForward(Protocol):
 
 
 class EagerForward:
-    def __init__(self, model: MixtralForCausalLM, kv_caches: list[KVCache]):
+    def __init__(self, model: CausalLM, kv_caches: list[KVCache]):
         self.model, self.kv_caches = model, kv_caches
 
     def __call__(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:

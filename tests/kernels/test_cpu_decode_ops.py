@@ -17,7 +17,7 @@ from moe_runtime.config import ModelConfig
 from moe_runtime.kernels import cpu
 from moe_runtime.kernels.attention import AttentionMetadata
 from moe_runtime.kernels.reference import fused_moe_reference_fp32, route_reference
-from moe_runtime.model.mixtral import Attention, RMSNorm, RotaryEmbedding
+from moe_runtime.model.layers import Attention, RMSNorm, RotaryEmbedding
 from moe_runtime.model.parts import ModelParts
 from moe_runtime.presets.configs import preset_config
 

@@ -51,7 +51,7 @@ class EagerReplays(CudaGraphForward):
 
         def replay() -> tuple[torch.Tensor, list[torch.Tensor]]:
             hidden = self.model(*args)
-            return hidden, self._routing()
+            return hidden, self.model.routings()
 
         return replay
 

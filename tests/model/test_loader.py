@@ -130,7 +130,8 @@ def test_bad_config_is_a_checkpoint_error(single):
     cfg["architectures"] = ["LlamaForCausalLM"]
     (single / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"config\.json: architectures=\['LlamaForCausalLM'\].*allowed: "
-                                              r"\['MixtralForCausalLM'\]"):
+                                              r"\['MixtralForCausalLM', 'Qwen2MoeForCausalLM', 'Qwen3MoeForCausalLM', "
+                                              r"'OlmoeForCausalLM'\]"):
         load_model(single)
 
 

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import GenerationConfig
+from parity_cases import NEW_TOKENS, PROMPT, greedy_paged, greedy_recompute, hf_greedy
 from transformers import MixtralForCausalLM as HFMixtral
 
 from moe_runtime.checkpoint.loader import load_model
 from moe_runtime.kernels.attention import AttentionMetadata
 from moe_runtime.presets.configs import preset_config
 from moe_runtime.presets.init_model import write_checkpoint
-
-NEW_TOKENS = 32
-PROMPT = [1, 17, 245, 3, 99, 870, 12, 5, 640, 33, 7]
 
 # name, preset overrides, shard size (None: one file). Odd: hidden not a power of two, one kv head,
 # 6 experts, intermediate not a multiple of 64, tied embeddings. The sharded one also has top-3 routing
@@ -44,45 +41,6 @@ def checkpoint(request, tmp_path_factory):
 
 def hf_model(path, dtype):
     return HFMixtral.from_pretrained(path, dtype=dtype).eval()
-
-
-def hf_greedy(model, prompt, n):
-    gen = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), generation_config=gen)
-    return out[0, len(prompt):].tolist()
-
-
-def greedy_recompute(model, prompt, n):
-    ids = list(prompt)
-    for _ in range(n):
-        h = model(torch.tensor(ids), torch.arange(len(ids)), AttentionMetadata.for_prompts([len(ids)]))
-        ids.append(int(model.compute_logits(h[-1:]).argmax(-1)))
-    return ids[len(prompt):]
-
-
-def greedy_paged(model, prompt, n, block_size=4):
-    """Prefill then one-token decode steps through a paged KV cache whose blocks are shuffled."""
-    cfg = model.config
-    num_blocks = (len(prompt) + n) // block_size + 2
-    caches = [
-        (torch.zeros(num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, dtype=model.dtype),
-         torch.zeros(num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, dtype=model.dtype))
-        for _ in range(cfg.num_hidden_layers)
-    ]
-    table = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0))[None, :]  # [1, blocks]
-    ids, out = list(prompt), []
-    step_ids, start = list(prompt), 0
-    for _ in range(n):
-        positions = torch.arange(start, start + len(step_ids))
-        slots = table[0, positions // block_size] * block_size + positions % block_size
-        meta = AttentionMetadata([0, len(step_ids)], [start + len(step_ids)], slots, table)
-        h = model(torch.tensor(step_ids), positions, meta, caches)
-        token = int(model.compute_logits(h[-1:]).argmax(-1))
-        out.append(token)
-        ids.append(token)
-        start, step_ids = len(ids) - 1, [token]
-    return out
 
 
 def test_logits_match_fp32(checkpoint):

@@ -14,7 +14,7 @@ from moe_runtime.kernels.attention_reference import rope_reference as apply_rota
 from moe_runtime.kernels.torch_attention import attention
 from moe_runtime.kernels.triton.kv_write import kv_write
 from moe_runtime.kernels.triton.rope_kv_write import rope_kv_write
-from moe_runtime.model.mixtral import RotaryEmbedding
+from moe_runtime.model.layers import RotaryEmbedding
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

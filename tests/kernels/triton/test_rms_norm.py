@@ -12,7 +12,7 @@ import torch
 
 from moe_runtime.kernels.norm import rms_norm_reference
 from moe_runtime.kernels.triton.rms_norm import rms_norm
-from moe_runtime.model.mixtral import RMSNorm
+from moe_runtime.model.layers import RMSNorm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
