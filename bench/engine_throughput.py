@@ -23,6 +23,11 @@ the faster of a bf16 GEMM (oneDNN's AVX512-BF16 / AMX path where the CPU has it)
 weights a token multiplies: the non-expert weights, the head, top-k experts per layer). The table gives ours
 as a % of the lower of the two floors. The header names the CPU and its ISA flags (the plan of kernels the
 engine measured on it is logged at start-up; `moe-runtime info` prints it).
+
+Quantized experts: with `--set model.quantization=int8` (or fp8) a second engine of the same config with
+16-bit experts runs in the same process, taking turns with the quantized one, and a second table gives
+both engines' prefill and decode tok/s and their ratio (the issue's target: int8 decode at batch 1 >= 1.7x
+bf16). Bytes per step count the quantized experts at their size (values and scales).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from moe_runtime.config import load_config
 from moe_runtime.engine.llm_engine import LLMEngine
 from moe_runtime.engine.sampling_params import SamplingParams
 from moe_runtime.kernels.cpu.dispatch import machine_key
+from moe_runtime.kernels.quant import QuantizedWeight
 
 
 @dataclass
@@ -103,7 +109,11 @@ def make_prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[lis
 def weight_bytes(model) -> tuple[int, int]:
     """(bytes of the weights every step reads, bytes of one expert of one layer)."""
     experts = model.layers[0].block_sparse_moe.experts
-    expert = (experts.w13[0].numel() + experts.w2[0].numel()) * experts.w13.element_size()
+    w13, w2 = experts.w13[0], experts.w2[0]
+    if isinstance(w13, QuantizedWeight):
+        expert = w13.nbytes() + w2.nbytes()
+    else:
+        expert = (w13.numel() + w2.numel()) * w13.element_size()
     dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                 if "w13" not in n and "w2" not in n and "embed_tokens" not in n)
     return dense, expert
@@ -173,30 +183,43 @@ def main() -> None:
     model_dir = ensure_checkpoint(args.model, args.preset)
     batches = [int(b) for b in args.batches.split(",")]
     sets = [f"model.path={model_dir}", "model.device=cpu", f"engine.max_num_seqs={max(batches)}", *args.overrides]
-    engine = LLMEngine(load_config(overrides=sets))
+    cfg = load_config(overrides=sets)
+    engine = LLMEngine(cfg)
+    scheme = cfg.model.quantization
+    base = LLMEngine(load_config(overrides=[*sets, "model.quantization=none"])) if scheme != "none" else None
     vocab = engine.model_config.vocab_size
     args.machine, args.peak = machine_key(), max(compute_peak())
     args.token_flops = flops_per_token(engine.model_config)
     hf, impl = (None, "-") if args.no_baseline else load_hf(model_dir)
     warm = make_prompts(2, 16, vocab, seed=99)
     run_ours(engine, warm, 4)
+    if base is not None:
+        run_ours(base, warm, 4)
     if hf is not None:
         run_hf(hf, warm, 4)
-    rows = []
+    rows, quant_rows = [], []
     for batch in batches:
         prompts = make_prompts(batch, args.prompt_len, vocab)
-        ours, theirs, bandwidth = [], [], 0.0
+        ours, theirs, sixteen, bandwidth = [], [], [], 0.0
         for r in range(args.repeats):
             gc.collect()
             bandwidth = max(bandwidth, read_bandwidth())
             ours.append(run_ours(engine, prompts, args.new_tokens))
             _progress(f"batch {batch} round {r + 1}: ours", ours[-1])
+            if base is not None:
+                gc.collect()
+                sixteen.append(run_ours(base, prompts, args.new_tokens))
+                _progress(f"batch {batch} round {r + 1}: ours, 16-bit experts", sixteen[-1])
             if hf is not None:
                 gc.collect()
                 theirs.append(run_hf(hf, prompts, args.new_tokens))
                 _progress(f"batch {batch} round {r + 1}: transformers", theirs[-1])
         rows.append(_row(batch, args, ours, theirs, bandwidth))
+        if base is not None:
+            quant_rows.append(_row(batch, args, ours, sixteen, bandwidth))
     _print(rows, impl, args)
+    if base is not None:
+        _print_quantized(quant_rows, scheme, args)
 
 
 def _progress(what: str, t: Timing) -> None:
@@ -238,6 +261,21 @@ def _print(rows, impl, args) -> None:
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
+
+
+def _print_quantized(rows, scheme: str, args) -> None:
+    """Ours with quantized experts against ours with 16-bit ones (the `t_*` fields hold the 16-bit run)."""
+    lines = [f"\nexperts {scheme} vs 16-bit, same engine config, same process, taking turns",
+             f"| batch | prefill tok/s {scheme} | 16-bit | ratio | decode tok/s {scheme} | 16-bit | ratio |",
+             "|" + "---|" * 7]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['o_pre']:.0f} | {r['t_pre']:.0f} | {r['o_pre'] / r['t_pre']:.2f}x "
+                     f"| {r['o_dec']:.1f} | {r['t_dec']:.1f} | {r['o_dec'] / r['t_dec']:.2f}x |")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with args.out.open("a") as f:
+            f.write(text + "\n")
 
 
 if __name__ == "__main__":

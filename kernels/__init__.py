@@ -1,11 +1,14 @@
 """MoE kernels: top-k routing and the fused expert MLP over tokens grouped by expert.
 
 The public API (the model, the expert store and the runtime's config use only this):
-    route(router_logits[T, E], top_k, renormalize=True) -> RoutingResult
+    route(router_logits[T, E], top_k, renormalize=True) -> RoutingResult (softmax scoring)
     fused_moe_fp32(hidden[T, H], w13[S, 2I, H], w2[S, H, I], routing, *, slot_map=None, backend="auto")
         -> [T, H] fp32: each token's k weighted pairs summed in fp32, not rounded (expert-parallel shares)
     fused_moe(...same...) -> [T, H] in hidden's dtype: fused_moe_fp32 rounded once
     BACKEND_NAMES: the names `backend` may take ("auto" first)
+w13 and w2 are 16/32-bit stacks or, for quantized experts, `quant.QuantizedWeight`s (int8 / fp8 values
+with an fp32 scale per row); every backend takes both ("reference" and "torch" dequantize per expert, "cpu"
+runs int8 natively; "triton" takes 16-bit weights only so far).
 
 Backends (`backends.BACKENDS`, each one function with `fused_moe_fp32`'s contract): "triton" (CUDA, or CPU
 under TRITON_INTERPRET=1), "torch" (fastest exact CPU path), "cpu" (torch with native expert GEMMs for small
@@ -42,14 +45,17 @@ __all__ = [
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool = True) -> RoutingResult:
-    """Softmax, top-k and renormalize. router_logits: [T, E]; returns weights [T, k] fp32, ids [T, k] int32.
+    """Softmax scoring over the E experts, top-k, and optionally renormalize the k weights to sum to 1.
 
-    On CUDA, Mixtral's renormalized routing runs as one Triton kernel; everything else uses the reference.
+    router_logits: [T, E]; returns weights [T, k] fp32, ids [T, k] int32. The variants: Mixtral and
+    Qwen3-MoE with `norm_topk_prob` renormalize; Qwen2-MoE and OLMoE keep the softmax probabilities of the
+    whole row (`renormalize=False`). Shared experts are not routed (the model adds them outside). On CUDA
+    both variants run as one Triton kernel; elsewhere the reference.
     """
-    if router_logits.is_cuda and renormalize:
+    if router_logits.is_cuda:
         from moe_runtime.kernels.triton.topk_softmax import topk_softmax  # lazy, see backends.py
 
-        return topk_softmax(router_logits, top_k)
+        return topk_softmax(router_logits, top_k, renormalize)
     return route_reference(router_logits, top_k, renormalize)
 
 

@@ -17,6 +17,7 @@ import torch
 
 from moe_runtime.kernels.cpu.dispatch import RowPlan
 from moe_runtime.kernels.cpu.moe import CpuMoe, fused_moe_cpu_fp32
+from moe_runtime.kernels.quant import QuantizedWeight
 from moe_runtime.kernels.reference import RoutingResult, fused_moe_reference_fp32
 from moe_runtime.kernels.torch_moe import fused_moe_torch_fp32
 
@@ -41,6 +42,10 @@ UNAVAILABLE_BACKENDS: dict[str, str] = {
 
 
 def _triton(hidden, w13, w2, routing, slot_map):
+    if isinstance(w13, QuantizedWeight):
+        # TODO(kernels, issue 20): the w8a16 / FP8 Triton grouped GEMMs. Until then quantized experts run the
+        # torch backend's arithmetic (each routed expert dequantized), correct but slower than 16 bits.
+        return fused_moe_torch_fp32(hidden, w13, w2, routing, slot_map)
     from moe_runtime.kernels.triton.fused_moe import fused_moe_triton_fp32
 
     return fused_moe_triton_fp32(hidden, w13, w2, routing, slot_map)

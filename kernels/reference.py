@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moe_runtime.kernels.quant import QuantizedWeight
+
 
 @dataclass(frozen=True)
 class RoutingResult:
@@ -36,7 +38,8 @@ class RoutingResult:
 
 
 def route_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool = True) -> RoutingResult:
-    """Softmax over experts (fp32), top-k, then renormalize the k weights to sum to 1, as Mixtral does.
+    """Softmax over experts (fp32), top-k, then (renormalize) scale the k weights to sum to 1, as Mixtral
+    does; without renormalizing they stay the row's softmax probabilities (Qwen2-MoE, OLMoE).
 
     router_logits: [T, E] any float dtype.
 
@@ -44,6 +47,9 @@ def route_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool =
         >>> r = route_reference(torch.tensor([[0.0, 2.0, 1.0, -1.0]]), top_k=2)
         >>> r.ids.tolist(), [round(w, 4) for w in r.weights[0].tolist()]
         ([[1, 2]], [0.7311, 0.2689])
+        >>> r = route_reference(torch.tensor([[0.0, 2.0, 1.0, -1.0]]), top_k=2, renormalize=False)
+        >>> r.ids.tolist(), [round(w, 4) for w in r.weights[0].tolist()]
+        ([[1, 2]], [0.6439, 0.2369])
     """
     probs = torch.softmax(router_logits.float(), dim=-1)  # [T, E]
     weights, ids = torch.topk(probs, top_k, dim=-1)  # [T, k]
@@ -54,8 +60,8 @@ def route_reference(router_logits: torch.Tensor, top_k: int, renormalize: bool =
 
 def fused_moe_reference_fp32(
     hidden: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
+    w13: torch.Tensor | QuantizedWeight,
+    w2: torch.Tensor | QuantizedWeight,
     routing: RoutingResult,
     slot_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -75,7 +81,13 @@ def fused_moe_reference_fp32(
     bf16 outputs match them bit for bit. Expert-parallel ranks each compute the pairs they own (the others
     dropped through `slot_map`), sum these fp32 partials and round once: for top-2 routing that is exactly
     the one-rank result, since each token's sum then has one nonzero addition.
+
+    Quantized experts (`quant.QuantizedWeight`, 8-bit values and per-row scales) are defined as the same
+    arithmetic on their dequantized weights (data * scale in fp32, rounded once to hidden's dtype): this is
+    what every backend's quantized path is tested against, and what the accuracy gate compares with 16 bits.
     """
+    if isinstance(w13, QuantizedWeight):
+        w13, w2 = w13.dequantize(hidden.dtype), w2.dequantize(hidden.dtype)
     T, H = hidden.shape
     S = w13.shape[0]
     ids = routing.ids.long()  # [T, k]

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from moe_runtime.kernels.quant import QuantizedWeight
 from moe_runtime.kernels.reference import RoutingResult
 
 ExpertMlp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -38,8 +39,9 @@ UPCAST_MIN_ROWS = 16
 UPCAST_CHUNK = 1 << 20
 
 
-def _upcast_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w.T in fp32 without an fp32 copy of all of w. x: [n, K] fp32; w: [N, K] 16-bit -> [n, N] fp32."""
+def _upcast_linear(x: torch.Tensor, w: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    """x @ w.T in fp32 without an fp32 copy of all of w. x: [n, K] fp32; w: [N, K] 16-bit, or 8-bit with
+    per-row scales (each chunk dequantized: values times scales, in fp32) -> [n, N] fp32."""
     N, K = w.shape
     out = torch.empty(x.shape[0], N, dtype=torch.float32, device=x.device)
     step = max(1, UPCAST_CHUNK // K)
@@ -47,7 +49,10 @@ def _upcast_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     for start in range(0, N, step):
         end = min(start + step, N)
         chunk = buf[: end - start]
-        chunk.copy_(w[start:end])
+        if isinstance(w, QuantizedWeight):
+            torch.mul(w.data[start:end], w.scale[start:end, None], out=chunk)
+        else:
+            chunk.copy_(w[start:end])
         torch.mm(x, chunk.T, out=out[:, start:end])
     return out
 
@@ -95,7 +100,16 @@ def fused_moe_torch_fp32(
     groups of >= UPCAST_MIN_ROWS rows on CPU, which are computed in fp32: more accurate than the reference,
     and within a few output ulps of it once rounded.
     """
+    if isinstance(w13, QuantizedWeight):
+        return run_experts_fp32(hidden, w13, w2, routing, slot_map, expert_mlp_dequantized)
     return run_experts_fp32(hidden, w13, w2, routing, slot_map, _expert_mlp)
+
+
+def expert_mlp_dequantized(rows: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight) -> torch.Tensor:
+    """One expert with 8-bit weights on torch's kernels: dequantized to rows' dtype (the reference's
+    weights), then `_expert_mlp`. Reads the 8-bit weights and writes and reads 16-bit ones: slower than
+    16-bit weights; the portable path (kernels/cpu and Triton read the 8 bits directly)."""
+    return _expert_mlp(rows, w13.dequantize(rows.dtype), w2.dequantize(rows.dtype))
 
 
 def run_experts_fp32(

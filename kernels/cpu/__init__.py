@@ -11,6 +11,10 @@
 All share the GEMM core in gemv.h (small_m_tiles.h for two or more rows, vec.h for the AVX2 basics;
 numerics.h for rounding and SiLU).
 
+The MoE ops also take int8 experts (`kernels.quant.QuantizedWeight` with int8 data for w13 and w2: the
+values widened in registers, fp32 accumulation, each output column times its row's scale before the
+rounding; half the bytes of bf16 read per token).
+
 w is bfloat16 or float16 with unit stride along K (expert slices w13[s] of stacked tensors qualify); x may
 be any float dtype and any row stride. Every product accumulates in fp32 and is rounded where torch rounds
 (once per GEMM, to the activation dtype), so results differ from torch's 16-bit GEMMs only by summation
@@ -35,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from moe_runtime.kernels.quant import QuantizedWeight
+
 __all__ = [
     "available",
     "linear",
@@ -44,6 +50,7 @@ __all__ = [
     "moe_decode",
     "attention_decode",
     "rms_norm",
+    "dequantize",
     "extension",
 ]
 
@@ -55,6 +62,7 @@ SOURCES = [
     "moe_decode.cpp",
     "attention_decode.cpp",
     "rms_norm.cpp",
+    "quant.cpp",
 ]  # + the headers gemv.h, small_m_tiles.h, vec.h, numerics.h
 _NAME = "moe_runtime_cpu_small_m"
 _FLAGS = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP in torch's CPU build; AVX2 is per function
@@ -109,17 +117,29 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return extension().linear_fp32(x, w).to(x.dtype)
 
 
-def expert_mlp(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def _split(w13, w2) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(w13 values, w2 values, the scales as keyword arguments: none for 16-bit weights)."""
+    if isinstance(w13, QuantizedWeight):
+        if not isinstance(w2, QuantizedWeight) or w13.dtype != torch.int8 or w2.dtype != torch.int8:
+            raise TypeError(f"native CPU experts take 16-bit or int8 weights, got {w13.dtype} and {w2.dtype}")
+        return w13.data, w2.data, {"s13": w13.scale, "s2": w2.scale}
+    return w13, w2, {}
+
+
+def expert_mlp(rows: torch.Tensor, w13: torch.Tensor | QuantizedWeight, w2: torch.Tensor | QuantizedWeight
+               ) -> torch.Tensor:
     """w2 @ (silu(w1 @ x) * (w3 @ x)) for one expert: rows [n, H]; w13 [2I, H]; w2 [H, I] -> [n, H].
 
     In rows' dtype, rounded where the torch backend rounds (`torch_moe._expert_mlp`: each GEMM's result,
-    SiLU, the product); only the GEMMs' summation order differs.
+    SiLU, the product); only the GEMMs' summation order differs. int8 weights: see the module docstring.
     """
-    return extension().expert_mlp(rows, w13, w2)
+    w13, w2, scales = _split(w13, w2)
+    return extension().expert_mlp(rows, w13, w2, **scales)
 
 
 def moe_fp32(
-    hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
+    hidden: torch.Tensor, w13: torch.Tensor | QuantizedWeight, w2: torch.Tensor | QuantizedWeight,
+    slots: torch.Tensor, weights: torch.Tensor,
 ) -> torch.Tensor:
     """A MoE layer in one native call, each expert group through `expert_mlp`; meant for decode.
 
@@ -128,25 +148,39 @@ def moe_fp32(
     k weighted expert outputs summed in k order, not rounded. Example (T=1, k=2, slots [[3, -1]],
     weights [[0.7, 0.3]]): 0.7 * expert_3(hidden[0]); the dropped pair adds nothing.
     """
-    return extension().moe_fp32(hidden, w13, w2, slots, weights)
+    w13, w2, scales = _split(w13, w2)
+    return extension().moe_fp32(hidden, w13, w2, slots, weights, **scales)
 
 
 def moe_decode(
     hidden: torch.Tensor,
     gate: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
+    w13: torch.Tensor | QuantizedWeight,
+    w2: torch.Tensor | QuantizedWeight,
     top_k: int,
     counts: torch.Tensor,
 ) -> torch.Tensor:
     """A whole sparse MoE block for a few tokens in one native call: route, then `moe_fp32`, rounded once.
 
     hidden [T, H] (16-bit, or fp32 values); gate [E, H] the router's weight; w13 [E, 2I, H], w2 [E, H, I]
-    (16-bit, contiguous, every expert resident); counts [E] int64, incremented in place by the tokens
+    (16-bit or int8 `QuantizedWeight`s, contiguous, every expert resident); counts [E] int64, incremented in place by the tokens
     routed to each expert. Routing as `reference.route_reference` (router logits rounded to hidden's dtype,
     fp32 softmax, top-k with ties to the lower id, renormalized). Returns [T, H] in hidden's dtype.
     """
-    return extension().moe_decode(hidden, gate, w13, w2, top_k, counts)
+    if isinstance(w13, QuantizedWeight) and w13.dtype != torch.int8:  # FP8: no native kernel, torch's ops
+        return _moe_decode_torch(hidden, gate, w13, w2, top_k, counts)
+    w13, w2, scales = _split(w13, w2)
+    return extension().moe_decode(hidden, gate, w13, w2, top_k, counts, **scales)
+
+
+def _moe_decode_torch(hidden, gate, w13, w2, top_k, counts) -> torch.Tensor:
+    """`moe_decode` on torch's ops: the same routing, each routed expert dequantized (FP8 experts)."""
+    from moe_runtime.kernels.reference import route_reference
+    from moe_runtime.kernels.torch_moe import expert_mlp_dequantized, run_experts_fp32
+
+    routing = route_reference(torch.nn.functional.linear(hidden, gate.to(hidden.dtype)), top_k)
+    counts += torch.bincount(routing.ids.flatten().long(), minlength=counts.numel())
+    return run_experts_fp32(hidden, w13, w2, routing, None, expert_mlp_dequantized).to(hidden.dtype)
 
 
 def attention_decode(
@@ -179,10 +213,17 @@ def attention_decode(
     )  # fmt: skip
 
 
+def dequantize(w: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """`w.dequantize(dtype)` (the same bits) for int8 `w` in one native pass; other `w` through torch."""
+    if w.dtype != torch.int8 or not w.data.is_contiguous() or not available():
+        return w.dequantize(dtype)
+    return extension().dequantize(w.data, w.scale.contiguous(), dtype)
+
+
 def rms_norm(
     x: torch.Tensor, w: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """`model.mixtral.RMSNorm` of x [T, D] with weight w [D] (one dtype, contiguous) -> [T, D].
+    """`model.layers.RMSNorm` of x [T, D] with weight w [D] (one dtype, contiguous) -> [T, D].
 
     With `residual` [T, D]: first residual += x in place (rounded to the dtype, as `h = h + x`), then the
     new residual is normalized. Example: h = embed(ids); x = rms_norm(h, w1, eps); ...;

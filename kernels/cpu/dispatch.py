@@ -186,16 +186,26 @@ def plan_linear(n: int, k: int, dtype: torch.dtype, max_rows: int, native: bool)
     return RowPlan(buckets(max_rows), tuple(choices))
 
 
-def plan_expert(hidden: int, inter: int, dtype: torch.dtype, max_rows: int, native: bool) -> RowPlan:
-    """The fastest of native / bf16 / fp32 for one expert's SwiGLU MLP over a group of rows."""
+def plan_expert(hidden: int, inter: int, dtype: torch.dtype, max_rows: int, native: bool,
+                weights: str = "none") -> RowPlan:
+    """The fastest of native / bf16 / fp32 for one expert's SwiGLU MLP over a group of rows, activations in
+    `dtype`. weights: "none" (16-bit experts in `dtype`) or "int8" (kernels/quant.py; then `bf16` is the
+    expert dequantized to `dtype` and torch's GEMMs, `fp32` dequantized chunk by chunk, as kernels/cpu/moe.py
+    runs them)."""
     from moe_runtime.kernels import cpu
-    from moe_runtime.kernels.cpu.moe import expert_mlp_16bit, expert_mlp_fp32
+    from moe_runtime.kernels.cpu.moe import _expert_mlp_dequantized_native, expert_mlp_16bit, expert_mlp_fp32
+    from moe_runtime.kernels.quant import quantize
 
-    pairs = list(zip(_cold_copies((2 * inter, hidden), dtype), _cold_copies((hidden, inter), dtype), strict=False))
+    w13s, w2s = _cold_copies((2 * inter, hidden), dtype), _cold_copies((hidden, inter), dtype)
+    pairs = list(zip(w13s, w2s, strict=False))
+    sixteen = expert_mlp_16bit
+    if weights == "int8":  # as many int8 copies, so twice the bytes-per-copy margin over the caches
+        pairs = [(quantize(a, "int8"), quantize(b, "int8")) for a, b in pairs]
+        sixteen = _expert_mlp_dequantized_native
     choices = []
     for rows in buckets(max_rows):
         x = torch.randn(rows, hidden).to(dtype) / 4
-        cands = {"bf16": _Cycle(pairs, lambda p, x=x: expert_mlp_16bit(x, *p)),
+        cands = {"bf16": _Cycle(pairs, lambda p, x=x: sixteen(x, *p)),
                  "fp32": _Cycle(pairs, lambda p, x=x: expert_mlp_fp32(x, *p))}
         if native and rows <= NATIVE_MAX_ROWS:
             cands["native"] = _Cycle(pairs, lambda p, x=x: cpu.expert_mlp(x, *p))

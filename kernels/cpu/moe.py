@@ -9,6 +9,12 @@ enough for `native` (decode: T * k rows in all), the whole layer is one native c
 same arithmetic without the Python per-expert loop). fp32 weights, and `native` where the native kernels
 did not build, take the torch backend's path.
 
+int8 experts (`kernels.quant.QuantizedWeight`) take the same plan with the same choice names: `native` the
+native kernels on the int8 values (dequantized in registers), `bf16` the expert dequantized to the
+activation dtype and torch's GEMMs, `fp32` dequantized chunk by chunk to fp32 (the plan is measured on int8
+weights then: `dispatch.plan_expert(..., weights="int8")`). FP8 experts take the torch backend's path
+(dequantized per expert; no native FP8 kernel on CPU).
+
 Not bit-identical to the reference: the same rounding points, but fp32 accumulation in another order
 (tests/kernels/test_cpu_moe.py states the tolerance). `model.exact: true` keeps the `torch` backend.
 """
@@ -19,8 +25,15 @@ import torch
 
 from moe_runtime.kernels import cpu
 from moe_runtime.kernels.cpu.dispatch import RowPlan
+from moe_runtime.kernels.quant import QuantizedWeight
 from moe_runtime.kernels.reference import RoutingResult
-from moe_runtime.kernels.torch_moe import _expert_mlp, expert_mlp_16bit, expert_mlp_fp32, run_experts_fp32
+from moe_runtime.kernels.torch_moe import (
+    _expert_mlp,
+    expert_mlp_16bit,
+    expert_mlp_dequantized,
+    expert_mlp_fp32,
+    run_experts_fp32,
+)
 
 # What runs without a measured plan (the registered `cpu` backend, offloaded and sharded experts): the
 # switch points of the 2-core AVX2 EPYC it was tuned on. One mini expert (H 1024, I 3584, bf16),
@@ -40,22 +53,35 @@ class CpuMoe:
         self.native_upto = next((b for b, c in zip(self.plan.bounds, self.plan.choices, strict=True)
                                  if c != "native"), self.plan.bounds[-1] + 1) - 1
         self._impls = {"native": self._native, "bf16": expert_mlp_16bit, "fp32": expert_mlp_fp32}
+        self._impls_int8 = {"native": self._native, "bf16": _expert_mlp_dequantized_native, "fp32": expert_mlp_fp32}
 
     def __call__(
         self,
         hidden: torch.Tensor,
-        w13: torch.Tensor,
-        w2: torch.Tensor,
+        w13: torch.Tensor | QuantizedWeight,
+        w2: torch.Tensor | QuantizedWeight,
         routing: RoutingResult,
         slot_map: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden [T, H]; w13 [S, 2I, H]; w2 [S, H, I]; routing ids/weights [T, k]; slot_map [E] or None.
         Returns [T, H] float32, not rounded. CPU tensors."""
+        if isinstance(w13, QuantizedWeight):
+            return self._quantized(hidden, w13, w2, routing, slot_map)
         if not _is_16bit(w13):
             return run_experts_fp32(hidden, w13, w2, routing, slot_map, _expert_mlp)
         if hidden.shape[0] * routing.top_k <= self.native_upto and cpu.available():
             return cpu.moe_fp32(hidden, w13, w2, routing.slots(slot_map), routing.weights)
         return run_experts_fp32(hidden, w13, w2, routing, slot_map, self._expert)
+
+    def _quantized(self, hidden, w13: QuantizedWeight, w2: QuantizedWeight, routing, slot_map) -> torch.Tensor:
+        if w13.dtype != torch.int8 or not cpu.available():
+            return run_experts_fp32(hidden, w13, w2, routing, slot_map, expert_mlp_dequantized)
+        if hidden.shape[0] * routing.top_k <= self.native_upto:
+            return cpu.moe_fp32(hidden, w13, w2, routing.slots(slot_map), routing.weights)
+        return run_experts_fp32(hidden, w13, w2, routing, slot_map, self._expert_int8)
+
+    def _expert_int8(self, rows: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight) -> torch.Tensor:
+        return self._impls_int8[self.plan.choice(rows.shape[0])](rows, w13, w2)
 
     def _expert(self, rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
         """One expert: rows [n, H]; w13 [2I, H]; w2 [H, I] -> [n, H], on the plan's choice for n rows."""
@@ -66,6 +92,13 @@ class CpuMoe:
         if cpu.available():
             return cpu.expert_mlp(rows, w13, w2)
         return _expert_mlp(rows, w13, w2)
+
+
+def _expert_mlp_dequantized_native(rows: torch.Tensor, w13: QuantizedWeight, w2: QuantizedWeight) -> torch.Tensor:
+    """`expert_mlp_dequantized` with the expert dequantized in one native pass (the same weights, bits and
+    all): torch's 16-bit GEMMs on it at any row count (oneDNN's AVX512-BF16 / AMX where the CPU has them;
+    the plan's `fp32` choice is the chunked fp32 alternative)."""
+    return expert_mlp_16bit(rows, cpu.dequantize(w13, rows.dtype), cpu.dequantize(w2, rows.dtype))
 
 
 fused_moe_cpu_fp32 = CpuMoe()  # the registered backend: the default plan

@@ -9,11 +9,18 @@
 // each GEMM result rounded to the activation dtype, SiLU and the gate * up product in it, the routing
 // weight applied in fp32 and the k pairs of a token summed in fp32 in k order, rounded once at the end by
 // the caller. Only the GEMMs' summation order differs (tests/kernels/test_cpu_moe.py).
+//
+// int8 experts (kernels/quant.py: one fp32 scale per output row) take the same path: the GEMMs widen the
+// int8 values in registers and accumulate in fp32, and each output column is multiplied by its row's scale
+// before the rounding above, which is the reference on the dequantized weights up to the weights' own
+// rounding to the activation dtype there. Half the bytes of bf16 per expert read.
 
 #include <ATen/ATen.h>
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
+#include <utility>
 #include <vector>
 
 #include "gemv.h"
@@ -28,11 +35,20 @@ struct ExpertBuffers {
   ExpertBuffers(int64_t n, int64_t H, int64_t I) : rows(n * H), h13(n * 2 * I), act(n * I), y(n * H) {}
 };
 
+// y[i, c] *= scale[c] for i < n, c < N (the per-row scales of int8 weights; null: 16-bit weights, no-op).
+inline void scale_columns(float* y, int64_t n, int64_t N, const float* scale) {
+  if (scale == nullptr) return;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < N; ++c) y[i * N + c] *= scale[c];
+}
+
 // y[n, H] = w2 @ act(w13 @ x) for rows x[n, H] (fp32 values of Act), each result rounded to Act.
+// s13 [2I], s2 [H]: the weights' per-row scales (int8), or null (16-bit).
 template <typename W, typename Act>
-void expert_rows(const float* x, int64_t n, int64_t H, int64_t I, const W* w13, const W* w2, float* y,
-                 ExpertBuffers& buf, bool simd) {
+void expert_rows(const float* x, int64_t n, int64_t H, int64_t I, const W* w13, const W* w2, const float* s13,
+                 const float* s2, float* y, ExpertBuffers& buf, bool simd) {
   gemm(x, H, w13, H, buf.h13.data(), 2 * I, n, 2 * I, H, simd);  // [n, 2I]: gate columns, then up
+  scale_columns(buf.h13.data(), n, 2 * I, s13);
   for (int64_t i = 0; i < n; ++i) {
     const float* h = buf.h13.data() + i * 2 * I;
     if (simd)
@@ -41,14 +57,17 @@ void expert_rows(const float* x, int64_t n, int64_t H, int64_t I, const W* w13, 
       silu_mul_scalar<Act>(h, h + I, buf.act.data() + i * I, I);
   }
   gemm(buf.act.data(), I, w2, I, y, H, n, H, I, simd);  // [n, H]
+  scale_columns(y, n, H, s2);
   round_all<Act>(y, n * H, simd);
 }
 
 // out[t, :] (fp32, [T, H]) = sum over j < k, in j order, of weights[t, j] * expert_{slots[t, j]}(x[t]);
-// slot -1 contributes nothing. x [T, H] fp32 values of Act; w13 [S, 2I, H], w2 [S, H, I] contiguous.
+// slot -1 contributes nothing. x [T, H] fp32 values of Act; w13 [S, 2I, H], w2 [S, H, I] contiguous;
+// s13 [S, 2I], s2 [S, H] their per-row scales (int8) or null (16-bit).
 template <typename W, typename Act>
 void experts(const float* x, int64_t T, int64_t H, int64_t I, int64_t S, const W* w13, const W* w2,
-             const int64_t* slots, const float* weights, int64_t k, float* out, bool simd) {
+             const float* s13, const float* s2, const int64_t* slots, const float* weights, int64_t k, float* out,
+             bool simd) {
   std::vector<std::vector<int64_t>> groups(S);  // pair indices t * k + j of each slot, in pair order
   for (int64_t p = 0; p < T * k; ++p)
     if (slots[p] >= 0) groups[slots[p]].push_back(p);
@@ -61,7 +80,8 @@ void experts(const float* x, int64_t T, int64_t H, int64_t I, int64_t S, const W
     const int64_t n = static_cast<int64_t>(g.size());
     if (n == 0) continue;
     for (int64_t i = 0; i < n; ++i) std::copy_n(x + (g[i] / k) * H, H, buf.rows.data() + i * H);
-    expert_rows<W, Act>(buf.rows.data(), n, H, I, w13 + s * 2 * I * H, w2 + s * H * I, buf.y.data(), buf, simd);
+    expert_rows<W, Act>(buf.rows.data(), n, H, I, w13 + s * 2 * I * H, w2 + s * H * I,
+                        s13 ? s13 + s * 2 * I : nullptr, s2 ? s2 + s * H : nullptr, buf.y.data(), buf, simd);
     for (int64_t i = 0; i < n; ++i) {
       const float wgt = weights[g[i]];
       float* dst = pairs.data() + g[i] * H;
@@ -99,11 +119,20 @@ void route_one(const float* logits, int64_t E, int64_t k, int64_t* ids, float* w
   for (int64_t j = 0; j < k; ++j) weights[j] /= total;
 }
 
-// Dispatch on the weights' dtype (bf16 / fp16) and the activations' (the same, or fp32).
+// Dispatch on the weights' dtype (bf16 / fp16, or int8) and the activations' (the same 16-bit dtype, or
+// fp32; any of the three for int8).
 template <typename F>
 void dispatch(const at::Tensor& w, at::ScalarType act, const F& f) {
+  if (w.scalar_type() == at::kChar) {
+    TORCH_CHECK(act == at::kBFloat16 || act == at::kHalf || act == at::kFloat,
+                "moe: activations of int8 experts must be bfloat16, float16 or float32, got ", act);
+    if (act == at::kFloat) f(int8_t{}, float{});
+    else if (act == at::kBFloat16) f(int8_t{}, c10::BFloat16{});
+    else f(int8_t{}, c10::Half{});
+    return;
+  }
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf,
-              "moe: expert weights must be bfloat16 or float16, got ", w.scalar_type());
+              "moe: expert weights must be bfloat16, float16 or int8, got ", w.scalar_type());
   TORCH_CHECK(act == w.scalar_type() || act == at::kFloat, "moe: activations must be ", w.scalar_type(),
               " or float32, got ", act);
   if (w.scalar_type() == at::kBFloat16) {
@@ -124,13 +153,34 @@ void check_experts(const at::Tensor& hidden, const at::Tensor& w13, const at::Te
               "moe: w13 and w2 must be contiguous and of one dtype");
 }
 
+// The per-row scales of int8 experts: both given, fp32, contiguous, [S, 2I] and [S, H]; for 16-bit
+// experts neither. Returns their data pointers (null for 16-bit).
+std::pair<const float*, const float*> scales_of(const at::Tensor& w13, const at::Tensor& w2,
+                                                const std::optional<at::Tensor>& s13,
+                                                const std::optional<at::Tensor>& s2) {
+  const bool q = w13.scalar_type() == at::kChar;
+  TORCH_CHECK(q == s13.has_value() && q == s2.has_value(), "moe: int8 experts need both scales (s13 [S, 2I], ",
+              "s2 [S, H]); 16-bit experts take none. Weights ", w13.scalar_type(), ", scales given: ",
+              s13.has_value(), ", ", s2.has_value());
+  if (!q) return {nullptr, nullptr};
+  const int64_t S = w13.size(0);
+  for (const at::Tensor* s : {&*s13, &*s2})
+    TORCH_CHECK(s->scalar_type() == at::kFloat && s->is_contiguous() && s->dim() == 2 && s->size(0) == S,
+                "moe: scales must be contiguous float32 [S, rows], got ", s->scalar_type(), " ", s->sizes());
+  TORCH_CHECK(s13->size(1) == w13.size(1) && s2->size(1) == w2.size(1), "moe: scales ", s13->sizes(), " and ",
+              s2->sizes(), " do not match w13 ", w13.sizes(), " and w2 ", w2.sizes(), " (one per row)");
+  return {s13->data_ptr<float>(), s2->data_ptr<float>()};
+}
+
 }  // namespace
 
 // See kernels/cpu/__init__.py `moe_fp32`.
 at::Tensor moe_fp32(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& slots,
-                    const at::Tensor& weights, bool simd) {
+                    const at::Tensor& weights, bool simd, const std::optional<at::Tensor>& s13,
+                    const std::optional<at::Tensor>& s2) {
   simd = simd && cpu_has_avx2();
   check_experts(hidden, w13, w2);
+  const auto [sc13, sc2] = scales_of(w13, w2, s13, s2);
   const int64_t T = hidden.size(0), H = hidden.size(1), S = w13.size(0), I = w2.size(2);
   TORCH_CHECK(slots.dim() == 2 && slots.size(0) == T && weights.sizes() == slots.sizes(), "moe: slots ",
               slots.sizes(), " and weights ", weights.sizes(), " must both be [T, k] with T = ", T);
@@ -145,25 +195,29 @@ at::Tensor moe_fp32(const at::Tensor& hidden, const at::Tensor& w13, const at::T
   dispatch(w13, hidden.scalar_type(), [&](auto w, auto a) {
     using W = decltype(w);
     using Act = decltype(a);
-    experts<W, Act>(x.data_ptr<float>(), T, H, I, S, w13.data_ptr<W>(), w2.data_ptr<W>(), sp,
+    experts<W, Act>(x.data_ptr<float>(), T, H, I, S, w13.data_ptr<W>(), w2.data_ptr<W>(), sc13, sc2, sp,
                     wt.data_ptr<float>(), k, out.data_ptr<float>(), simd);
   });
   return out;
 }
 
 // See kernels/cpu/__init__.py `expert_mlp`.
-at::Tensor expert_mlp(const at::Tensor& rows, const at::Tensor& w13, const at::Tensor& w2) {
+at::Tensor expert_mlp(const at::Tensor& rows, const at::Tensor& w13, const at::Tensor& w2,
+                      const std::optional<at::Tensor>& s13, const std::optional<at::Tensor>& s2) {
   TORCH_CHECK(w13.dim() == 2 && w2.dim() == 2, "expert_mlp: w13 [2I, H] and w2 [H, I] expected, got ",
               w13.sizes(), " and ", w2.sizes());
   const at::Tensor w13c = w13.contiguous().unsqueeze(0), w2c = w2.contiguous().unsqueeze(0);
   check_experts(rows, w13c, w2c);
+  const std::optional<at::Tensor> s13c = s13 ? std::optional<at::Tensor>(s13->unsqueeze(0)) : std::nullopt;
+  const std::optional<at::Tensor> s2c = s2 ? std::optional<at::Tensor>(s2->unsqueeze(0)) : std::nullopt;
+  const auto [sc13, sc2] = scales_of(w13c, w2c, s13c, s2c);
   const int64_t n = rows.size(0), H = rows.size(1), I = w2.size(1);
   const at::Tensor x = rows.to(at::kFloat).contiguous();
   at::Tensor y = at::empty({n, H}, x.options());
   ExpertBuffers buf(n, H, I);
   dispatch(w13, rows.scalar_type(), [&](auto w, auto a) {
     using W = decltype(w);
-    expert_rows<W, decltype(a)>(x.data_ptr<float>(), n, H, I, w13c.data_ptr<W>(), w2c.data_ptr<W>(),
+    expert_rows<W, decltype(a)>(x.data_ptr<float>(), n, H, I, w13c.data_ptr<W>(), w2c.data_ptr<W>(), sc13, sc2,
                                 y.data_ptr<float>(), buf, cpu_has_avx2());
   });
   return y.to(rows.scalar_type());
@@ -171,14 +225,18 @@ at::Tensor expert_mlp(const at::Tensor& rows, const at::Tensor& w13, const at::T
 
 // See kernels/cpu/__init__.py `moe_decode`.
 at::Tensor moe_decode(const at::Tensor& hidden, const at::Tensor& gate, const at::Tensor& w13, const at::Tensor& w2,
-                      int64_t top_k, at::Tensor& counts, bool simd) {
+                      int64_t top_k, at::Tensor& counts, bool simd, const std::optional<at::Tensor>& s13,
+                      const std::optional<at::Tensor>& s2) {
   simd = simd && cpu_has_avx2();
   check_experts(hidden, w13, w2);
+  const auto [sc13, sc2] = scales_of(w13, w2, s13, s2);
   const int64_t T = hidden.size(0), H = hidden.size(1), E = w13.size(0), I = w2.size(2);
   TORCH_CHECK(gate.dim() == 2 && gate.size(0) == E && gate.size(1) == H && gate.stride(1) == 1 &&
-                  gate.scalar_type() == w13.scalar_type(),
-              "moe_decode: gate must be [E, H] = [", E, ", ", H, "] with unit stride along H in ", w13.scalar_type(),
-              ", got ", gate.sizes(), " ", gate.scalar_type());
+                  (w13.scalar_type() == at::kChar ? gate.scalar_type() == at::kBFloat16 || gate.scalar_type() == at::kHalf
+                                                  : gate.scalar_type() == w13.scalar_type()),
+              "moe_decode: gate must be [E, H] = [", E, ", ", H, "] with unit stride along H in ",
+              w13.scalar_type() == at::kChar ? "bfloat16 or float16" : c10::toString(w13.scalar_type()), ", got ",
+              gate.sizes(), " ", gate.scalar_type());
   TORCH_CHECK(top_k >= 1 && top_k <= E, "moe_decode: top_k ", top_k, " outside [1, ", E, "]");
   TORCH_CHECK(counts.dim() == 1 && counts.size(0) == E && counts.scalar_type() == at::kLong && counts.is_contiguous(),
               "moe_decode: counts must be a contiguous int64 [", E, "], got ", counts.sizes(), " ", counts.scalar_type());
@@ -187,16 +245,19 @@ at::Tensor moe_decode(const at::Tensor& hidden, const at::Tensor& gate, const at
   std::vector<int64_t> ids(T * top_k);
   at::Tensor out = at::empty({T, H}, x.options());
   int64_t* cnt = counts.data_ptr<int64_t>();
+  if (gate.scalar_type() == at::kBFloat16)  // the router in the dense weights' dtype, whatever the experts'
+    gemm(x.data_ptr<float>(), H, gate.data_ptr<c10::BFloat16>(), gate.stride(0), logits.data(), E, T, E, H, simd);
+  else
+    gemm(x.data_ptr<float>(), H, gate.data_ptr<c10::Half>(), gate.stride(0), logits.data(), E, T, E, H, simd);
   dispatch(w13, hidden.scalar_type(), [&](auto w, auto a) {
     using W = decltype(w);
     using Act = decltype(a);
-    gemm(x.data_ptr<float>(), H, gate.data_ptr<W>(), gate.stride(0), logits.data(), E, T, E, H, simd);
     for (int64_t t = 0; t < T; ++t) {
       for (int64_t e = 0; e < E; ++e) logits[t * E + e] = round_to<Act>(logits[t * E + e]);
       route_one(logits.data() + t * E, E, top_k, ids.data() + t * top_k, weights.data() + t * top_k);
     }
     for (int64_t id : ids) ++cnt[id];
-    experts<W, Act>(x.data_ptr<float>(), T, H, I, E, w13.data_ptr<W>(), w2.data_ptr<W>(), ids.data(),
+    experts<W, Act>(x.data_ptr<float>(), T, H, I, E, w13.data_ptr<W>(), w2.data_ptr<W>(), sc13, sc2, ids.data(),
                     weights.data(), top_k, out.data_ptr<float>(), simd);
   });
   return out.to(hidden.scalar_type());

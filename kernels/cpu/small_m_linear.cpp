@@ -12,10 +12,13 @@ namespace moe_cpu {
 
 // Defined in moe_decode.cpp, attention_decode.cpp and rms_norm.cpp.
 at::Tensor moe_fp32(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2, const at::Tensor& slots,
-                    const at::Tensor& weights, bool simd);
-at::Tensor expert_mlp(const at::Tensor& rows, const at::Tensor& w13, const at::Tensor& w2);
+                    const at::Tensor& weights, bool simd, const std::optional<at::Tensor>& s13,
+                    const std::optional<at::Tensor>& s2);
+at::Tensor expert_mlp(const at::Tensor& rows, const at::Tensor& w13, const at::Tensor& w2,
+                      const std::optional<at::Tensor>& s13, const std::optional<at::Tensor>& s2);
 at::Tensor moe_decode(const at::Tensor& hidden, const at::Tensor& gate, const at::Tensor& w13, const at::Tensor& w2,
-                      int64_t top_k, at::Tensor& counts, bool simd);
+                      int64_t top_k, at::Tensor& counts, bool simd, const std::optional<at::Tensor>& s13,
+                      const std::optional<at::Tensor>& s2);
 at::Tensor attention_decode(const at::Tensor& x, const at::Tensor& w_qkv, const at::Tensor& w_o, const at::Tensor& cos,
                             const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
                             const at::Tensor& slot_mapping, const at::Tensor& block_tables,
@@ -23,6 +26,7 @@ at::Tensor attention_decode(const at::Tensor& x, const at::Tensor& w_qkv, const 
                             int64_t sliding_window, bool simd);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, std::optional<at::Tensor> residual,
                     bool simd);
+at::Tensor dequantize(const at::Tensor& data, const at::Tensor& scale, at::ScalarType dtype, bool simd);
 
 namespace {
 
@@ -66,16 +70,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_avx2", &has_avx2, "whether this CPU has AVX2, FMA and F16C");
   m.def("linear_fp32", &linear_fp32, "y[M, N] fp32 = x[M, K] @ w[N, K]^T, 16-bit w", py::arg("x"), py::arg("w"),
         py::arg("simd") = true);
+  // s13, s2: the per-row fp32 scales of int8 experts (kernels/quant.py); None for 16-bit experts.
   m.def("expert_mlp", &expert_mlp, "one expert's SwiGLU MLP, the torch backend's rounding", py::arg("rows"),
-        py::arg("w13"), py::arg("w2"));
+        py::arg("w13"), py::arg("w2"), py::arg("s13") = py::none(), py::arg("s2") = py::none());
   m.def("moe_fp32", &moe_fp32, "a MoE layer of small expert groups, fp32 result", py::arg("hidden"), py::arg("w13"),
-        py::arg("w2"), py::arg("slots"), py::arg("weights"), py::arg("simd") = true);
+        py::arg("w2"), py::arg("slots"), py::arg("weights"), py::arg("simd") = true, py::arg("s13") = py::none(),
+        py::arg("s2") = py::none());
   m.def("moe_decode", &moe_decode, "router + experts of a few tokens, in the activation dtype", py::arg("hidden"),
-        py::arg("gate"), py::arg("w13"), py::arg("w2"), py::arg("top_k"), py::arg("counts"), py::arg("simd") = true);
+        py::arg("gate"), py::arg("w13"), py::arg("w2"), py::arg("top_k"), py::arg("counts"), py::arg("simd") = true,
+        py::arg("s13") = py::none(), py::arg("s2") = py::none());
   m.def("attention_decode", &attention_decode, "qkv, RoPE, KV cache write, paged attention and o_proj of one-token "
         "queries", py::arg("x"), py::arg("w_qkv"), py::arg("w_o"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("slot_mapping"), py::arg("block_tables"), py::arg("context_lens"),
         py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("sliding_window"), py::arg("simd") = true);
+  m.def("dequantize", &dequantize, "int8 [..., N, K] times fp32 row scales [..., N], rounded once to dtype",
+        py::arg("data"), py::arg("scale"), py::arg("dtype"), py::arg("simd") = true);
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after residual += x", py::arg("x"), py::arg("w"), py::arg("eps"),
         py::arg("residual") = py::none(), py::arg("simd") = true);
 }

@@ -93,6 +93,16 @@ struct Widen<c10::Half> {
   AVX2_FN static inline __m256 hi(const c10::Half* p) { return load8(p + 8); }
 };
 
+// int8 (quantized experts, kernels/quant.py): sign-extend and convert, x in its own order. Two uops per 8
+// weights where bf16 takes one AND, but half the bytes: the GEMV and the smallest M are bound by memory.
+template <>
+struct Widen<int8_t> {
+  static constexpr bool kEvenOdd = false;
+  template <bool kFirst>
+  AVX2_FN static inline __m256 lo(const int8_t* p) { return load8(p); }
+  AVX2_FN static inline __m256 hi(const int8_t* p) { return load8(p + 8); }
+};
+
 // xp[k..k+15] = x[k, k+2, ..., k+14, k+1, k+3, ..., k+15] for each whole 16 of K; the K % 16 tail as is.
 AVX2_FN inline void permute_x(const float* x, float* xp, int64_t K) {
   const __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);

@@ -8,6 +8,8 @@
 #include <c10/util/Half.h>
 #include <immintrin.h>
 
+#include <cstdint>
+
 namespace moe_cpu {
 
 // ----------------------------------------------------------------------------------------------------
@@ -23,6 +25,12 @@ AVX2_FN inline __m256 load8(const c10::BFloat16* p) {
 
 AVX2_FN inline __m256 load8(const c10::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Eight int8 weights -> eight fp32 lanes (the quantized values; the caller applies the row's scale after the
+// K sum, kernels/quant.py).
+AVX2_FN inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 }
 
 AVX2_FN inline float hsum(__m256 v) {

@@ -3,7 +3,7 @@
 Benchmarks of shapes whose weights are not on disk (Mixtral-8x7B is ~94 GB in bf16; a lent GPU has a
 64 GB disk) need only the published config.json (configs/models/). Every weight is drawn on the target
 device from one generator seeded by `seed`, so two runs build the same model: std 0.02 like Hugging Face's
-initializer for matrices, ones for the norms. The routers are random too, so experts are picked about
+initializer for matrices (and biases), ones for the norms (q/k norms too). The routers are random too, so experts are picked about
 uniformly: the worst case for an expert cache, the common case for a GPU that holds every expert.
 """
 
@@ -13,30 +13,45 @@ import torch
 
 from moe_runtime.checkpoint.layout import resolve_dtype
 from moe_runtime.config import ModelConfig
-from moe_runtime.model.mixtral import MixtralForCausalLM, RMSNorm, RotaryEmbedding
+from moe_runtime.kernels.quant import quantize_into
+from moe_runtime.model.causal_lm import CausalLM
+from moe_runtime.model.experts import QuantizedLocalExperts
+from moe_runtime.model.layers import RMSNorm, RotaryEmbedding
 from moe_runtime.model.parts import ModelParts
+from moe_runtime.model.registry import build_model
 
 INIT_STD = 0.02
 
 
 @torch.no_grad()
 def dummy_model(cfg: ModelConfig, dtype: str = "auto", device: str = "auto", *, parts: ModelParts | None = None,
-                seed: int = 0) -> MixtralForCausalLM:
-    """A `MixtralForCausalLM` for `cfg` with random weights on `device` (no file is read)."""
-    from moe_runtime.checkpoint.loader import resolve_device  # the loader imports this module lazily
+                seed: int = 0, quantization: str = "none") -> CausalLM:
+    """The model of `cfg`'s family with random weights on `device` (no file is read). Quantized experts
+    (`quantization` int8 / fp8) get the quantization of random weights drawn in the model's dtype."""
+    from moe_runtime.checkpoint.loader import quantized_parts, resolve_device  # the loader imports us lazily
 
-    parts = parts if parts is not None else ModelParts()
+    parts = quantized_parts(parts if parts is not None else ModelParts(), quantization)
     torch_dtype, dev = resolve_dtype(dtype, cfg), resolve_device(device)
     with torch.device("meta"):
-        model = MixtralForCausalLM(cfg, parts)
+        model = build_model(cfg, parts)
     model = model.to(torch_dtype).to_empty(device=dev)
     model.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta).to(dev)  # buffers are not weights
     gen = torch.Generator(device=dev).manual_seed(seed)
     norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    quantized = {}  # id of an 8-bit parameter -> (its QuantizedWeight, the scale's id)
+    for m in model.modules():
+        if isinstance(m, QuantizedLocalExperts):
+            quantized.update({id(m.w13_data): m.w13, id(m.w2_data): m.w2})
+    scales = {id(q.scale) for q in quantized.values()}
     for p in model.parameters():
         if id(p) in norms:
             p.fill_(1.0)
-        else:
+        elif id(p) in quantized:
+            q = quantized[id(p)]
+            for s in range(q.shape[0]):  # one expert at a time: no 16-bit copy of the whole stack
+                w = torch.empty(q.shape[1:], dtype=torch_dtype, device=dev).normal_(0.0, INIT_STD, generator=gen)
+                quantize_into(w, q.data[s], q.scale[s])
+        elif id(p) not in scales:
             p.normal_(0.0, INIT_STD, generator=gen)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

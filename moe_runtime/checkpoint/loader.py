@@ -1,4 +1,5 @@
-"""Load a Hugging Face Mixtral checkpoint (config.json + one or several safetensors files) into the model.
+"""Load a Hugging Face checkpoint of a supported MoE family (config.json + one or several safetensors files)
+into the model of its family (`model.registry`).
 
 1. Check everything before reading a weight (`CheckpointFiles`): a problem is a `CheckpointError` naming
    the tensor and the file.
@@ -9,7 +10,10 @@
 3. Read every tensor into place in file order, converting the dtype (`SafetensorsReader`: pread into the
    parameter itself, so no mmap page stays resident and no staging copy is made on CPU); the experts a
    layer's `Experts` holds are stacked as w13 [S, 2I, D] (gate rows, then up rows) and w2 [S, D, I]
-   (`layout.read_expert`), q, k and v as one projection (`layout.qkv_rows`).
+   (`CheckpointLayout.read_expert`), every other tensor goes where `CheckpointLayout.runtime_location` says
+   (q, k and v as one projection, a dense SwiGLU's gate and up as one). With `model.quantization` int8 or
+   fp8 the experts are built in 8 bits (`QuantizedLocalExperts`) and each expert matrix is quantized per
+   row as it is read (`kernels.quant.quantize_into`: the 16-bit tensor is staged, one matrix at a time).
 4. `experts.finish(...)`: whatever the experts need once the rest is loaded (the offload store opens);
    then the kernels derive what they keep from their weights (`prepare_kernels`).
 The model is returned only once every tensor is in place, so nothing half-loaded is ever used.
@@ -17,18 +21,22 @@ The model is returned only once every tensor is in place, so nothing half-loaded
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from moe_runtime.checkpoint.files import CheckpointFiles
-from moe_runtime.checkpoint.layout import qkv_rows, read_expert, resolve_dtype
+from moe_runtime.checkpoint.layout import layout_of, resolve_dtype
 from moe_runtime.checkpoint.reader import SafetensorsReader
 from moe_runtime.config import ModelConfig, ModelLoadConfig
 from moe_runtime.errors import CheckpointError, ConfigError
-from moe_runtime.model.mixtral import MixtralForCausalLM, RotaryEmbedding
+from moe_runtime.kernels.quant import QuantizedWeight, quantize_into
+from moe_runtime.model.causal_lm import CausalLM
+from moe_runtime.model.layers import RotaryEmbedding
 from moe_runtime.model.parts import ModelParts
+from moe_runtime.model.registry import build_model
 
 
 def resolve_device(device: str) -> torch.device:
@@ -48,14 +56,30 @@ def read_config(model_dir: str | Path) -> ModelConfig:
 
 
 def load_weights(model_dir: str | Path, cfg: ModelLoadConfig, parts: ModelParts, progress: bool = False
-                 ) -> MixtralForCausalLM:
+                 ) -> CausalLM:
     """The model the `model:` section asks for: the checkpoint's weights (`load_model`), or with
     `load_format: dummy` seeded random ones made on the device from config.json alone (`dummy_model`)."""
     if cfg.load_format == "dummy":
         from moe_runtime.checkpoint.dummy import dummy_model
 
-        return dummy_model(read_config(model_dir), cfg.dtype, cfg.device, parts=parts)
-    return load_model(model_dir, cfg.dtype, cfg.device, parts=parts, progress=progress)
+        return dummy_model(read_config(model_dir), cfg.dtype, cfg.device, parts=parts,
+                           quantization=cfg.quantization)
+    return load_model(model_dir, cfg.dtype, cfg.device, parts=parts, progress=progress,
+                      quantization=cfg.quantization)
+
+
+def quantized_parts(parts: ModelParts, scheme: str) -> ModelParts:
+    """`parts` with its experts' weights in `scheme` ("none": unchanged). The experts builder must know how
+    (`LocalExpertsBuilder.quantized`); offloaded and expert-parallel experts do not yet: a `ConfigError`."""
+    if scheme == "none":
+        return parts
+    quantized = getattr(parts.experts, "quantized", None)
+    if quantized is None:
+        raise ConfigError(
+            f"model.quantization={scheme!r} is not supported with {type(parts.experts).__name__} yet (offloaded "
+            "or expert-parallel experts); allowed there: ['none']"
+        )
+    return dataclasses.replace(parts, experts=quantized(scheme))
 
 
 def load_model(
@@ -65,18 +89,20 @@ def load_model(
     *,
     parts: ModelParts | None = None,
     progress: bool = False,
-) -> MixtralForCausalLM:
-    """Build a `MixtralForCausalLM` from a HF checkpoint directory. Raises `CheckpointError` on any defect.
+    quantization: str = "none",
+) -> CausalLM:
+    """Build the model of a HF checkpoint directory's family. Raises `CheckpointError` on any defect.
 
     parts: how the model computes (default: the reference arithmetic, all E experts local). Only the
     experts the layers' `Experts` hold (`Experts.held_experts`) are read here; every tensor is still checked.
+    quantization: the experts' weights in 16 bits ("none") or quantized per row at load ("int8", "fp8").
     """
-    parts = parts if parts is not None else ModelParts()
+    parts = quantized_parts(parts if parts is not None else ModelParts(), quantization)
     cfg = read_config(model_dir)
     torch_dtype, dev = resolve_dtype(dtype, cfg), resolve_device(device)
     with CheckpointFiles(model_dir, cfg) as ckpt:
         with torch.device("meta"):
-            model = MixtralForCausalLM(cfg, parts)
+            model = build_model(cfg, parts)
         model = model.to(torch_dtype).to_empty(device=dev)
         if parts.huge_pages:
             _to_huge_pages(model)
@@ -87,13 +113,17 @@ def load_model(
         order = sorted(targets, key=lambda n: (ckpt.location[n], n))  # sequential reads, file by file
         with torch.no_grad(), SafetensorsReader(model_dir, {n: ckpt.location[n] for n in order}) as reader:
             for name in _progress(order, progress):
-                reader.copy_into(name, targets[name])
+                dst = targets[name]
+                if isinstance(dst, QuantizedWeight):
+                    quantize_into(reader.get(name), dst.data, dst.scale)
+                else:
+                    reader.copy_into(name, dst)
         parts.experts.finish(model, str(model_dir), ckpt.location)
     model.prepare_kernels()
     return model.eval()
 
 
-def _to_huge_pages(model: MixtralForCausalLM) -> None:
+def _to_huge_pages(model: CausalLM) -> None:
     """Give every parameter of at least `hugepages.MIN_BYTES` fresh storage on transparent huge pages (not
     initialized: the weights are read into it next)."""
     from moe_runtime.kernels.cpu import hugepages
@@ -105,23 +135,20 @@ def _to_huge_pages(model: MixtralForCausalLM) -> None:
         model.lm_head.weight = model.embed_tokens.weight
 
 
-def _targets(model: MixtralForCausalLM) -> dict[str, torch.Tensor]:
-    """Hub tensor name -> where it goes in the model (each expert's three matrices into the slot of the
-    `Experts` that holds it)."""
-    targets = {"model.embed_tokens.weight": model.embed_tokens.weight, "model.norm.weight": model.norm.weight}
-    if not model.config.tie_word_embeddings:
-        targets["lm_head.weight"] = model.lm_head.weight
-    for l, layer in enumerate(model.layers):
-        p = f"model.layers.{l}."
-        targets[p + "input_layernorm.weight"] = layer.input_layernorm.weight
-        targets[p + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
-        for proj, rows in qkv_rows(model.config).items():
-            targets[f"{p}self_attn.{proj}.weight"] = layer.self_attn.qkv_proj.weight[rows]
-        targets[p + "self_attn.o_proj.weight"] = layer.self_attn.o_proj.weight
-        moe = layer.block_sparse_moe
-        targets[p + "block_sparse_moe.gate.weight"] = moe.gate.weight
-        for slot, e in enumerate(moe.experts.held_experts()):
-            read_expert(targets.__setitem__, l, e, moe.experts.w13[slot], moe.experts.w2[slot])
+def _targets(model: CausalLM) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """Hub tensor name -> where it goes in the model (each routed expert's three matrices into the slot of the
+    `Experts` that holds it: rows of a `QuantizedWeight` for quantized experts)."""
+    cfg = model.config
+    layout, params = layout_of(cfg), dict(model.named_parameters())
+    targets = {}
+    for name in layout.expected_tensors(cfg):
+        if not layout.is_expert_tensor(name):
+            param, rows = layout.runtime_location(cfg, name)
+            targets[name] = params[param] if rows is None else params[param][rows]
+    for l, block in model.moe_blocks().items():
+        experts = block.experts
+        for slot, e in enumerate(experts.held_experts()):
+            layout.read_expert(targets.__setitem__, l, e, experts.w13[slot], experts.w2[slot])
     return targets
 
 

@@ -19,6 +19,7 @@ import torch
 
 from moe_runtime.checkpoint.layout import SAFETENSORS_DTYPES
 from moe_runtime.errors import CheckpointError
+from moe_runtime.kernels.quant import QuantizedWeight, quantize_into
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,8 @@ class SafetensorsReader:
         for fname in sorted(set(names.values())):
             header = read_header(self.dir / fname)
             self.locations.update({n: loc for n, loc in header.items() if names.get(n) == fname})
-        self._fds = {loc.file: os.open(loc.file, os.O_RDONLY) for loc in self.locations.values()}
+        files = sorted({loc.file for loc in self.locations.values()})
+        self._fds = {f: os.open(f, os.O_RDONLY) for f in files}  # one per file, not per tensor
 
     def read_into(self, name: str, dst: torch.Tensor) -> int:
         """Copy tensor `name` into `dst` (contiguous, CPU, same numel; converted if the dtype differs).
@@ -87,6 +89,14 @@ class SafetensorsReader:
         if raw is not dst:
             dst.copy_(raw)
         return loc.nbytes
+
+    def read_weight(self, name: str, dst: torch.Tensor | QuantizedWeight) -> int:
+        """`read_into` for a 16-bit destination; a `QuantizedWeight` destination (rows of quantized experts)
+        gets the tensor quantized per row (`kernels.quant.quantize_into`). Returns the bytes read."""
+        if isinstance(dst, QuantizedWeight):
+            quantize_into(self.get(name), dst.data, dst.scale)
+            return self.locations[name].nbytes
+        return self.read_into(name, dst)
 
     def copy_into(self, name: str, dst: torch.Tensor) -> None:
         """Copy tensor `name` into `dst` wherever it lives: straight from the file into contiguous CPU memory

@@ -35,6 +35,10 @@ class ModelLoadConfig(Section):
     # hold equal to transformers' bit for bit (the torch MoE backend still widens expert groups of >= 16
     # rows to fp32; moe_backend: reference avoids that too). Slower everywhere.
     exact: bool = False
+    # Routed experts' weights (kernels/quant.py): none = the checkpoint's 16 bits; int8 = int8 with one fp32
+    # scale per output row, quantized at load (half the bytes per token); fp8 = float8 e4m3, per-row scales.
+    # Local and offloaded experts; attention and the LM head stay in `dtype`.
+    quantization: Literal["none", "int8", "fp8"] = "none"
 
     @field_validator("moe_backend")
     @classmethod

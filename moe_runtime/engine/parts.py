@@ -7,10 +7,13 @@ and the runner with `make_forward`. Nothing downstream branches on the device ag
     device  exact   attention  norm    linear  MoE (auto)  steps
     cuda    false   triton     triton  fused   triton      CUDA graphs for decode (engine.cuda_graphs)
     cuda    true    torch      torch   torch   torch       eager
-    cpu     false   cpu        torch   cpu     cpu         native decode steps; weights on huge pages
+    cpu     false   cpu        torch   cpu     cpu         native decode steps (Mixtral); huge pages
     cpu     true    torch      torch   torch   torch       eager
 The CPU fast column applies to 16-bit weights (fp32 weights gain nothing from it: the exact column), and
 its native parts to CPUs where the native kernels build (kernels/cpu; else torch's kernels, one warning).
+The native decode step implements Mixtral's decoder layer only: families whose layer differs (q/k norms,
+biases, shared experts, dense layers; `model.registry.Family.native_decode`) decode eagerly on the same
+CPU parts.
 `model.attention_backend` and `model.moe_backend` other than `auto` override their column.
 """
 
@@ -31,9 +34,10 @@ from moe_runtime.kernels import cpu
 from moe_runtime.kernels.attention import KVCache
 from moe_runtime.kernels.cpu import dispatch
 from moe_runtime.kernels.cpu.dispatch import CpuPlan
+from moe_runtime.model.causal_lm import CausalLM
 from moe_runtime.model.experts import ExpertsBuilder
-from moe_runtime.model.mixtral import MixtralForCausalLM
 from moe_runtime.model.parts import ModelParts
+from moe_runtime.model.registry import family
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +88,15 @@ def choose_kernels(cfg: ModelLoadConfig, device: torch.device, dtype: torch.dtyp
 MAX_MEASURED_ROWS = 256
 
 
-def cpu_plan(kernels: KernelChoice, cfg: ModelConfig, dtype: torch.dtype, engine: EngineConfig) -> CpuPlan | None:
+def cpu_plan(kernels: KernelChoice, cfg: ModelConfig, dtype: torch.dtype, engine: EngineConfig,
+             quantization: str = "none") -> CpuPlan | None:
     """The measured plans of the CPU fast path for this model's shapes (None without it): read from the plan
-    cache, else measured now (a few seconds) and cached. The decode-step plan is added by `make_forward`."""
+    cache, else measured now (a few seconds) and cached. The decode-step plan is added by `make_forward`.
+    quantization: the experts' weights (`model.quantization`); int8 experts are measured in int8."""
     if kernels.linear != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return None
-    path = dispatch.cache_file(_plan_dir(engine), dispatch.machine_key(), _model_key(cfg, dtype, engine))
+    path = dispatch.cache_file(_plan_dir(engine), dispatch.machine_key(),
+                               _model_key(cfg, dtype, engine, quantization))
     plan = dispatch.load_plan(path)
     if plan is not None:
         log.info("CPU kernel plan (cached, %s):\n%s", path, plan.describe())
@@ -100,10 +107,13 @@ def cpu_plan(kernels: KernelChoice, cfg: ModelConfig, dtype: torch.dtype, engine
     D, H, KVH, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     shapes = {((H + 2 * KVH) * Dh, D): rows, (D, H * Dh): rows,  # q/k/v stacked, o_proj
               (cfg.vocab_size, D): min(engine.max_num_seqs, rows)}  # the head: one row per sampled sequence
+    for inter in {cfg.dense_intermediate_size, cfg.shared_expert_intermediate_size} - {None}:
+        shapes.update({(2 * inter, D): rows, (D, inter): rows})  # a dense SwiGLU's gate/up stacked, down
     plan = CpuPlan(
         machine=dispatch.machine_key(),
         linear={dispatch.shape_key(s): dispatch.plan_linear(*s, dtype, r, native) for s, r in shapes.items()},
-        expert=dispatch.plan_expert(D, cfg.intermediate_size, dtype, rows, native),
+        expert=dispatch.plan_expert(D, cfg.intermediate_size, dtype, rows, native,
+                                    "int8" if quantization == "int8" else "none"),
     )
     log.info("CPU kernel plan, measured in %.1f s:\n%s", time.perf_counter() - t0, plan.describe())
     dispatch.save_plan(plan, path)
@@ -119,19 +129,29 @@ def _plan_dir(engine: EngineConfig) -> Path:
     return Path(engine.cpu_plan_dir) if engine.cpu_plan_dir else Path.home() / ".cache" / "moe-runtime" / "cpu-plans"
 
 
-def _model_key(cfg: ModelConfig, dtype: torch.dtype, engine: EngineConfig) -> str:
+def _model_key(cfg: ModelConfig, dtype: torch.dtype, engine: EngineConfig, quantization: str = "none") -> str:
     """What a plan was measured for besides the machine: the shapes, the dtype, the most rows."""
+    dense = "".join(f" {name}{inter}" for name, inter in (("Idense", cfg.dense_intermediate_size),
+                                                           ("Ishared", cfg.shared_expert_intermediate_size)) if inter)
     return (f"D{cfg.hidden_size} I{cfg.intermediate_size} H{cfg.num_attention_heads} KVH{cfg.num_key_value_heads} "
-            f"Dh{cfg.head_dim} V{cfg.vocab_size} L{cfg.num_hidden_layers} {dtype} "
-            f"tokens{engine.max_num_batched_tokens} seqs{engine.max_num_seqs}")
+            f"Dh{cfg.head_dim} V{cfg.vocab_size} L{cfg.num_hidden_layers}{dense} {dtype} "
+            f"tokens{engine.max_num_batched_tokens} seqs{engine.max_num_seqs}"
+            + ("" if quantization == "none" else f" experts-{quantization}"))
 
 
-def make_forward(model: MixtralForCausalLM, kv_caches: list[KVCache], kernels: KernelChoice,
+def _experts_scheme(model: CausalLM) -> str:
+    """The routed experts' weight format (`model.quantization`): "none", or the scheme of 8-bit experts."""
+    blocks = list(model.moe_blocks().values())
+    return getattr(blocks[0].experts, "scheme", "none") if blocks else "none"
+
+
+def make_forward(model: CausalLM, kv_caches: list[KVCache], kernels: KernelChoice,
                  engine: EngineConfig, graphs_allowed: bool, plan: CpuPlan | None = None) -> StepForward:
     """How the runner runs steps. graphs_allowed: the executor's experts can be captured (local ones; an
     offload store decides on the host at each layer, so it cannot). plan: the CPU plan, whose decode-step
-    part (native calls or eager ops, per batch size) is measured here on the loaded model if it has none."""
-    if kernels.native_decode:
+    part (native calls or eager ops, per batch size) is measured here on the loaded model if it has none.
+    The native decode step runs only families whose decoder layer it implements (`Family.native_decode`)."""
+    if kernels.native_decode and family(model.config).native_decode:
         if plan is not None and plan.decode is None:
             t0 = time.perf_counter()
             decode = plan_decode(model, kv_caches, min(engine.max_num_seqs, MAX_TOKENS))
@@ -139,9 +159,12 @@ def make_forward(model: MixtralForCausalLM, kv_caches: list[KVCache], kernels: K
             log.info("CPU decode-step plan, measured in %.1f s: %s", time.perf_counter() - t0,
                      ", ".join(dispatch.ranges(decode)))
             dispatch.save_plan(plan, dispatch.cache_file(_plan_dir(engine), plan.machine,
-                                                         _model_key(model.config, model.dtype, engine)))
+                                                         _model_key(model.config, model.dtype, engine,
+                                                                    _experts_scheme(model))))
         return CpuDecodeForward(model, kv_caches, None if plan is None else plan.decode)
-    capturable = kernels.attention == "triton" and kernels.moe == "triton" and graphs_allowed
+    # quantized experts run the torch backend's per-expert loop on GPU so far (host syncs: not capturable)
+    capturable = (kernels.attention == "triton" and kernels.moe == "triton" and graphs_allowed
+                  and _experts_scheme(model) == "none")
     if model.device.type == "cuda" and engine.cuda_graphs and capturable:
         from moe_runtime.engine.cuda_graphs import CudaGraphForward
 

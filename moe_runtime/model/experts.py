@@ -21,6 +21,7 @@ from torch import nn
 from moe_runtime.config import ModelConfig
 from moe_runtime.kernels import RoutingResult, moe_kernel
 from moe_runtime.kernels.cpu.dispatch import RowPlan
+from moe_runtime.kernels.quant import SCHEMES, QuantizedWeight
 
 # T tokens, A activated experts (top-k), E experts, S expert slots held here, D hidden, I intermediate
 
@@ -95,14 +96,65 @@ class LocalExperts(Experts):
         return list(range(self.w13.shape[0]))
 
 
+class QuantizedLocalExperts(LocalExperts):
+    """All E experts of the layer in this process in 8 bits (`model.quantization`: int8 or fp8), each
+    weight row with its fp32 scale beside it (kernels/quant.py), run by the same fused MoE kernel, which
+    takes the `QuantizedWeight`s where it takes 16-bit stacks.
+
+    w13_data [E, 2I, D] and w2_data [E, D, I] int8 or float8_e4m3fn; w13_scale [E, 2I], w2_scale [E, D] fp32.
+    `w13` and `w2` read as `QuantizedWeight`s of them (so `w13[slot]` is one expert's, as for 16 bits).
+    """
+
+    def __init__(self, cfg: ModelConfig, scheme: str, backend: str = "auto", plan: RowPlan | None = None):
+        Experts.__init__(self, cfg.num_local_experts)
+        E, D, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+        qdtype = SCHEMES[scheme]
+        self.scheme = scheme
+        self.w13_data = nn.Parameter(torch.empty(E, 2 * I, D, dtype=qdtype), requires_grad=False)
+        self.w13_scale = nn.Parameter(torch.empty(E, 2 * I), requires_grad=False)
+        self.w2_data = nn.Parameter(torch.empty(E, D, I, dtype=qdtype), requires_grad=False)
+        self.w2_scale = nn.Parameter(torch.empty(E, D), requires_grad=False)
+        self.backend = backend
+        self.moe = moe_kernel(backend, plan)
+
+    @property
+    def w13(self) -> QuantizedWeight:  # type: ignore[override]
+        return QuantizedWeight(self.w13_data, self.w13_scale)
+
+    @property
+    def w2(self) -> QuantizedWeight:  # type: ignore[override]
+        return QuantizedWeight(self.w2_data, self.w2_scale)
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(bfloat16)` casts every floating-point parameter; the scales stay fp32 (a bf16 scale would
+        # add a systematic error of up to 0.4% per row), the 8-bit values are not floating point to torch
+        # (int8) or keep their dtype (fp8 -> `to` of a float dtype would convert them: restored here too).
+        qdtype = SCHEMES[self.scheme]
+        super()._apply(fn, recurse)
+        for name, dtype in (("w13_data", qdtype), ("w2_data", qdtype), ("w13_scale", torch.float32),
+                            ("w2_scale", torch.float32)):
+            p = getattr(self, name)
+            if p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        return self
+
+
 class LocalExpertsBuilder:
     """Every layer's experts local, on the MoE kernel `backend` (`model.moe_backend`); `plan`: the measured
-    expert plan for the `cpu` backend (kernels/cpu/dispatch.py)."""
+    expert plan for the `cpu` backend (kernels/cpu/dispatch.py); `quantization`: the experts' weights in
+    16 bits ("none", the checkpoint's dtype) or 8 ("int8", "fp8": `QuantizedLocalExperts`)."""
 
-    def __init__(self, backend: str = "auto", plan: RowPlan | None = None):
-        self.backend, self.plan = backend, plan
+    def __init__(self, backend: str = "auto", plan: RowPlan | None = None, quantization: str = "none"):
+        self.backend, self.plan, self.quantization = backend, plan, quantization
+
+    def quantized(self, scheme: str) -> LocalExpertsBuilder:
+        """The same experts with weights in `scheme` (the loader asks, from `model.quantization` or an FP8
+        checkpoint's `quantization_config`)."""
+        return LocalExpertsBuilder(self.backend, self.plan, scheme)
 
     def build(self, cfg: ModelConfig, layer: int) -> Experts:
+        if self.quantization != "none":
+            return QuantizedLocalExperts(cfg, self.quantization, self.backend, self.plan)
         return LocalExperts(cfg, self.backend, self.plan)
 
     def finish(self, model: nn.Module, model_dir: str, location: dict[str, str]) -> None:

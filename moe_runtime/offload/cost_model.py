@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_runtime.config import ModelConfig
+from moe_runtime.kernels.quant import new_weight, weight_bytes
 from moe_runtime.offload.host_tier import HostTier
 
 
@@ -43,13 +44,15 @@ class CostModel:
         return self.host_s(n_tokens) < self.fetch_s(n_tokens)
 
     @classmethod
-    def calibrate(cls, cfg: ModelConfig, tier: HostTier, device: torch.device, dtype: torch.dtype) -> CostModel:
-        """Measure one expert's copy time and GEMM speed with this model's shapes (about 10-100 ms)."""
+    def calibrate(cls, cfg: ModelConfig, tier: HostTier, device: torch.device, dtype: torch.dtype,
+                  scheme: str = "none") -> CostModel:
+        """Measure one expert's copy time and GEMM speed with this model's shapes (about 10-100 ms); experts
+        stored in `scheme` (quantized ones move fewer bytes; their GEMMs are timed in `dtype`)."""
         D, I = cfg.hidden_size, cfg.intermediate_size  # noqa: E741 (dimension letters)
-        w13 = torch.empty(2 * I, D, dtype=dtype, device=device)  # [2I, D] a scratch slot
-        w2 = torch.empty(D, I, dtype=dtype, device=device)  # [D, I]
-        nbytes = (w13.numel() + w2.numel()) * w13.element_size()
-        moved_s = _best_of(lambda: tier.copy_into(0, 0, w13, w2), device)
+        w13 = new_weight((2 * I, D), dtype, scheme, device=device)  # [2I, D] a scratch slot
+        w2 = new_weight((D, I), dtype, scheme, device=device)  # [D, I]
+        nbytes = weight_bytes(w13) + weight_bytes(w2)
+        moved_s = _best_of(lambda: tier.copy_into(cfg.moe_layers[0], 0, w13, w2), device)  # a sparse layer's
         host_flops = _gemm_flops(torch.device("cpu"), dtype, D, I)
         on_host = device.type == "cpu"
         return cls(
@@ -59,7 +62,7 @@ class CostModel:
             # mmap tier: the measured time is mostly the read; on a CPU device the read lands in the slot
             copy_s=0.0 if tier.reads_storage and on_host else moved_s,
             read_s=moved_s if tier.reads_storage else 0.0,
-            token_s=0.0 if on_host else 2 * D * w13.element_size() * moved_s / nbytes,
+            token_s=0.0 if on_host else 2 * D * dtype.itemsize * moved_s / nbytes,
         )
 
 

@@ -4,6 +4,10 @@
 `MmapTier` holds nothing: it reads an expert from the checkpoint's safetensors files when asked, so a
 CPU-only host keeps only the device slots in memory. Both can also run experts on the host (the
 `host_compute` miss policy) so that cold experts need not be copied at all.
+
+With quantized experts (`model.quantization`) both tiers hand out 8-bit experts with their scales
+(`kernels.quant.QuantizedWeight`): `PinnedTier` holds them quantized (half the host memory of bf16),
+`MmapTier` quantizes each expert as it reads the 16-bit checkpoint. Bytes moved are the quantized bytes.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ from typing import Protocol
 
 import torch
 
-from moe_runtime.checkpoint.layout import read_expert
+from moe_runtime.checkpoint.layout import layout_of
 from moe_runtime.checkpoint.reader import SafetensorsReader
 from moe_runtime.config import ModelConfig
+from moe_runtime.kernels.quant import new_weight, weight_bytes
 
 # E experts, I intermediate, D hidden, T tokens, n experts asked for
 
@@ -30,23 +35,25 @@ class HostTier(Protocol):
 
 
 class PinnedTier:
-    """Every expert of every layer stacked in CPU memory: w13[l] [E, 2I, D], w2[l] [E, D, I]."""
+    """Every expert of every sparse layer stacked in CPU memory: w13[l] [E, 2I, D], w2[l] [E, D, I]."""
 
     reads_storage = False
 
-    def __init__(self, reader: SafetensorsReader, cfg: ModelConfig, dtype: torch.dtype, pin: bool):
+    def __init__(self, reader: SafetensorsReader, cfg: ModelConfig, dtype: torch.dtype, pin: bool,
+                 scheme: str = "none"):
         E, I, D = cfg.num_local_experts, cfg.intermediate_size, cfg.hidden_size  # noqa: E741
-        self.w13 = [torch.empty(E, 2 * I, D, dtype=dtype, pin_memory=pin) for _ in range(cfg.num_hidden_layers)]
-        self.w2 = [torch.empty(E, D, I, dtype=dtype, pin_memory=pin) for _ in range(cfg.num_hidden_layers)]
-        for layer in range(cfg.num_hidden_layers):
+        self.w13 = {l: new_weight((E, 2 * I, D), dtype, scheme, pin_memory=pin) for l in cfg.moe_layers}
+        self.w2 = {l: new_weight((E, D, I), dtype, scheme, pin_memory=pin) for l in cfg.moe_layers}
+        layout = layout_of(cfg)
+        for layer in cfg.moe_layers:
             for e in range(E):
-                read_expert(reader.read_into, layer, e, self.w13[layer][e], self.w2[layer][e])
+                layout.read_expert(reader.read_weight, layer, e, self.w13[layer][e], self.w2[layer][e])
 
     def copy_into(self, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor) -> int:
         """Copy one expert into a device slot (w13 [2I, D], w2 [D, I]); async from pinned memory on CUDA."""
         w13.copy_(self.w13[layer][expert], non_blocking=True)
         w2.copy_(self.w2[layer][expert], non_blocking=True)
-        return (w13.numel() + w2.numel()) * w13.element_size()
+        return weight_bytes(w13) + weight_bytes(w2)
 
     def host_weights(self, layer: int, experts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(w13 [E, 2I, D], w2 [E, D, I], slot_map [E]) in CPU memory for `fused_moe` on the host: the whole
@@ -65,29 +72,29 @@ class MmapTier:
 
     reads_storage = True
 
-    def __init__(self, reader: SafetensorsReader, cfg: ModelConfig, dtype: torch.dtype):
-        self.reader, self.dtype = reader, dtype
+    def __init__(self, reader: SafetensorsReader, cfg: ModelConfig, dtype: torch.dtype, scheme: str = "none"):
+        self.reader, self.dtype, self.layout, self.scheme = reader, dtype, layout_of(cfg), scheme
         self.E, self.I, self.D = cfg.num_local_experts, cfg.intermediate_size, cfg.hidden_size
 
     def _read(self, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor) -> int:
-        return sum(read_expert(self.reader.read_into, layer, expert, w13, w2))  # bytes read from the file
+        return sum(self.layout.read_expert(self.reader.read_weight, layer, expert, w13, w2))  # bytes read
 
     def copy_into(self, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor) -> int:
         """Read one expert into a slot (w13 [2I, D], w2 [D, I]); through a CPU bounce buffer for CUDA slots."""
         if w13.device.type == "cpu":
             self._read(layer, expert, w13, w2)
         else:
-            h13, h2 = torch.empty(w13.shape, dtype=self.dtype), torch.empty(w2.shape, dtype=self.dtype)
+            h13, h2 = (new_weight(tuple(w.shape), self.dtype, self.scheme) for w in (w13, w2))
             self._read(layer, expert, h13, h2)
             w13.copy_(h13)
             w2.copy_(h2)
-        return (w13.numel() + w2.numel()) * w13.element_size()
+        return weight_bytes(w13) + weight_bytes(w2)
 
     def host_weights(self, layer: int, experts: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(w13 [n, 2I, D], w2 [n, D, I], slot_map [E]): `experts` read into fresh CPU buffers, expert
         experts[i] -> i in the map, for `fused_moe` on the host."""
-        w13 = torch.empty(len(experts), 2 * self.I, self.D, dtype=self.dtype)  # [n, 2I, D]
-        w2 = torch.empty(len(experts), self.D, self.I, dtype=self.dtype)  # [n, D, I]
+        w13 = new_weight((len(experts), 2 * self.I, self.D), self.dtype, self.scheme)  # [n, 2I, D]
+        w2 = new_weight((len(experts), self.D, self.I), self.dtype, self.scheme)  # [n, D, I]
         slot_map = torch.full((self.E,), -1, dtype=torch.int32)  # [E]
         for i, e in enumerate(experts):
             self._read(layer, e, w13[i], w2[i])

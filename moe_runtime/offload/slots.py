@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from moe_runtime.kernels.quant import new_weight
 from moe_runtime.offload.policy import EvictionPolicy
 
 # S slots, E experts, I intermediate, D hidden
@@ -17,11 +18,12 @@ from moe_runtime.offload.policy import EvictionPolicy
 
 class LayerSlots:
     def __init__(self, num_experts: int, num_slots: int, shapes: tuple[int, int], dtype: torch.dtype,
-                 device: torch.device, policy: EvictionPolicy):
+                 device: torch.device, policy: EvictionPolicy, scheme: str = "none"):
         D, I = shapes  # noqa: E741
         self.device = device
-        self.w13 = torch.zeros(num_slots, 2 * I, D, dtype=dtype, device=device)  # [S, 2I, D]
-        self.w2 = torch.zeros(num_slots, D, I, dtype=dtype, device=device)  # [S, D, I]
+        # [S, 2I, D] and [S, D, I]: 16-bit tensors, or QuantizedWeights (8-bit values + fp32 row scales)
+        self.w13 = new_weight((num_slots, 2 * I, D), dtype, scheme, device=device, zeros=True)
+        self.w2 = new_weight((num_slots, D, I), dtype, scheme, device=device, zeros=True)
         self.slot_of = [-1] * num_experts  # [E] host ints
         self.expert_in = [-1] * num_slots  # [S] host ints
         self.pending: list[object | None] = [None] * num_slots  # [S] mover handles

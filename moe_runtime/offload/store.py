@@ -16,7 +16,13 @@ Per call (one layer of one step):
      slots, never evicting an expert of the current wave, plus the host ones. Each part is
      `fused_moe_fp32` (the backend's own arithmetic, before its final rounding) over its experts; parts are
      summed in fp32 and rounded once. With top-2 routing a token's output is p0 + p1 in fp32 either way
-     (adding 0 is exact), so outputs are bit-identical to the all-resident run in every dtype.
+     (adding 0 is exact), so outputs are bit-identical to the all-resident run in every dtype. With top-k > 2
+     (Qwen-MoE, OLMoE) parts add a token's pairs in another association than the one-call kernel: fp32
+     outputs of such steps may differ in the last bits, 16-bit ones after their one rounding almost never
+     (tests/offload/test_offload_families.py). TODO(kernels): exact for any k once the backends can return
+     per-pair rows ([T, k, D] fp32) to sum in k order here.
+Only routed experts live here: dense layers have no slots, and a shared expert (Qwen2-MoE) is an ordinary
+weight of its layer, always resident.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from torch import nn
 from moe_runtime.checkpoint.layout import expert_bytes
 from moe_runtime.config import ModelConfig, OffloadConfig
 from moe_runtime.kernels import RoutingResult, fused_moe, fused_moe_fp32
+from moe_runtime.kernels.quant import weight_bytes
 from moe_runtime.offload.cost_model import CostModel
 from moe_runtime.offload.host_tier import HostTier
 from moe_runtime.offload.policy import POLICIES
@@ -40,32 +47,37 @@ from moe_runtime.offload.transfer import make_mover
 
 
 class ExpertStore:
-    """Owns where each expert's weights are, and runs a layer's experts from wherever they are.
+    """Owns where each routed expert's weights are, and runs a layer's experts from wherever they are.
 
-    gates: the L router linears (the store applies gate l+1 to layer l's input for prefetch).
+    gates: the router linear of each sparse layer, by decoder layer index (the store applies the next sparse
+    layer's gate to this one's input for prefetch; dense layers have no experts and no slots).
     cost: the miss cost model; None calibrates one when `offload.miss == "auto"`.
     """
 
-    def __init__(self, cfg: ModelConfig, offload: OffloadConfig, tier: HostTier, gates: list[nn.Linear],
-                 device: torch.device, dtype: torch.dtype, cost: CostModel | None = None):
+    def __init__(self, cfg: ModelConfig, offload: OffloadConfig, tier: HostTier, gates: dict[int, nn.Linear],
+                 device: torch.device, dtype: torch.dtype, cost: CostModel | None = None, scheme: str = "none"):
         self.cfg, self.offload, self.tier, self.gates = cfg, offload, tier, gates
         self.device = torch.device(device)
-        self.num_slots = offload.resolve_slots(cfg, expert_bytes(cfg, dtype))
+        # a byte budget buys experts at their stored size: twice as many int8 experts as bf16 ones
+        self.num_slots = offload.resolve_slots(cfg, expert_bytes(cfg, dtype, scheme))
         E, S = cfg.num_local_experts, self.num_slots
-        self.layers = [
-            LayerSlots(E, S, (cfg.hidden_size, cfg.intermediate_size), dtype, self.device, POLICIES[offload.policy]())
-            for _ in range(cfg.num_hidden_layers)
-        ]
-        for layer, slots in enumerate(self.layers):  # start full: experts 0..S-1 (not counted in stats)
+        # sparse layer -> its slots, and -> the next sparse layer (prefetch target)
+        self.layers = {
+            l: LayerSlots(E, S, (cfg.hidden_size, cfg.intermediate_size), dtype, self.device, POLICIES[offload.policy](),
+                          scheme)
+            for l in cfg.moe_layers
+        }
+        self._next = dict(zip(cfg.moe_layers[:-1], cfg.moe_layers[1:], strict=True))
+        for layer, slots in self.layers.items():  # start full: experts 0..S-1 (not counted in stats)
             for e in range(S):
                 tier.copy_into(layer, e, slots.w13[e], slots.w2[e])
                 slots.place(e, e)
-        self.mover = make_mover(self.device, self._expert_bytes(self.layers[0]))
+        self.mover = make_mover(self.device, self._expert_bytes(self.layers[cfg.moe_layers[0]]))
         if cost is None and offload.miss == "auto":
-            cost = CostModel.calibrate(cfg, tier, self.device, dtype)
+            cost = CostModel.calibrate(cfg, tier, self.device, dtype, scheme)
         self.cost = cost
-        # per layer: the previous layer's (guess, guessed experts it loaded), scored when the layer runs
-        self._guesses: list[tuple[list[int], list[int]] | None] = [None] * cfg.num_hidden_layers
+        # per sparse layer: the previous one's (guess, guessed experts it loaded), scored when the layer runs
+        self._guesses: dict[int, tuple[list[int], list[int]] | None] = dict.fromkeys(cfg.moe_layers)
         self._stats = OffloadStats()
 
     # -----------------------------------------------------------------------------------------------------
@@ -85,8 +97,8 @@ class ExpertStore:
         st.misses += len(misses)
         on_host = self._host_misses(misses, counts)
         to_fetch = [e for e in misses if e not in on_host]
-        if self.offload.prefetch and layer + 1 < len(self.layers):
-            self._prefetch(layer + 1, x)
+        if self.offload.prefetch and layer in self._next:
+            self._prefetch(self._next[layer], x)
         if not on_host and len(needed) <= slots.num_slots:  # the usual case: one call of the fused kernel
             self._make_resident(layer, hits, to_fetch)
             return fused_moe(x, slots.w13, slots.w2, routing, slot_map=slots.slot_map(), backend=backend)
@@ -210,7 +222,7 @@ class ExpertStore:
 
     @staticmethod
     def _expert_bytes(slots: LayerSlots) -> int:
-        return (slots.w13[0].numel() + slots.w2[0].numel()) * slots.w13.element_size()
+        return weight_bytes(slots.w13[0]) + weight_bytes(slots.w2[0])
 
     # -----------------------------------------------------------------------------------------------------
     # Inspection
@@ -227,7 +239,7 @@ class ExpertStore:
 
     def device_bytes(self) -> int:
         """Bytes of all layers' slot buffers on the device."""
-        return sum((s.w13.numel() + s.w2.numel()) * s.w13.element_size() for s in self.layers)
+        return sum(weight_bytes(s.w13) + weight_bytes(s.w2) for s in self.layers.values())
 
     def close(self) -> None:
         self.mover.close()
