@@ -7,7 +7,8 @@ Every `placement.auto_rebalance.interval_s` the server's rebalancer:
   3. plans a placement from that load (`plan_placement`, `redundant` extra copies per layer) and stops
      unless it predicts at least `min_gain` less imbalance;
   4. moves the experts between two engine steps (`AsyncEngine.apply_placement`), exactly as the
-     `ApplyPlacement` RPC does, and points telemetry's rank view at the new plan.
+     `ApplyPlacement` RPC does, points telemetry's rank view at the new plan, and logs the move as the RPC
+     does (`placement_log`, by "auto_rebalance").
 A failed move is logged and retried at the next interval; requests never see it.
 """
 
@@ -15,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 import torch
 
 from moe_runtime.cluster.expert_load import imbalance
+from moe_runtime.cluster.placement_log import log_accepted
 from moe_runtime.cluster.planner import plan_placement
 from moe_runtime.config import AutoRebalanceConfig
 
@@ -55,8 +58,10 @@ class AutoRebalancer:
         plan, report = plan_placement(load, current.workers, self.cfg.redundant, baseline=current)
         if plan == current or report.imbalance_after > now - self.cfg.min_gain:
             return False
+        started = time.monotonic()
         await self.engine.apply_placement(plan)
         self.telemetry.set_rank_shares(plan.rank_shares())
         self.applied += 1
-        log.info("rebalanced experts: rank imbalance %.3f -> %.3f (predicted)", now, report.imbalance_after)
+        log_accepted("auto_rebalance", current, plan, time.monotonic() - started,
+                     rank_imbalance=round(now, 4), predicted_rank_imbalance=round(report.imbalance_after, 4))
         return True

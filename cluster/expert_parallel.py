@@ -25,9 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_runtime.checkpoint.layout import is_expert_tensor, read_expert
+from moe_runtime.checkpoint.layout import layout_of
 from moe_runtime.checkpoint.reader import SafetensorsReader
 from moe_runtime.cluster.placement import Placement
+from moe_runtime.cluster.rank_group import CudaEventClock, HostClock, RankGroup
 from moe_runtime.config import ModelConfig
 from moe_runtime.kernels import RoutingResult, fused_moe_fp32
 from moe_runtime.model.experts import Experts
@@ -39,17 +40,19 @@ class ShardedExperts(Experts):
     """One MoE layer's experts on one rank: w13 [S_r, 2I, D] and w2 [S_r, D, I] hold the experts
     `placement.local_experts(rank, layer)` gives it, in that (slot) order.
 
-    group: the expert-parallel process group; None runs alone (the share is the output: tests, one rank).
+    group: the expert-parallel ranks (`RankGroup`: process group and all-reduce clock); None runs alone (the
+    share is the output: tests, one rank).
     backend: the MoE kernel backend each share runs on (`model.moe_backend`).
     """
 
     def __init__(self, cfg: ModelConfig, placement: Placement, rank: int, layer: int,
-                 group: dist.ProcessGroup | None = None, backend: str = "auto"):
+                 group: RankGroup | None = None, backend: str = "auto"):
         super().__init__(cfg.num_local_experts)
         if placement.num_experts != cfg.num_local_experts or not 0 <= layer < placement.num_layers:
             raise ValueError(f"layer {layer}: placement is {placement.num_layers} layers x {placement.num_experts} "
                              f"experts, the model has {cfg.num_hidden_layers} x {cfg.num_local_experts}")
         self.placement, self.rank, self.layer, self.group, self.backend = placement, rank, layer, group, backend
+        self.layout = layout_of(cfg)  # the checkpoint's expert names, for `hold`
         num_local = len(placement.local_experts(rank, layer))
         D, I = cfg.hidden_size, cfg.intermediate_size
         self.w13 = nn.Parameter(torch.empty(num_local, 2 * I, D), requires_grad=False)
@@ -81,7 +84,7 @@ class ShardedExperts(Experts):
         """The layer's MoE output, summed over the group in fp32. x: [T, D]. Returns [T, D] in x's dtype."""
         out = self.share(x, routing)  # [T, D] fp32
         if self.group is not None:
-            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
+            self.group.all_reduce_sum(out)
         return out.to(x.dtype)  # one rounding, as the local kernels do
 
     def hold(self, placement: Placement, reader: SafetensorsReader) -> None:
@@ -95,7 +98,7 @@ class ShardedExperts(Experts):
             if e in held:
                 w13[slot], w2[slot] = self.w13[held[e]], self.w2[held[e]]
             else:
-                read_expert(reader.copy_into, self.layer, e, w13[slot], w2[slot])
+                self.layout.read_expert(reader.copy_into, self.layer, e, w13[slot], w2[slot])
         self.w13 = nn.Parameter(w13, requires_grad=False)  # [S_r, 2I, D]
         self.w2 = nn.Parameter(w2, requires_grad=False)  # [S_r, D, I]
         self.placement = placement
@@ -106,14 +109,17 @@ class ShardedExperts(Experts):
 
 
 class ShardedExpertsBuilder:
-    """Every layer's experts as rank `rank`'s share of `placement`, summed over `group`.
+    """Every layer's experts as rank `rank`'s share of `placement`, summed over `group` (all-reduces timed
+    on `clock`, read by the worker after each step; a host clock by default).
 
     After `load_model`, `layers` are the L `ShardedExperts` it built; `apply(placement)` re-places them.
     """
 
     def __init__(self, placement: Placement, rank: int, group: dist.ProcessGroup | None = None,
-                 backend: str = "auto"):
-        self.placement, self.rank, self.group, self.backend = placement, rank, group, backend
+                 backend: str = "auto", clock: HostClock | CudaEventClock | None = None):
+        self.placement, self.rank, self.backend = placement, rank, backend
+        self.clock = clock if clock is not None else HostClock()
+        self.group = None if group is None else RankGroup(group, self.clock)
         self.layers: list[ShardedExperts] = []
         self._experts_location: dict[str, str] = {}  # expert tensor name -> file, from the loader
         self._model_dir = ""
@@ -130,7 +136,8 @@ class ShardedExpertsBuilder:
 
     def finish(self, model: nn.Module, model_dir: str, location: dict[str, str]) -> None:
         self._model_dir = model_dir
-        self._experts_location = {n: f for n, f in location.items() if is_expert_tensor(n)}
+        layout = layout_of(model.config)
+        self._experts_location = {n: f for n, f in location.items() if layout.is_expert_tensor(n)}
 
     def apply(self, placement: Placement) -> None:
         """Hold `placement`'s experts in every layer (call between steps, on every rank)."""

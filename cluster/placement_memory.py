@@ -1,7 +1,9 @@
 """Weight memory of a placement: bytes each rank holds, checked against `placement.memory_per_rank`.
 
-Every rank holds the shared weights (embeddings, attention, norms, routers, lm_head) plus one expert's weights
-per copy it holds; both byte counts come from `moe_runtime.checkpoint.layout`, their one home.
+Every rank holds the shared weights (embeddings, attention, norms, routers, shared experts, dense layers'
+MLPs, lm_head) plus one routed expert's weights per copy it holds in a sparse layer (a placement also lists
+experts for dense layers, which have none: they cost nothing); both byte counts come from
+`moe_runtime.checkpoint.layout`, their one home.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from moe_runtime.errors import ConfigError
 
 def rank_bytes(placement: Placement, model: ModelConfig, dtype: str = "auto") -> list[int]:
     """Weight bytes each rank holds under `placement`: shared weights plus its expert copies. Returns [N]."""
-    copies = placement.experts_per_rank().sum(dim=0).tolist()  # [N] over all layers
+    copies = placement.experts_per_rank()[list(model.moe_layers)].sum(dim=0).tolist()  # [N] over sparse layers
     shared, expert = shared_bytes(model, dtype), expert_bytes(model, dtype)
     return [shared + c * expert for c in copies]
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime
 import socket
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -19,12 +21,23 @@ from moe_runtime.checkpoint.layout import resolve_dtype
 from moe_runtime.checkpoint.loader import load_model, read_config, resolve_device
 from moe_runtime.cluster.expert_parallel import ShardedExpertsBuilder
 from moe_runtime.cluster.placement import Placement
+from moe_runtime.cluster.rank_group import clock_for
 from moe_runtime.config import RuntimeConfig
 from moe_runtime.engine.kv_cache import allocate_kv_cache
 from moe_runtime.engine.model_runner import ModelRunner
 from moe_runtime.engine.parts import choose_kernels, cpu_plan, make_forward, model_parts
 from moe_runtime.engine.sampler import Sampler
 from moe_runtime.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one rank sends back from a step: rank 0's output (None on the others, whose output is the same)
+    and its timings, for telemetry's rank view."""
+
+    output: ModelRunnerOutput | None
+    step_s: float  # wall time of the step on this rank
+    collective_s: float  # of which in the MoE all-reduces
 
 
 class ExpertWorker:
@@ -64,10 +77,12 @@ class ExpertWorker:
         model_cfg = read_config(self.model_dir)
         # as LocalExecutor: the same kernels as the local engine on this device
         dtype = resolve_dtype(m.dtype, model_cfg)
-        kernels = choose_kernels(m, resolve_device(m.device), dtype)
+        device = resolve_device(m.device)
+        kernels = choose_kernels(m, device, dtype)
         plan = cpu_plan(kernels, model_cfg, dtype, self.cfg.engine)  # the local engine's measured plan
         # the replicated weights and only this rank's experts (never the whole model)
-        self.experts = ShardedExpertsBuilder(self.placement, self.rank, dist.group.WORLD, kernels.moe)
+        self.experts = ShardedExpertsBuilder(self.placement, self.rank, dist.group.WORLD, kernels.moe,
+                                             clock_for(device))
         model = load_model(self.model_dir, m.dtype, m.device, parts=model_parts(kernels, self.experts, plan))
         kv = allocate_kv_cache(
             model.config, num_kv_blocks, self.cfg.cache.block_size, model.dtype, model.device
@@ -93,11 +108,13 @@ class ExpertWorker:
 
         return ray.get_runtime_context().get_node_id()
 
-    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
-        """Run one step. Rank 0 returns the output; the others return None (their output is identical)."""
-        assert self.runner is not None, "setup() first"
-        out = self.runner.execute(sched)
-        return out if self.rank == 0 else None
+    def execute(self, sched: SchedulerOutput) -> StepReport:
+        """Run one step. Rank 0's report carries the output; the others' None (their output is identical)."""
+        assert self.runner is not None and self.experts is not None, "setup() first"
+        t0 = time.perf_counter()
+        out = self.runner.execute(sched)  # ends with the host copy of the sampled tokens: synchronized
+        step_s = time.perf_counter() - t0
+        return StepReport(out if self.rank == 0 else None, step_s, self.experts.clock.take())
 
     def shutdown(self) -> None:
         self.runner = self.experts = None

@@ -40,7 +40,7 @@ SETS = (
 def cluster():
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # fake GPUs: bundles, no CUDA; 6 for the 2-worker group that lives all module plus a 4-worker one
-    ray.init(num_cpus=6, num_gpus=6, include_dashboard=False)
+    ray.init(address="local", num_cpus=6, num_gpus=6, include_dashboard=False)  # our own cluster
     yield
     ray.shutdown()
 
@@ -132,6 +132,43 @@ def test_missing_bundles_fail_with_what_is_missing(cluster, tiny_model_dir):
         RayExecutor(cfg, str(tiny_model_dir))
 
 
+def test_cancel_ends_the_wait_for_bundles(cluster, tiny_model_dir):
+    """A server stopped (SIGTERM) while the cluster cannot hold its workers yet stops waiting, with the whole
+    ray.placement_timeout_s left, and gives the bundles it asked for back."""
+    import threading
+
+    from moe_runtime.cluster.ray_connect import StartupCancelled
+    from moe_runtime.cluster.ray_executor import RayExecutor
+
+    cfg = load_config(overrides=[f"model.path={tiny_model_dir}", "placement.workers=7", "ray.worker_device=gpu",
+                                 "ray.placement_timeout_s=3600", "executor=ray"])
+    cancel = threading.Event()
+    cancel.set()
+    before = set(ray.util.placement_group_table())
+    with pytest.raises(StartupCancelled, match=r"placement.workers=7: start-up stopped while waiting"):
+        RayExecutor(cfg, str(tiny_model_dir), cancel=cancel)
+    ours = {k: pg for k, pg in ray.util.placement_group_table().items() if k not in before}
+    assert ours and all(pg["state"] == "REMOVED" for pg in ours.values())
+
+
+def test_cancel_while_workers_start_releases_them(cluster, tiny_model_dir):
+    """Bundles available, but the server was stopped: no worker is left behind, no bundle stays reserved."""
+    import threading
+
+    from moe_runtime.cluster.ray_connect import StartupCancelled
+    from moe_runtime.cluster.ray_executor import RayExecutor
+
+    cfg = load_config(overrides=[f"model.path={tiny_model_dir}", "placement.workers=2", "ray.worker_device=gpu",
+                                 "executor=ray"])
+    cancel = threading.Event()
+    cancel.set()
+    before = set(ray.util.placement_group_table())
+    with pytest.raises(StartupCancelled, match=r"placement.workers=2: start-up stopped while the workers"):
+        RayExecutor(cfg, str(tiny_model_dir), cancel=cancel)
+    ours = {k: pg for k, pg in ray.util.placement_group_table().items() if k not in before}
+    assert ours and all(pg["state"] == "REMOVED" for pg in ours.values())
+
+
 def test_killed_worker_fails_fast_and_restart_recovers(ray_engine, tiny_model_dir):
     executor = ray_engine.executor
     before = [out.token_ids for out in ray_engine.generate(list(PROMPTS[:2]), GREEDY)]
@@ -146,3 +183,21 @@ def test_killed_worker_fails_fast_and_restart_recovers(ray_engine, tiny_model_di
     executor.restart()
     fresh = LLMEngine(ray_engine.config, executor=executor)  # the old engine's scheduler holds dead state
     assert [out.token_ids for out in fresh.generate(list(PROMPTS[:2]), GREEDY)] == before
+
+
+def test_prefix_cache_hits_on_ray_workers_keep_greedy_tokens(ray_engine, tiny_model_dir):
+    """Prefix caching with the Ray executor: the block tables are the scheduler's, and every worker's KV cache
+    holds the same blocks, so a request that adopts another's cached prefix blocks reads the same keys on
+    every rank. Tokens equal a local engine that computes every prefix (caching off)."""
+    prefix = [1, *range(500, 547)]  # 48 tokens: three full blocks of 16
+    first = [[*prefix, 7, 8]]
+    later = [[*prefix, 9], [*prefix, 3, 4, 5], [*prefix[:20], 6]]  # the last shares one full block only
+    local = LLMEngine(load_config(overrides=[f"model.path={tiny_model_dir}", "engine.seed=0",
+                                             "cache.num_blocks=64", "cache.prefix_caching=false"]))
+    expected = [out.token_ids for out in local.generate(first + later, GREEDY)]
+    hits = ray_engine.make_stats().prefix_cache_hits
+    got = [out.token_ids for out in ray_engine.generate(first, GREEDY)]
+    got += [out.token_ids for out in ray_engine.generate(later, GREEDY)]
+    assert got == expected
+    # the second call found the first's three blocks for two requests and one block for the third
+    assert ray_engine.make_stats().prefix_cache_hits - hits >= 2 * 48 + 16
