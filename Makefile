@@ -12,9 +12,12 @@ LOCK := requirements.lock
 TORCH_WHEELS ?= --find-links /opt/wheels
 # A throwaway venv for `make test-latest` (outside the tree: nothing in it may shadow a package).
 LATEST_VENV ?= $(or $(TMPDIR),/tmp)/moe-runtime-latest
-# `make serve` flags: any of PORT, METRICS_PORT, MODEL, CONFIG.
+# `make serve` flags: any of PORT, METRICS_PORT, MODEL, CONFIG, HTTP_PORT (the OpenAI-compatible HTTP API, on
+# at 8000 by default; `make serve HTTP_PORT=` turns it off).
+HTTP_PORT ?= 8000
 SERVE_FLAGS := $(if $(CONFIG),--config $(CONFIG)) $(if $(MODEL),--model $(MODEL)) \
-    $(if $(PORT),--port $(PORT)) $(if $(METRICS_PORT),--metrics-port $(METRICS_PORT))
+    $(if $(PORT),--port $(PORT)) $(if $(METRICS_PORT),--metrics-port $(METRICS_PORT)) \
+    $(if $(HTTP_PORT),--set server.http_port=$(HTTP_PORT))
 
 .PHONY: install lock test test-latest test-fast serve bench lint proto clean
 

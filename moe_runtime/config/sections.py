@@ -269,10 +269,38 @@ class ServerConfig(Section):
         return self
 
 
+class CostConfig(Section):
+    """`telemetry.cost:` what the machine costs, to turn measured throughput into dollars per million tokens
+    (telemetry/cost.py, `moe_runtime_cost_usd_per_million_tokens{kind}`, `moe-runtime stats`)."""
+
+    # The price of the machine (or its GPUs) in US dollars per hour; None: no cost metric.
+    usd_per_hour: float | None = None
+    # Seconds of wall time the cost is measured over: the machine's cost for that time over the tokens of the
+    # requests that finished in it. Idle time counts (the machine is paid for all the same).
+    window_s: float = Field(default=300.0, ge=1.0, allow_inf_nan=False)
+
+    @field_validator("usd_per_hour", mode="before")
+    @classmethod
+    def _price(cls, value: object) -> object:
+        allowed = "allowed: a number of US dollars per hour >= 0 (e.g. 2.5), or null for no cost metric"
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError(f"not a number; {allowed}")
+        try:
+            price = float(value)
+        except ValueError:
+            raise ValueError(f"not a number; {allowed}") from None
+        if not 0 <= price < float("inf"):  # NaN fails this too
+            raise ValueError(f"not a finite number >= 0; {allowed}")
+        return price
+
+
 class TelemetryConfig(Section):
-    """`telemetry:` Prometheus export and the expert-load window."""
+    """`telemetry:` Prometheus export, the expert-load window and the cost per token."""
 
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9400, ge=0, le=65535)
     per_expert_metrics: bool = False
     window_steps: int = Field(default=256, gt=0)
+    cost: CostConfig = CostConfig()

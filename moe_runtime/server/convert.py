@@ -3,6 +3,7 @@ to the JSON shape the CLI prints (the placement planner reads that shape)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from moe_runtime.v1 import generation_pb2 as pb
@@ -72,10 +73,24 @@ def snapshot_to_proto(s: ExpertStatsSnapshot) -> pb.ExpertStats:
         cache=pb.CacheStats(hits=s.cache.hits, misses=s.cache.misses, bytes_moved=s.cache.bytes_moved,
                             hit_rate=s.cache.hit_rate, prefetch_accuracy=s.cache.prefetch_accuracy),
         tokens_processed=s.tokens_processed,
-        ranks=[pb.RankLoad(rank=n, tokens=t, expert_copies=c)
-               for n, (t, c) in enumerate(zip(s.rank_tokens, s.rank_expert_copies, strict=True))],
-        rank_imbalance=s.rank_imbalance,
+        ranks=[_rank_load(s, n) for n in range(len(s.rank_tokens))],
+        rank_imbalance=s.rank_imbalance, worker_restarts=s.worker_restarts,
+        prefix_cache=pb.PrefixCacheStats(**asdict(s.prefix_cache)),
+        speculative=pb.SpeculativeStats(**asdict(s.speculative)),
+        cost=pb.CostStats(**{k: v for k, v in asdict(s.cost).items() if v is not None}),  # None: unset
     )
+
+
+def _rank_load(s: ExpertStatsSnapshot, n: int) -> pb.RankLoad:
+    """Rank n's entry; timings and bytes are absent (0) until the executor reported them."""
+
+    def at(values: list, default: Any = 0) -> Any:
+        return values[n] if n < len(values) else default
+
+    return pb.RankLoad(rank=n, tokens=s.rank_tokens[n], expert_copies=s.rank_expert_copies[n],
+                       step_s=at(s.rank_step_s, 0.0), collective_s=at(s.rank_collective_s, 0.0),
+                       expert_bytes=at(s.rank_expert_bytes),
+                       experts=[pb.ExpertIds(ids=ids) for ids in at(s.rank_experts, [])])
 
 
 def stats_to_dict(m: pb.ExpertStats) -> dict[str, Any]:
@@ -110,4 +125,20 @@ def stats_to_dict(m: pb.ExpertStats) -> dict[str, Any]:
         "rank_tokens": [r.tokens for r in m.ranks],
         "rank_expert_copies": [r.expert_copies for r in m.ranks],
         "rank_imbalance": m.rank_imbalance,
+        "rank_experts": [[list(layer.ids) for layer in r.experts] for r in m.ranks],
+        "rank_step_s": [r.step_s for r in m.ranks],
+        "rank_collective_s": [r.collective_s for r in m.ranks],
+        "rank_expert_bytes": [r.expert_bytes for r in m.ranks],
+        "worker_restarts": m.worker_restarts,
+        "prefix_cache": {"queries": m.prefix_cache.queries, "hits": m.prefix_cache.hits,
+                         "hit_rate": m.prefix_cache.hit_rate},
+        "speculative": {"proposed_tokens": m.speculative.proposed_tokens,
+                        "accepted_tokens": m.speculative.accepted_tokens,
+                        "verifications": m.speculative.verifications,
+                        "acceptance_rate": m.speculative.acceptance_rate,
+                        "tokens_per_verification": m.speculative.tokens_per_verification},
+        "cost": {"configured": m.cost.configured, "usd_per_hour": m.cost.usd_per_hour, "window_s": m.cost.window_s,
+                 "prompt_tokens": m.cost.prompt_tokens, "generated_tokens": m.cost.generated_tokens,
+                 **{key: getattr(m.cost, key) if m.cost.HasField(key) else None
+                    for key in ("usd_per_million_prompt_tokens", "usd_per_million_generated_tokens")}},
     }

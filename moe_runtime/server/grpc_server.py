@@ -4,19 +4,20 @@ A generation call: refuse when not serving (UNAVAILABLE) -> validate (INVALID_AR
 RESOURCE_EXHAUSTED when the queue is full or the prompt cannot fit) -> stream the engine's outputs. When the
 client cancels or its deadline passes, grpc.aio cancels the handler (`asyncio.CancelledError`;
 `context.cancelled()` stays False), and the handler aborts the request in the engine, which frees its KV
-blocks. Each request ends with one JSON log line (id, tokens, timings, finish reason or status).
+blocks. Each request ends with one JSON log line (request_log.py: id, tokens, timings, finish reason or status).
+
+Nothing slow runs on the event loop, which every stream and health check shares: the request is converted
+and its text tokenized in a worker thread (the tokenizer releases the GIL; text that cannot fit the context
+is refused before tokenizing), and detokenizing happens on the engine's step thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -32,8 +33,11 @@ from moe_runtime.errors import (
 )
 from moe_runtime.server.auth import BearerTokenInterceptor
 from moe_runtime.server.convert import chunk_to_proto, final_fields, logprobs_to_proto, snapshot_to_proto
+from moe_runtime.server.decoding import DecodeErrorInterceptor
 from moe_runtime.server.health import ServingState
 from moe_runtime.server.reflection import enable_reflection
+from moe_runtime.server.request_log import RequestRecord
+from moe_runtime.server.tls import server_credentials
 from moe_runtime.server.validation import RequestRejected, WireRequest, from_proto, status_of
 from moe_runtime.telemetry import Telemetry
 from moe_runtime.v1 import generation_pb2 as pb
@@ -45,39 +49,7 @@ class ServerError(MoeRuntimeError):
 
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
-request_log = logging.getLogger("moe_runtime.server.requests")
-
-
-@dataclass
-class _Call:
-    """What the request log line and the telemetry need to know about one call."""
-
-    rpc: str
-    request_id: str = ""
-    status: str = "OK"
-    last: Any = None  # the engine's last RequestOutput
-
-    def finish(self, telemetry: Telemetry | None, started: float) -> None:
-        """Count the call in telemetry (latencies only for requests that ran to a finish) and log its line."""
-        out = self.last
-        m = out.metrics if out is not None else None
-        finished = out is not None and out.finished
-        if telemetry is not None and finished:
-            telemetry.observe_request(out.finish_reason, m.queue_time_s, m.ttft_s, m.e2e_s, out.num_output_tokens)
-        elif telemetry is not None and self.status != "OK":
-            telemetry.observe_request(self.status.lower())
-        request_log.info(json.dumps({
-            "event": "request", "rpc": self.rpc, "request_id": self.request_id, "status": self.status,
-            "finish_reason": out.finish_reason if finished else None,
-            "prompt_tokens": out.num_prompt_tokens if out is not None else 0,
-            "completion_tokens": out.num_output_tokens if out is not None else 0,
-            "queue_s": _round(m.queue_time_s if m else None), "ttft_s": _round(m.ttft_s if m else None),
-            "total_s": round(time.monotonic() - started, 6),
-        }))
-
-
-def _round(x: float | None) -> float | None:
-    return None if x is None else round(x, 6)
+SHUTTING_DOWN = "server shutting down: the drain grace (server.drain_grace_s) ran out; retry on another replica"
 
 
 @dataclass
@@ -97,6 +69,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self.max_queued_requests = max_queued_requests
         self.backend: Backend | None = None
         self.in_flight: set[str] = set()  # request ids this server is streaming now
+        self.shutting_down = False  # set by `end_in_flight`: aborted streams then answer UNAVAILABLE
 
     def attach(self, backend: Backend) -> None:
         self.backend = backend
@@ -133,7 +106,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def _generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
                         rpc: str) -> AsyncIterator[Any]:
         started = time.monotonic()
-        call = _Call(rpc, request.request_id)
+        call = RequestRecord("grpc", rpc, request.request_id)
         try:
             valid = await self._admit(request, context, call)
         except BaseException:
@@ -146,6 +119,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         try:
             async for out in stream:
                 call.last = out
+                if self.shutting_down and out.finish_reason == "abort":
+                    call.status = "UNAVAILABLE"
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
                 yield out
         except (asyncio.CancelledError, GeneratorExit):
             call.status = "CANCELLED"  # client cancel or deadline: the engine request is aborted below
@@ -163,7 +139,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             call.finish(telemetry, started)
 
     async def _admit(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
-                     call: _Call) -> WireRequest:
+                     call: RequestRecord) -> WireRequest:
         """Refuse or accept a request; aborts the call with the right status code when refusing. The engine
         checks the request's fields when the stream starts (`_generate`)."""
         code, message = None, ""
@@ -178,7 +154,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                              f"(server.max_queued_requests={self.max_queued_requests}); retry later")
         if code is None:
             try:
-                valid = from_proto(request, b.engine.encode)
+                valid = await asyncio.to_thread(from_proto, request, b.engine.encode)  # tokenizes: off the loop
                 if valid.request_id in self.in_flight:
                     raise RequestRejected(grpc.StatusCode.INVALID_ARGUMENT,
                                           f"request_id={valid.request_id!r}: already in flight; use a unique id "
@@ -189,6 +165,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         call.status = code.name
         await context.abort(code, message)
         raise AssertionError("unreachable: context.abort raises")
+
+    async def end_in_flight(self) -> None:
+        """Abort every in-flight request in the engine; their streams end with UNAVAILABLE `SHUTTING_DOWN`
+        (the drain grace ran out)."""
+        self.shutting_down = True
+        for request_id in list(self.in_flight):
+            await self.backend.engine.abort(request_id)
 
     # -- control and introspection ------------------------------------------------------------------------
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
@@ -209,6 +192,22 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     async def ApplyPlacement(self, request: pb.ApplyPlacementRequest,
                              context: grpc.aio.ServicerContext) -> pb.ApplyPlacementResponse:
+        """`_apply_placement`, with one log line per call: accepted or rejected, by whom (the peer)."""
+        from moe_runtime.cluster import placement_log  # no Ray: pure data
+
+        before = self.backend.engine.placement if self.backend is not None else None
+        try:
+            resp = await self._apply_placement(request, context)
+        except BaseException as e:
+            code = context.code()
+            placement_log.log_rejected(context.peer(), code.name if code is not None else type(e).__name__,
+                                       context.details() or str(e))
+            raise
+        placement_log.log_accepted(context.peer(), before, self.backend.engine.placement, resp.seconds)
+        return resp
+
+    async def _apply_placement(self, request: pb.ApplyPlacementRequest,
+                               context: grpc.aio.ServicerContext) -> pb.ApplyPlacementResponse:
         """Parse and check the placement here, then move experts on the step loop between two steps."""
         engine = (await self._ready(context)).engine
         if engine.placement is None:
@@ -241,11 +240,13 @@ def build_server(servicer: GenerationServicer, cfg: ServerConfig, auth_token: st
     Returns the server (not started) and the bound port (cfg.port=0 picks a free one).
     """
     options = [
-        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_receive_message_length", cfg.max_request_bytes),  # larger: RESOURCE_EXHAUSTED, unread
         ("grpc.max_send_message_length", cfg.max_message_bytes),
         ("grpc.so_reuseport", 0),  # two servers on one port is a mistake, not a load balancer
     ]
-    interceptors = [BearerTokenInterceptor(auth_token)] if auth_token else []
+    credentials = server_credentials(cfg)  # before anything binds: a bad PEM is a config error
+    # Auth first: a denied call is answered before its request is parsed; then undecodable requests.
+    interceptors = [*([BearerTokenInterceptor(auth_token)] if auth_token else []), DecodeErrorInterceptor()]
     server = grpc.aio.server(options=options, interceptors=interceptors)
     pb_grpc.add_GenerationServiceServicer_to_server(servicer, server)
     from grpc_health.v1 import health_pb2_grpc
@@ -253,15 +254,5 @@ def build_server(servicer: GenerationServicer, cfg: ServerConfig, auth_token: st
     health_pb2_grpc.add_HealthServicer_to_server(servicer.state.health, server)
     enable_reflection(server, [SERVICE_NAME, "grpc.health.v1.Health"])
     address = f"{cfg.host}:{cfg.port}"
-    if cfg.tls_cert or cfg.tls_key:
-        pem = {}
-        for name in ("tls_cert", "tls_key"):
-            try:
-                pem[name] = Path(getattr(cfg, name)).read_bytes()
-            except OSError as e:
-                raise ServerError(f"server.{name}={getattr(cfg, name)!r}: cannot read ({e.strerror}); "
-                                  "give a readable PEM file") from None
-        port = server.add_secure_port(address, grpc.ssl_server_credentials([(pem["tls_key"], pem["tls_cert"])]))
-    else:
-        port = server.add_insecure_port(address)
+    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     return server, port

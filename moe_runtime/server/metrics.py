@@ -3,14 +3,17 @@
 `/metrics` on its own registry (no prometheus_client global state) and port.
 
 Every name starts with `moe_runtime_`. Labels are bounded: `layer` (L values), `reason` (finish reasons and
-gRPC status names); per-(layer, expert) series only when `telemetry.per_expert_metrics` is on. The collector
-emits no `*_created` series.
+gRPC status names), `rank` (N workers, Ray executor only), `kind` (prompt, generated: the cost per million
+tokens, exported only with `telemetry.cost.usd_per_hour` and while its window holds completed requests); per-(layer, expert) series, and the placement as
+one `expert_placement{layer, expert, rank}` series per expert copy, only when `telemetry.per_expert_metrics`
+is on. The collector emits no `*_created` series.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -24,15 +27,24 @@ P = "moe_runtime_"
 
 
 class TelemetryCollector(Collector):
-    def __init__(self, telemetry: Telemetry, per_expert: bool = False):
+    """`serving`: whether the server accepts generation requests now (its health is SERVING); None leaves
+    `moe_runtime_serving` out (a collector over telemetry alone, as the unit tests build)."""
+
+    def __init__(self, telemetry: Telemetry, per_expert: bool = False, serving: Callable[[], bool] | None = None):
         self.telemetry = telemetry
         self.per_expert = per_expert
+        self.serving = serving
 
     def collect(self) -> Iterator[Metric]:
         t = self.telemetry
         snap = t.snapshot()
         stats = t.last_stats
+        if self.serving is not None:
+            yield GaugeMetricFamily(P + "serving", "1 while the server accepts generation requests (health SERVING); "
+                                    "0 while loading, draining, rebuilding after a lost worker, or with a dead engine",
+                                    value=1.0 if self.serving() else 0.0)
         yield from _engine_families(stats, snap)
+        yield from _cost_families(snap.cost)
         per_layer = [
             (CounterMetricFamily(P + "router_tokens", "Routed (token, expert) pairs per MoE layer since start",
                                  labels=["layer"]), [sum(row) for row in snap.total_tokens_per_expert]),
@@ -81,6 +93,42 @@ class TelemetryCollector(Collector):
                                   value=cache.prefetch_guessed)
         yield CounterMetricFamily(P + "expert_prefetch_used", "Prefetch guesses the layer then used",
                                   value=cache.prefetch_used)
+        if snap.rank_tokens:  # the Ray executor
+            yield from _rank_families(t, snap, self.per_expert)
+
+
+def _rank_families(t: Telemetry, snap: Any, per_expert: bool) -> Iterator[Metric]:
+    """Per-rank load, placement, timings and restarts (Ray executor)."""
+    last, total, collective = t.rank_times()
+    per_rank = (
+        (GaugeMetricFamily, "rank_window_tokens", "Routed pairs each rank computed over the window, all layers",
+         snap.rank_tokens),
+        (GaugeMetricFamily, "rank_expert_copies", "Expert copies each rank holds, all layers",
+         snap.rank_expert_copies),
+        (GaugeMetricFamily, "rank_expert_bytes", "Expert weight bytes each rank holds", snap.rank_expert_bytes),
+        (GaugeMetricFamily, "rank_step_latency_seconds", "Wall time of the last step on each rank", last),
+        (CounterMetricFamily, "rank_step_seconds", "Wall time of steps on each rank since start", total),
+        (CounterMetricFamily, "rank_collective_seconds",
+         "Of the step time, seconds in the MoE all-reduces (waiting for the other ranks + transfer)", collective),
+    )
+    for kind, name, doc, values in per_rank:
+        family = kind(P + name, doc, labels=["rank"])
+        for rank, v in enumerate(values):
+            family.add_metric([str(rank)], v)
+        yield family
+    yield GaugeMetricFamily(P + "rank_imbalance", "Sum over layers of the busiest rank's window load / the mean "
+                            "rank's (1 = balanced)", value=snap.rank_imbalance)
+    yield CounterMetricFamily(P + "worker_restarts", "Worker-group rebuilds after a lost Ray worker",
+                              value=snap.worker_restarts)
+    if per_expert:
+        held = [(layer, e, rank) for rank, layers in enumerate(snap.rank_experts)
+                for layer, experts in enumerate(layers) for e in experts]
+        copies = Counter((layer, e) for layer, e, _ in held)
+        placement = GaugeMetricFamily(P + "expert_placement", "Share of the expert's pairs this rank computes "
+                                      "(1/copies), one series per copy", labels=["layer", "expert", "rank"])
+        for layer, e, rank in sorted(held):
+            placement.add_metric([str(layer), str(e), str(rank)], 1 / copies[layer, e])
+        yield placement
 
 
 def _engine_families(stats: Any, snap: Any) -> Iterator[Metric]:
@@ -101,14 +149,47 @@ def _engine_families(stats: Any, snap: Any) -> Iterator[Metric]:
                 ("generation_tokens", "Tokens sampled since start", "num_generated_tokens"))
     for name, doc, attr in counters:
         yield CounterMetricFamily(P + name, doc, value=get(attr))
+    # Prefix caching (cache.prefix_caching) and speculative decoding (speculative.method): the engine's own
+    # counters since start; zeros when the feature is off. Hit rate = hits / queries, acceptance rate =
+    # accepted / proposed: ratios of rates on the dashboard.
+    engine_counters = (
+        ("prefix_cache_queries", "Prompt tokens of admitted requests looked up in the prefix cache",
+         "prefix_cache_queries"),
+        ("prefix_cache_hits", "Prompt tokens found in the prefix cache (their KV not computed again)",
+         "prefix_cache_hits"),
+        ("spec_proposed_tokens", "Speculative decoding: proposed tokens the model verified", "spec_proposed_tokens"),
+        ("spec_accepted_tokens", "Speculative decoding: proposed tokens accepted (each saves a decode step)",
+         "spec_accepted_tokens"),
+        ("spec_verifications", "Speculative decoding: request-steps that verified proposals", "spec_verifications"),
+    )
+    for name, doc, attr in engine_counters:
+        yield CounterMetricFamily(P + name, doc, value=get(attr))
+
+
+def _cost_families(cost: Any) -> Iterator[Metric]:
+    """USD per million tokens over the cost window (telemetry/cost.py): the machine's price over the prompt
+    tokens, and over the generated tokens, of the requests completed in it. No series for a kind the window
+    has no tokens of (undefined), none at all without a price."""
+    if not cost.configured:
+        return
+    family = GaugeMetricFamily(P + "cost_usd_per_million_tokens", "Machine price (telemetry.cost.usd_per_hour) "
+                               "over the tokens of this kind completed in the window: USD per million tokens",
+                               labels=["kind"])
+    for kind, value in (("prompt", cost.usd_per_million_prompt_tokens),
+                        ("generated", cost.usd_per_million_generated_tokens)):
+        if value is not None:
+            family.add_metric([kind], value)
+    yield family
+    yield GaugeMetricFamily(P + "cost_usd_per_hour", "The machine's price the cost is computed from "
+                            "(telemetry.cost.usd_per_hour)", value=cost.usd_per_hour)
 
 
 class MetricsServer:
     """`/metrics` over HTTP on (host, port); port 0 picks a free port (see `.port`)."""
 
-    def __init__(self, telemetry: Telemetry, per_expert: bool = False):
+    def __init__(self, telemetry: Telemetry, per_expert: bool = False, serving: Callable[[], bool] | None = None):
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(TelemetryCollector(telemetry, per_expert))
+        self.registry.register(TelemetryCollector(telemetry, per_expert, serving))
         self._httpd = None
         self.port: int | None = None
 

@@ -1,4 +1,5 @@
-"""`ExpertStatsSnapshot`: what `GetExpertStats` and `moe-runtime stats --json` return, as one dataclass."""
+"""`ExpertStatsSnapshot`: what `GetExpertStats` and `moe-runtime stats --json` return, as one dataclass (with
+the prefix cache, speculative decoding and cost summaries it carries)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,40 @@ from moe_runtime.telemetry.latency import LatencySummary
 # (evictions, stall time, ...) stays in the process.
 PUBLISHED_CACHE_KEYS = ("hits", "misses", "bytes_moved", "prefetch_guessed", "prefetch_used", "hit_rate",
                         "prefetch_accuracy")
+
+
+@dataclass
+class PrefixCacheSummary:
+    """Automatic prefix caching since start, in prompt tokens (the engine's `EngineStats` counters)."""
+
+    queries: int = 0  # prompt tokens of admitted requests looked up
+    hits: int = 0  # of those, tokens whose KV the cache held (not computed again)
+    hit_rate: float = 0.0  # hits / queries; 0 before any lookup
+
+
+@dataclass
+class SpeculativeSummary:
+    """Speculative decoding since start (`speculative.method`); zeros when it is off."""
+
+    proposed_tokens: int = 0  # proposed tokens the model verified
+    accepted_tokens: int = 0  # of those, accepted: each saves a decode step
+    verifications: int = 0  # request-steps that verified proposals
+    acceptance_rate: float = 0.0  # accepted / proposed
+    tokens_per_verification: float = 0.0  # 1 + accepted / verifications: tokens one verifying step yields
+
+
+@dataclass
+class CostSummary:
+    """Cost per million tokens over the sliding window (telemetry/cost.py); `configured` False without
+    `telemetry.cost.usd_per_hour`. A cost is None while the window holds no completed request's tokens."""
+
+    configured: bool = False
+    usd_per_hour: float = 0.0
+    window_s: float = 0.0  # the window's span now (<= telemetry.cost.window_s)
+    prompt_tokens: int = 0  # of the requests completed in the window
+    generated_tokens: int = 0
+    usd_per_million_prompt_tokens: float | None = None
+    usd_per_million_generated_tokens: float | None = None
 
 
 @dataclass
@@ -43,6 +78,14 @@ class ExpertStatsSnapshot:
     rank_tokens: list[float] = field(default_factory=list)  # [N] pairs each rank computed over the window
     rank_expert_copies: list[int] = field(default_factory=list)  # [N] expert copies each rank holds
     rank_imbalance: float = 0.0  # sum over layers of max rank load / sum of mean rank load; 0 without ranks
+    rank_experts: list[list[list[int]]] = field(default_factory=list)  # [N][L] expert ids each rank holds
+    rank_step_s: list[float] = field(default_factory=list)  # [N] mean step wall time per rank over the window
+    rank_collective_s: list[float] = field(default_factory=list)  # [N] of which in the MoE all-reduces
+    rank_expert_bytes: list[int] = field(default_factory=list)  # [N] expert weight bytes each rank holds
+    worker_restarts: int = 0  # worker-group rebuilds after a lost worker, since start
+    prefix_cache: PrefixCacheSummary = field(default_factory=PrefixCacheSummary)
+    speculative: SpeculativeSummary = field(default_factory=SpeculativeSummary)
+    cost: CostSummary = field(default_factory=CostSummary)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

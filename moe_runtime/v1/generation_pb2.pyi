@@ -197,14 +197,28 @@ class LayerLoad(_message.Message):
     def __init__(self, tokens_per_expert: _Optional[_Iterable[int]] = ..., total_tokens_per_expert: _Optional[_Iterable[int]] = ..., imbalance: _Optional[float] = ..., entropy: _Optional[float] = ...) -> None: ...
 
 class RankLoad(_message.Message):
-    __slots__ = ("rank", "tokens", "expert_copies")
+    __slots__ = ("rank", "tokens", "expert_copies", "step_s", "collective_s", "expert_bytes", "experts")
     RANK_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_COPIES_FIELD_NUMBER: _ClassVar[int]
+    STEP_S_FIELD_NUMBER: _ClassVar[int]
+    COLLECTIVE_S_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
     rank: int
     tokens: float
     expert_copies: int
-    def __init__(self, rank: _Optional[int] = ..., tokens: _Optional[float] = ..., expert_copies: _Optional[int] = ...) -> None: ...
+    step_s: float
+    collective_s: float
+    expert_bytes: int
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertIds]
+    def __init__(self, rank: _Optional[int] = ..., tokens: _Optional[float] = ..., expert_copies: _Optional[int] = ..., step_s: _Optional[float] = ..., collective_s: _Optional[float] = ..., expert_bytes: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertIds, _Mapping]]] = ...) -> None: ...
+
+class ExpertIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LatencySummary(_message.Message):
     __slots__ = ("count", "p50", "p99", "mean")
@@ -232,8 +246,50 @@ class CacheStats(_message.Message):
     prefetch_accuracy: float
     def __init__(self, hits: _Optional[int] = ..., misses: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., hit_rate: _Optional[float] = ..., prefetch_accuracy: _Optional[float] = ...) -> None: ...
 
+class PrefixCacheStats(_message.Message):
+    __slots__ = ("queries", "hits", "hit_rate")
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    queries: int
+    hits: int
+    hit_rate: float
+    def __init__(self, queries: _Optional[int] = ..., hits: _Optional[int] = ..., hit_rate: _Optional[float] = ...) -> None: ...
+
+class SpeculativeStats(_message.Message):
+    __slots__ = ("proposed_tokens", "accepted_tokens", "verifications", "acceptance_rate", "tokens_per_verification")
+    PROPOSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VERIFICATIONS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_VERIFICATION_FIELD_NUMBER: _ClassVar[int]
+    proposed_tokens: int
+    accepted_tokens: int
+    verifications: int
+    acceptance_rate: float
+    tokens_per_verification: float
+    def __init__(self, proposed_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., verifications: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., tokens_per_verification: _Optional[float] = ...) -> None: ...
+
+class CostStats(_message.Message):
+    __slots__ = ("configured", "usd_per_hour", "window_s", "prompt_tokens", "generated_tokens", "usd_per_million_prompt_tokens", "usd_per_million_generated_tokens")
+    CONFIGURED_FIELD_NUMBER: _ClassVar[int]
+    USD_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    USD_PER_MILLION_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    USD_PER_MILLION_GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    configured: bool
+    usd_per_hour: float
+    window_s: float
+    prompt_tokens: int
+    generated_tokens: int
+    usd_per_million_prompt_tokens: float
+    usd_per_million_generated_tokens: float
+    def __init__(self, configured: _Optional[bool] = ..., usd_per_hour: _Optional[float] = ..., window_s: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., usd_per_million_prompt_tokens: _Optional[float] = ..., usd_per_million_generated_tokens: _Optional[float] = ...) -> None: ...
+
 class ExpertStats(_message.Message):
-    __slots__ = ("num_layers", "num_experts", "top_k", "steps", "window_steps", "layers", "mean_imbalance", "mean_entropy", "num_running", "num_waiting", "kv_blocks_total", "kv_blocks_used", "num_preemptions", "time_to_first_token", "time_per_output_token", "queue_time", "cache", "tokens_processed", "ranks", "rank_imbalance")
+    __slots__ = ("num_layers", "num_experts", "top_k", "steps", "window_steps", "layers", "mean_imbalance", "mean_entropy", "num_running", "num_waiting", "kv_blocks_total", "kv_blocks_used", "num_preemptions", "time_to_first_token", "time_per_output_token", "queue_time", "cache", "tokens_processed", "ranks", "rank_imbalance", "worker_restarts", "prefix_cache", "speculative", "cost")
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -254,6 +310,10 @@ class ExpertStats(_message.Message):
     TOKENS_PROCESSED_FIELD_NUMBER: _ClassVar[int]
     RANKS_FIELD_NUMBER: _ClassVar[int]
     RANK_IMBALANCE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
     num_layers: int
     num_experts: int
     top_k: int
@@ -274,4 +334,8 @@ class ExpertStats(_message.Message):
     tokens_processed: int
     ranks: _containers.RepeatedCompositeFieldContainer[RankLoad]
     rank_imbalance: float
-    def __init__(self, num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., steps: _Optional[int] = ..., window_steps: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerLoad, _Mapping]]] = ..., mean_imbalance: _Optional[float] = ..., mean_entropy: _Optional[float] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., time_to_first_token: _Optional[_Union[LatencySummary, _Mapping]] = ..., time_per_output_token: _Optional[_Union[LatencySummary, _Mapping]] = ..., queue_time: _Optional[_Union[LatencySummary, _Mapping]] = ..., cache: _Optional[_Union[CacheStats, _Mapping]] = ..., tokens_processed: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankLoad, _Mapping]]] = ..., rank_imbalance: _Optional[float] = ...) -> None: ...
+    worker_restarts: int
+    prefix_cache: PrefixCacheStats
+    speculative: SpeculativeStats
+    cost: CostStats
+    def __init__(self, num_layers: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., steps: _Optional[int] = ..., window_steps: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerLoad, _Mapping]]] = ..., mean_imbalance: _Optional[float] = ..., mean_entropy: _Optional[float] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., time_to_first_token: _Optional[_Union[LatencySummary, _Mapping]] = ..., time_per_output_token: _Optional[_Union[LatencySummary, _Mapping]] = ..., queue_time: _Optional[_Union[LatencySummary, _Mapping]] = ..., cache: _Optional[_Union[CacheStats, _Mapping]] = ..., tokens_processed: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankLoad, _Mapping]]] = ..., rank_imbalance: _Optional[float] = ..., worker_restarts: _Optional[int] = ..., prefix_cache: _Optional[_Union[PrefixCacheStats, _Mapping]] = ..., speculative: _Optional[_Union[SpeculativeStats, _Mapping]] = ..., cost: _Optional[_Union[CostStats, _Mapping]] = ...) -> None: ...

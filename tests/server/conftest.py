@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +41,7 @@ class RunningServer:
             self.stop()
             raise
         self.address = f"127.0.0.1:{self.app.port}"
+        self.http_url = None if self.app.http_port is None else f"http://127.0.0.1:{self.app.http_port}"
         self.metrics_url = f"http://127.0.0.1:{self.app.metrics_port}/metrics"
 
     def call(self, coro: Any, timeout: float = 60.0) -> Any:
@@ -54,7 +57,7 @@ class RunningServer:
         while True:
             stats = self.engine.make_stats()
             idle = (stats.kv_blocks_used == 0 and stats.num_running == 0 and stats.num_waiting == 0
-                    and not self.app.servicer.in_flight)
+                    and not self.app.servicer.in_flight and not (self.app.http and self.app.http.in_flight))
             if idle or time.monotonic() > deadline:
                 return stats
             time.sleep(0.02)
@@ -108,3 +111,44 @@ def request_for() -> Callable[..., pb.GenerateRequest]:
                                   prompt_token_ids=ids, sampling_params=pb.SamplingParams(**sampling))
 
     return make
+
+
+# Mixtral-8x7B-Instruct's chat template (tokenizer_config.json on the hub), verbatim: roles must alternate.
+MIXTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_model_dir(tiny_model_dir: Path, tmp_path_factory) -> Path:
+    """The `tiny` checkpoint with Mixtral-Instruct's chat template in its tokenizer_config.json."""
+    out = tmp_path_factory.mktemp("tiny-chat")
+    for f in tiny_model_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": MIXTRAL_CHAT_TEMPLATE}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def openai_for() -> Callable[..., Any]:
+    """`openai_for(server, api_key=...)`: the official `openai` client on the server's HTTP API, no retries
+    (a test sees each status as the server answered it), closed at session end."""
+    import openai  # the HTTP tests' dependency only: gRPC tests run without it
+
+    clients: list[Any] = []
+
+    def make(srv: RunningServer, api_key: str = "unused", **kwargs: Any) -> Any:
+        assert srv.http_url is not None, "start the server with server.http_port=0"
+        client = openai.OpenAI(base_url=srv.http_url + "/v1", api_key=api_key, max_retries=0, timeout=60,
+                               **kwargs)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
