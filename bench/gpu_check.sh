@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one GPU check: environment, every GPU test, the kernel benchmark, the offload benchmark and the engine
 # benchmark (and tile tuning for Mixtral bf16 with TUNE=1), in under 10 minutes: each step has its own
-# timeout (150 + 100 + 45 + 240 s, plus 220 + 60 s for tuning); a step that hits it is cut, marked TIMEOUT,
+# timeout (170 + 140 + 45 + 200 s, plus 220 + 60 s for tuning); a step that hits it is cut, marked TIMEOUT,
 # and the script goes on. Ends with a table: each step's status and, for the test steps, pytest's counts.
 # Exit status 1 if any step failed, timed out or collected no tests.
 #
@@ -9,7 +9,7 @@
 #   OUT=/some/dir bash bench/gpu_check.sh   # also writes env.txt, pytest.txt, tune.txt, the tuned table
 #                                           # (tuned_*.json), kernels_bench.md, offload_bench.md and
 #                                           # engine_bench.md there (8 files: what the device tool returns)
-#   BENCH_ARGS='--shapes mini --m 1,16' bash bench/gpu_check.sh   # a shorter kernel benchmark
+#   BENCH_ARGS='--shapes mini --m 1,16' bash bench/gpu_check.sh   # a shorter kernel benchmark (16-bit only)
 #   TUNE=1 bash bench/gpu_check.sh          # retune kernels/tuned/ for this card first (off by default:
 #                                           # H100 and H200 tables are committed)
 #   ENGINE_ARGS='--models mini --graphs on' bash bench/gpu_check.sh   # a shorter engine benchmark
@@ -95,7 +95,7 @@ fi
 # 3. GPU tests: every test marked gpu. Without the runtime's dependencies only the kernel tests can run
 #    (--noconftest: the suite-wide conftest builds checkpoints), and the step says so.
 if [ "$RUNTIME_OK" = 1 ]; then
-  pytest_step "pytest -m gpu (whole suite)" 150 -m gpu tests
+  pytest_step "pytest -m gpu (whole suite)" 170 -m gpu tests
 else
   pytest_step "pytest -m gpu tests/kernels only" 120 -m gpu tests/kernels --noconftest
   record "pytest -m gpu (rest of the suite)" 1 "NOT RUN: the runtime's dependencies are missing"
@@ -114,10 +114,11 @@ if [ "${TUNE:-0}" = 1 ]; then
   fi
 fi
 
-# 5. Kernel benchmark: Mixtral-8x7B and mini shapes, bf16 (BENCH_ARGS overrides).
+# 5. Kernel benchmark: Mixtral-8x7B and mini shapes, bf16, and int8 / fp8 experts (w8a16) beside them at
+#    M <= 16 with their speedup and % of the quantized-bytes roofline (BENCH_ARGS overrides).
 echo "== bench/moe_kernels.py"
 # shellcheck disable=SC2086
-timeout 100 $PY bench/moe_kernels.py ${BENCH_ARGS:---shapes mixtral,mini --dtype bf16 --repeats 10} \
+timeout 140 $PY bench/moe_kernels.py ${BENCH_ARGS:---shapes mixtral,mini --dtype bf16 --repeats 10 --quant none,int8,fp8} \
   ${OUTDIR:+--out "$OUTDIR/kernels_bench.md"}
 record "moe_kernels benchmark" $? ""
 
@@ -135,7 +136,7 @@ fi
 if [ "${ENGINE_BENCH:-1}" = 1 ] && [ "$RUNTIME_OK" = 1 ]; then
   echo "== bench/gpu_engine.py"
   # shellcheck disable=SC2086
-  timeout "${ENGINE_TIMEOUT:-240}" $PY bench/gpu_engine.py ${ENGINE_ARGS:-} ${OUTDIR:+--out "$OUTDIR/engine_bench.md"}
+  timeout "${ENGINE_TIMEOUT:-200}" $PY bench/gpu_engine.py ${ENGINE_ARGS:-} ${OUTDIR:+--out "$OUTDIR/engine_bench.md"}
   record "gpu engine benchmark" $? ""
 fi
 

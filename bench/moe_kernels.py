@@ -13,6 +13,12 @@ CUDA times are triton.testing.do_bench medians (L2 flushed between runs), for ea
 and torch._grouped_mm, for replays of a CUDA graph (how an engine runs decode: no per-launch CPU cost);
 CPU times are the best of `--repeats` interleaved rounds (the methods take turns, so load from other
 processes hits them alike).
+
+Quantized experts (`--quant none,int8,fp8`, issue 20): for M <= `--quant-max-m` the same inputs (hidden
+states, routing) also run with the experts quantized per row from the same 16-bit weights (`kernels.quant`;
+on CUDA the Triton w8a16 kernels, eager and as a graph; no baselines). Their rows count the quantized bytes
+(8-bit values plus fp32 scales: `quant.expert_nbytes`), so "% HBM roofline" is of the bytes they move, and a
+second table puts them beside the 16-bit kernel at each M: time, speedup, % of the quantized-bytes roofline.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_runtime.kernels import fused_moe, route
+from moe_runtime.kernels.quant import SCHEMES, expert_nbytes, quantize
 from moe_runtime.kernels.reference import RoutingResult
 
 # Mixtral-8x7B-v0.1 (../shared/fixtures config.json) and the embedded `mini` preset.
@@ -35,6 +42,7 @@ SHAPES = {
 }
 ISSUE_M = (1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 4096)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+QUANT = ("none", *SCHEMES)  # `--quant`: "none" = the 16-bit weights of --dtype, with every baseline
 
 # Peak HBM bandwidth, bytes/s, by a substring of torch.cuda.get_device_name() (vendor datasheets).
 PEAK_BANDWIDTH = {
@@ -107,7 +115,8 @@ def heuristic_tiles(
 @dataclass(frozen=True)
 class Row:
     shape: str
-    dtype: str
+    dtype: str  # activations
+    weights: str  # the experts' format: dtype for 16-bit weights, else the quantization scheme
     M: int
     times_ms: dict[str, float]  # method -> time
     flops: float
@@ -181,13 +190,22 @@ class Timing:
     clock: str  # CPU only: "wall" or "cpu" (process CPU time)
 
 
-def bench_one(shape_name: str, dtype_name: str, M: int, device: torch.device, timing: Timing, weights) -> Row:
+def bench_one(shape_name: str, dtype_name: str, M: int, device: torch.device, timing: Timing, weights,
+              quant: str = "none") -> Row:
+    """One row: every method at M tokens. weights: (w13, w2) 16-bit, or QuantizedWeights of `quant`."""
     s = SHAPES[shape_name]
     dtype = DTYPES[dtype_name]
     w13, w2 = weights
-    g = torch.Generator().manual_seed(M)
+    g = torch.Generator().manual_seed(M)  # the same hidden states and routing for every weight format
     hidden = torch.randn(M, s["H"], generator=g).to(device, dtype)
     routing = route(torch.randn(M, s["E"], generator=g).to(device), s["k"])
+    active = int(torch.unique(routing.ids).numel())
+    elem = hidden.element_size()
+    row = dict(shape=shape_name, dtype=dtype_name, weights=dtype_name if quant == "none" else quant, M=M,
+               flops=6.0 * M * s["k"] * s["H"] * s["I"],
+               bytes=float(active * expert_nbytes(s["H"], s["I"], dtype, quant) + 2 * M * s["H"] * elem))
+    if quant != "none":
+        return Row(times_ms=time_quantized(hidden, w13, w2, routing, timing), **row)
     fns: dict[str, Callable[[], object]] = {
         "ours": lambda: fused_moe(hidden, w13, w2, routing),
         "naive": lambda: naive_loop(hidden, w13, w2, routing),
@@ -207,16 +225,25 @@ def bench_one(shape_name: str, dtype_name: str, M: int, device: torch.device, ti
             fns["torch"] = lambda: fused_moe(hidden, w13, w2, routing, backend="torch")
         fns["reference"] = lambda: fused_moe(hidden, w13, w2, routing, backend="reference")
         times = time_cpu(fns, timing.repeats, timing.clock)
-    active = int(torch.unique(routing.ids).numel())
-    elem = hidden.element_size()
-    return Row(
-        shape=shape_name,
-        dtype=dtype_name,
-        M=M,
-        times_ms=times,
-        flops=6.0 * M * s["k"] * s["H"] * s["I"],
-        bytes=float(active * 3 * s["H"] * s["I"] * elem + 2 * M * s["H"] * elem),
-    )
+    return Row(times_ms=times, **row)
+
+
+def time_quantized(hidden: torch.Tensor, q13, q2, routing: RoutingResult, timing: Timing) -> dict[str, float]:
+    """Ours on quantized experts: the engine's backend for them (CUDA: triton's w8a16 kernels, eager and as
+    a graph; CPU: the `cpu` backend when it built, else torch), no baselines."""
+    if hidden.is_cuda:
+        ours = {"ours": lambda: fused_moe(hidden, q13, q2, routing)}
+        try:
+            ours["ours"]()
+        except (RuntimeError, ValueError) as err:  # e.g. fp8 below compute capability 8.9
+            print(f"  {q13.dtype}: skipped ({str(err).splitlines()[0][:100]})")
+            return {}
+        return time_cuda(with_graphs(ours, ("ours",)), timing.repeats)
+    from moe_runtime.kernels import cpu
+
+    backend = "cpu" if cpu.available() else "torch"
+    return time_cpu({"ours": lambda: fused_moe(hidden, q13, q2, routing, backend=backend)}, timing.repeats,
+                    timing.clock)
 
 
 def format_table(rows: list[Row], peak_bw: float | None) -> str:
@@ -230,14 +257,16 @@ def format_table(rows: list[Row], peak_bw: float | None) -> str:
     def ours_of(method: str) -> str:
         return "ours_graph" if method.endswith("_graph") and "ours_graph" in methods else "ours"
 
-    head = ["shape", "dtype", "M", *[f"{m} ms" for m in methods],
+    head = ["shape", "dtype", "weights", "M", *[f"{m} ms" for m in methods],
             *[f"{m} / {ours_of(m)}" for m in baselines], "ours TFLOP/s", "ours GB/s",
             *[f"% HBM roofline ({'graph' if m == 'ours_graph' else 'eager'})" for m in ours_modes]]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         t = r.times_ms
+        if not any(m in t for m in ours_modes):
+            continue  # a weight format this device cannot run (said when skipped)
         ours_s = min(t[m] for m in ours_modes if m in t) / 1e3  # the better mode, for the throughput cells
-        cells = [r.shape, r.dtype, str(r.M)]
+        cells = [r.shape, r.dtype, r.weights, str(r.M)]
         cells += [f"{t[m]:.3f}" if m in t else "-" for m in methods]
         cells += [f"{t[m] / t[ours_of(m)]:.2f}x" if m in t and ours_of(m) in t else "-" for m in baselines]
         cells += [f"{r.flops / ours_s / 1e12:.3f}", f"{r.bytes / ours_s / 1e9:.1f}"]
@@ -245,6 +274,44 @@ def format_table(rows: list[Row], peak_bw: float | None) -> str:
             f"{100 * r.bytes / peak_bw / (t[m] / 1e3):.0f}%" if peak_bw and m in t else "-"
             for m in ours_modes
         ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def best_mode(row: Row, other: Row | None = None) -> str | None:
+    """"ours_graph" when measured for row (and other), else "ours"; None when neither was measured."""
+    for mode in ("ours_graph", "ours"):
+        if mode in row.times_ms and (other is None or mode in other.times_ms):
+            return mode
+    return None
+
+
+def format_quant_table(rows: list[Row], peak_bw: float | None) -> str:
+    """Quantized experts beside the 16-bit kernel, per (shape, M): each format's time in the same mode as
+    the 16-bit one (graph replays on CUDA), the 16-bit time over it, and % of the roofline of the bytes it
+    moves (8-bit values + scales of the active experts + activations). "" without quantized rows."""
+    schemes = list(dict.fromkeys(r.weights for r in rows if r.weights in SCHEMES))
+    if not schemes:
+        return ""
+    by_key = {(r.shape, r.M, r.weights): r for r in rows}
+    head = ["shape", "M", "16-bit ms"]
+    for q in schemes:
+        head += [f"{q} ms", f"{q} speedup", f"{q} % roofline"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r.weights in SCHEMES or not any((r.shape, r.M, q) in by_key for q in schemes):
+            continue
+        base_mode = best_mode(r)
+        cells = [r.shape, str(r.M), f"{r.times_ms[base_mode]:.3f} ({base_mode})" if base_mode else "-"]
+        for q in schemes:
+            qr = by_key.get((r.shape, r.M, q))
+            mode = best_mode(qr, r) if qr else None
+            if mode is None:
+                cells += ["-", "-", "-"]
+                continue
+            t = qr.times_ms[mode]
+            roof = f"{100 * qr.bytes / peak_bw / (t / 1e3):.0f}%" if peak_bw else "-"
+            cells += [f"{t:.3f}", f"{r.times_ms[mode] / t:.2f}x", roof]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -272,8 +339,13 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--clock", default="wall", choices=list(CLOCKS), help="CPU only: wall or process CPU time")
     p.add_argument("--threads", type=int, default=None, help="CPU only: torch threads (default: torch's)")
+    p.add_argument("--quant", default="none", help="comma list of expert weight formats: " + ",".join(QUANT))
+    p.add_argument("--quant-max-m", type=int, default=16, help="quantized formats only at M <= this")
     p.add_argument("--out", default=None, help="also write the markdown table to this file")
     args = p.parse_args()
+    quants = args.quant.split(",")
+    if unknown := set(quants) - set(QUANT):
+        p.error(f"--quant {sorted(unknown)}: allowed {list(QUANT)}")
 
     device = torch.device(args.device)
     if args.threads:
@@ -289,12 +361,21 @@ def main() -> None:
         kw = dict(generator=g, dtype=DTYPES[args.dtype], device=device)
         w13 = torch.randn(s["E"], 2 * s["I"], s["H"], **kw) / s["H"] ** 0.5  # [E, 2I, H]
         w2 = torch.randn(s["E"], s["H"], s["I"], **kw) / s["I"] ** 0.5  # [E, H, I]
+        weights = {q: (w13, w2) if q == "none" else (quantize(w13, q), quantize(w2, q)) for q in quants}
         for M in map(int, args.m.split(",")):
-            row = bench_one(shape_name, args.dtype, M, device, Timing(args.repeats, args.clock), (w13, w2))
-            rows.append(row)
-            print(format_table([row], peak_bw).splitlines()[-1], flush=True)
-        del w13, w2
+            for q in quants:
+                if q != "none" and M > args.quant_max_m:
+                    continue
+                timing = Timing(args.repeats, args.clock)
+                row = bench_one(shape_name, args.dtype, M, device, timing, weights[q], q)
+                rows.append(row)
+                line = format_table([row], peak_bw).splitlines()[2:]
+                print(line[0] if line else f"  {shape_name} M={M} {q}: not measured", flush=True)
+        del w13, w2, weights
     table = format_table(rows, peak_bw)
+    quant_table = format_quant_table(rows, peak_bw)
+    if quant_table:
+        table += "\n\nQuantized experts vs 16-bit (same inputs, same mode):\n\n" + quant_table
     print("\n" + header + "\n" + table)
     if args.out:
         with open(args.out, "w") as f:

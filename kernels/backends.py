@@ -42,10 +42,10 @@ UNAVAILABLE_BACKENDS: dict[str, str] = {
 
 
 def _triton(hidden, w13, w2, routing, slot_map):
-    if isinstance(w13, QuantizedWeight):
-        # TODO(kernels, issue 20): the w8a16 / FP8 Triton grouped GEMMs. Until then quantized experts run the
-        # torch backend's arithmetic (each routed expert dequantized), correct but slower than 16 bits.
-        return fused_moe_torch_fp32(hidden, w13, w2, routing, slot_map)
+    if isinstance(w13, QuantizedWeight):  # int8 / fp8 experts: 8-bit weight tiles widened in the kernel
+        from moe_runtime.kernels.triton.fused_moe_w8a16 import fused_moe_triton_w8a16_fp32
+
+        return fused_moe_triton_w8a16_fp32(hidden, w13, w2, routing, slot_map)
     from moe_runtime.kernels.triton.fused_moe import fused_moe_triton_fp32
 
     return fused_moe_triton_fp32(hidden, w13, w2, routing, slot_map)

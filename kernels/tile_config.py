@@ -30,7 +30,10 @@ TUNED_DIR = Path(__file__).parent / "tuned"
 #   python bench/tune_fused_moe.py --shape olmoe-1b-7b --dtype bf16         # E=64, N=1024, top-8
 # commit the kernels/tuned/E=...,N=...,device_name=...,dtype=bf16.json it writes.
 
-_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# MoeShape.dtype -> the file name's dtype: the activations' for 16/32-bit experts; for 8-bit experts the
+# weight format (kernels/triton/fused_moe_w8a16.py: 8-bit weights, 16-bit activations)
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                torch.int8: "int8_w8a16", torch.float8_e4m3fn: "fp8_w8a16"}
 
 
 @dataclass(frozen=True)

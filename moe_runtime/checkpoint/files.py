@@ -1,8 +1,9 @@
 """A checkpoint's safetensors files, opened (mmap) and checked against the config before any weight is read.
 
 Everything is checked up front: the index and every shard it names, each file's header, and every tensor's
-name and shape against what the config implies (`layout.expected_tensors`). Any problem is a
-`CheckpointError` naming the tensor and the file.
+name and shape against what the config implies (`layout.expected_tensors`), and its dtype: 16/32-bit, or
+in an FP8 checkpoint (config.json's `quantization_config`, `checkpoint/fp8.py`) F8_E4M3 with its
+weight_scale. Any problem is a `CheckpointError` naming the tensor and the file.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from moe_runtime.checkpoint.layout import IGNORED, INDEX_FILE, SINGLE_FILE, expected_tensors
+from moe_runtime.checkpoint import fp8
+from moe_runtime.checkpoint.layout import (
+    IGNORED,
+    INDEX_FILE,
+    SAFETENSORS_DTYPES,
+    SINGLE_FILE,
+    expected_tensors,
+)
 from moe_runtime.config import ModelConfig
 from moe_runtime.errors import CheckpointError
 
@@ -23,19 +31,28 @@ class CheckpointFiles:
     """The safetensors files of a checkpoint, opened (mmap) and checked against the config.
 
     Use as a context manager; `get(name)` reads one tensor. The expert store reuses this to keep cold
-    experts in the mmap instead of in memory.
+    experts in the mmap instead of in memory. `fp8`: the FP8 format from config.json, or None (16 bits).
     """
 
     def __init__(self, model_dir: str | Path, cfg: ModelConfig):
         self.dir = Path(model_dir)
         self._stack = ExitStack()
         self._files: dict[str, object] = {}
+        self.fp8 = self._quantization()
         self.location = self._resolve()  # tensor name -> file name
         try:
             self._open_and_check(cfg)
         except BaseException:
             self.close()
             raise
+
+    def _quantization(self) -> fp8.Fp8Checkpoint | None:
+        path = self.dir / "config.json"
+        try:
+            hf = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None  # read_config reports an unreadable config.json; a checkpoint without one is 16-bit
+        return fp8.read_quantization_config(hf if isinstance(hf, dict) else {}, str(path))
 
     def _resolve(self) -> dict[str, str]:
         index = self.dir / INDEX_FILE
@@ -77,10 +94,37 @@ class CheckpointFiles:
                 raise CheckpointError(
                     f"{self.dir / found[name]}: tensor {name} has shape {list(got)}, expected {list(shape)}"
                 )
+            self._check_dtype(name, shape, found)
         for name, fname in sorted(found.items()):
             tied_head = name == "lm_head.weight" and cfg.tie_word_embeddings
-            if name not in expected and not tied_head and not IGNORED.fullmatch(name):
+            scale = self.fp8 is not None and fp8.is_scale_tensor(name) and self._scales_fp8_weight(name, found)
+            if name not in expected and not tied_head and not IGNORED.fullmatch(name) and not scale:
                 raise CheckpointError(f"{self.dir / fname}: unexpected tensor {name} for a {cfg.architecture}")
+
+    def _dtype(self, name: str, found: dict[str, str]) -> str:
+        return self._files[found[name]].get_slice(name).get_dtype()
+
+    def _check_dtype(self, name: str, shape: tuple[int, ...], found: dict[str, str]) -> None:
+        """16/32-bit, or F8_E4M3 with a valid weight_scale in an FP8 checkpoint (`fp8.check_fp8_weight`)."""
+        dtype, where = self._dtype(name, found), self.dir / found[name]
+        if dtype in SAFETENSORS_DTYPES:
+            return
+        if dtype != fp8.FP8_DTYPE or self.fp8 is None:
+            fp8_note = (f", or {fp8.FP8_DTYPE} with a weight_scale (config.json's quantization_config has "
+                        "quant_method 'fp8')" if self.fp8 is None else f", or {fp8.FP8_DTYPE} with a weight_scale")
+            raise CheckpointError(f"{where}: tensor {name} has dtype {dtype}; allowed: "
+                                  f"{sorted(SAFETENSORS_DTYPES)}{fp8_note}")
+        scale = fp8.scale_name(name)
+        scale_dtype = self._dtype(scale, found) if scale in found else None
+        scale_shape = tuple(self._files[found[scale]].get_slice(scale).get_shape()) if scale in found else None
+        fp8.check_fp8_weight(name, shape, scale_dtype, scale_shape, str(where))
+
+    def _scales_fp8_weight(self, name: str, found: dict[str, str]) -> bool:
+        """Whether scale tensor `name` belongs to an F8_E4M3 weight of this checkpoint (X.weight_scale, or a
+        static X.input_scale beside such a weight)."""
+        weight = name.removesuffix(fp8.SCALE_SUFFIX) if not name.endswith(fp8.INPUT_SCALE) \
+            else name.removesuffix(fp8.INPUT_SCALE) + ".weight"
+        return weight in found and self._dtype(weight, found) == fp8.FP8_DTYPE
 
     def get(self, name: str) -> torch.Tensor:
         fname = self.location[name]

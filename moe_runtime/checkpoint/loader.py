@@ -14,6 +14,9 @@ into the model of its family (`model.registry`).
    (q, k and v as one projection, a dense SwiGLU's gate and up as one). With `model.quantization` int8 or
    fp8 the experts are built in 8 bits (`QuantizedLocalExperts`) and each expert matrix is quantized per
    row as it is read (`kernels.quant.quantize_into`: the 16-bit tensor is staged, one matrix at a time).
+   An FP8 checkpoint (config.json's `quantization_config`, `checkpoint/fp8.py`) keeps its experts in FP8
+   (their scales broadcast to one per row; requantized to int8 with `model.quantization: int8`) and has
+   its other FP8 weights dequantized to the model dtype as they are read.
 4. `experts.finish(...)`: whatever the experts need once the rest is loaded (the offload store opens);
    then the kernels derive what they keep from their weights (`prepare_kernels`).
 The model is returned only once every tensor is in place, so nothing half-loaded is ever used.
@@ -28,11 +31,12 @@ from pathlib import Path
 import torch
 
 from moe_runtime.checkpoint.files import CheckpointFiles
+from moe_runtime.checkpoint.fp8 import Fp8Checkpoint, scale_name
 from moe_runtime.checkpoint.layout import layout_of, resolve_dtype
 from moe_runtime.checkpoint.reader import SafetensorsReader
 from moe_runtime.config import ModelConfig, ModelLoadConfig
 from moe_runtime.errors import CheckpointError, ConfigError
-from moe_runtime.kernels.quant import QuantizedWeight, quantize_into
+from moe_runtime.kernels.quant import QuantizedWeight
 from moe_runtime.model.causal_lm import CausalLM
 from moe_runtime.model.layers import RotaryEmbedding
 from moe_runtime.model.parts import ModelParts
@@ -82,6 +86,17 @@ def quantized_parts(parts: ModelParts, scheme: str) -> ModelParts:
     return dataclasses.replace(parts, experts=quantized(scheme))
 
 
+def experts_scheme(quantization: str, fp8: Fp8Checkpoint | None) -> str:
+    """The experts' weight format: `model.quantization`, except that an FP8 checkpoint's experts stay FP8
+    unless int8 is asked for (never widened back to 16 bits: they would take twice the memory for the same
+    values).
+
+    >>> experts_scheme("none", None), experts_scheme("none", Fp8Checkpoint("dynamic")), experts_scheme("int8", None)
+    ('none', 'fp8', 'int8')
+    """
+    return "fp8" if fp8 is not None and quantization == "none" else quantization
+
+
 def load_model(
     model_dir: str | Path,
     dtype: str = "auto",
@@ -95,12 +110,13 @@ def load_model(
 
     parts: how the model computes (default: the reference arithmetic, all E experts local). Only the
     experts the layers' `Experts` hold (`Experts.held_experts`) are read here; every tensor is still checked.
-    quantization: the experts' weights in 16 bits ("none") or quantized per row at load ("int8", "fp8").
+    quantization: the experts' weights in 16 bits ("none") or quantized per row at load ("int8", "fp8");
+    an FP8 checkpoint's experts stay FP8 with "none" (`experts_scheme`).
     """
-    parts = quantized_parts(parts if parts is not None else ModelParts(), quantization)
     cfg = read_config(model_dir)
     torch_dtype, dev = resolve_dtype(dtype, cfg), resolve_device(device)
     with CheckpointFiles(model_dir, cfg) as ckpt:
+        parts = quantized_parts(parts if parts is not None else ModelParts(), experts_scheme(quantization, ckpt.fp8))
         with torch.device("meta"):
             model = build_model(cfg, parts)
         model = model.to(torch_dtype).to_empty(device=dev)
@@ -111,13 +127,15 @@ def load_model(
             model.lm_head.weight = model.embed_tokens.weight
         targets = _targets(model)
         order = sorted(targets, key=lambda n: (ckpt.location[n], n))  # sequential reads, file by file
-        with torch.no_grad(), SafetensorsReader(model_dir, {n: ckpt.location[n] for n in order}) as reader:
+        names = {n: ckpt.location[n] for n in order}
+        names |= {scale_name(n): ckpt.location[scale_name(n)] for n in order if scale_name(n) in ckpt.location}
+        with torch.no_grad(), SafetensorsReader(model_dir, names) as reader:
             for name in _progress(order, progress):
                 dst = targets[name]
                 if isinstance(dst, QuantizedWeight):
-                    quantize_into(reader.get(name), dst.data, dst.scale)
+                    reader.read_weight(name, dst)  # quantized per row, or an FP8 checkpoint's own values
                 else:
-                    reader.copy_into(name, dst)
+                    reader.copy_into(name, dst)  # FP8 values dequantized with their scale
         parts.experts.finish(model, str(model_dir), ckpt.location)
     model.prepare_kernels()
     return model.eval()

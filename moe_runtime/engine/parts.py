@@ -162,9 +162,8 @@ def make_forward(model: CausalLM, kv_caches: list[KVCache], kernels: KernelChoic
                                                          _model_key(model.config, model.dtype, engine,
                                                                     _experts_scheme(model))))
         return CpuDecodeForward(model, kv_caches, None if plan is None else plan.decode)
-    # quantized experts run the torch backend's per-expert loop on GPU so far (host syncs: not capturable)
-    capturable = (kernels.attention == "triton" and kernels.moe == "triton" and graphs_allowed
-                  and _experts_scheme(model) == "none")
+    # 16-bit and 8-bit (int8 / fp8: the w8a16 kernels) experts alike: static grids, no host sync
+    capturable = kernels.attention == "triton" and kernels.moe == "triton" and graphs_allowed
     if model.device.type == "cuda" and engine.cuda_graphs and capturable:
         from moe_runtime.engine.cuda_graphs import CudaGraphForward
 

@@ -1,0 +1,144 @@
+"""Grouped GEMM 2 with 8-bit weights (w8a16): y[p] = weight[p] * scale[s] * (inter[p] @ data[s]^T).
+
+The 16-bit kernel (`grouped_gemm2.py`) with w2 read in 8 bits (int8 or float8_e4m3fn), widened to the
+activation dtype in registers, accumulated in fp32, and each output column scaled by its row's fp32 scale
+and the pair's routing weight after the K loop. Output: one fp32 row per (token, k) pair, [T, k, H], summed
+over k by `combine` (see `grouped_gemm2.py` for why not atomics). Reference: `reference.grouped_gemm2_reference`
+on the dequantized weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moe_runtime.kernels.quant import QuantizedWeight
+from moe_runtime.kernels.reference import AlignedRouting
+from moe_runtime.kernels.tile_config import TileConfig
+from moe_runtime.kernels.triton.grouped_gemm1 import dot_precision
+from moe_runtime.kernels.triton.grouped_gemm1_w8a16 import check_quantized
+
+
+@triton.jit
+def _grouped_gemm2_w8a16_kernel(
+    # Pointers
+    a_ptr,  # [T * top_k, K] SwiGLU output, one row per pair
+    w_ptr,  # [S, N, K] down projection, int8 or float8_e4m3fn
+    scale_ptr,  # [S, N] fp32, one per row of w
+    weights_ptr,  # [T * top_k] fp32 routing weight of each pair
+    out_ptr,  # [T * top_k, N] fp32 weighted rows
+    sorted_ids_ptr,  # [num_blocks * BLOCK_M] flat pair ids sorted by slot; padding = num_pairs
+    block_slot_ptr,  # [num_blocks] slot of each M-block; -1 = unused
+    # Dimensions
+    N,  # H, the hidden size
+    K,  # I, the intermediate size
+    num_pairs,
+    num_blocks,
+    # Strides: how far the pointer moves for one step along a dimension.
+    stride_ap,
+    stride_ak,
+    stride_ws,
+    stride_wn,
+    stride_wk,
+    stride_ss,
+    stride_sn,
+    stride_op,
+    stride_on,
+    # Meta-parameters
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # -----------------------------------------------------------
+    # Grouped program order, as in grouped GEMM 1.
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(num_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % num_pid_in_group) % group_size
+    pid_n = (pid % num_pid_in_group) // group_size
+
+    slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
+    if slot < 0:
+        return
+
+    # -----------------------------------------------------------
+    # Rows of the activation are read directly by pair id (GEMM 1 wrote them there).
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_m)
+    row_mask = pair < num_pairs
+    pair64 = pair.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + pair64[:, None] * stride_ap + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + slot * stride_ws + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+
+    # -----------------------------------------------------------
+    # Accumulate in fp32 over 8-bit tiles widened in registers, masking the K tail.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, tl.cdiv(K, BLOCK_K)):
+        k_mask = offs_k < K - kk * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0).to(a.dtype)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    # -----------------------------------------------------------
+    # Per-row scale (columns of the output) and routing weight; rows stay fp32 at their pair position.
+    scale = tl.load(scale_ptr + slot * stride_ss + offs_n.to(tl.int64) * stride_sn, mask=n_mask, other=0.0)
+    weight = tl.load(weights_ptr + pair, mask=row_mask, other=0.0)
+    acc = acc * scale[None, :] * weight[:, None]
+    out_ptrs = out_ptr + pair64[:, None] * stride_op + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
+def grouped_gemm2_w8a16(
+    inter: torch.Tensor,
+    w2: QuantizedWeight,
+    aligned: AlignedRouting,
+    weights: torch.Tensor,
+    config: TileConfig,
+    zero_dropped: bool = True,
+) -> torch.Tensor:
+    """`grouped_gemm2` with 8-bit weights: the twin of `grouped_gemm2_reference(inter, w2.dequantize(f32),
+    aligned, weights)` up to fp32 summation order.
+
+    inter: [T * k, I] from grouped GEMM 1 (fp32 / fp16 / bf16); w2: QuantizedWeight, data [S, H, I] int8 or
+    float8_e4m3fn, scale [S, H] fp32; weights: [T, k] fp32; config: the pipeline's tiles (launched with
+    `config.for_gemm2()`). Returns [T, k, H] fp32; rows of dropped pairs are zero, or left unwritten with
+    zero_dropped=False (for `combine`, which skips them).
+    """
+    check_quantized(inter, w2, "w2")
+    T, k = weights.shape
+    S, H, inter_size = w2.shape
+    if inter.shape != (T * k, inter_size):
+        raise ValueError(f"inter must be [T*k={T * k}, I={inter_size}], got {tuple(inter.shape)}")
+    if aligned.block_m != config.block_m or aligned.top_k != k:
+        raise ValueError(f"aligned (block_m={aligned.block_m}, top_k={aligned.top_k}) does not match "
+                         f"config.block_m={config.block_m}, weights top_k={k}")  # fmt: skip
+    config = config.for_gemm2()
+    flat_w = weights.reshape(-1).to(torch.float32).contiguous()  # [T*k]
+    alloc = torch.zeros if zero_dropped else torch.empty
+    out = alloc(T * k, H, dtype=torch.float32, device=inter.device)
+    num_blocks = aligned.block_slot.numel()
+    grid = (num_blocks * triton.cdiv(H, config.block_n),)
+    data, scale = w2.data, w2.scale
+    _grouped_gemm2_w8a16_kernel[grid](
+        inter, data, scale, flat_w, out, aligned.sorted_ids, aligned.block_slot,
+        H, inter_size, T * k, num_blocks,
+        inter.stride(0), inter.stride(1),
+        data.stride(0), data.stride(1), data.stride(2),
+        scale.stride(0), scale.stride(1),
+        out.stride(0), out.stride(1),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+        DOT_PRECISION=dot_precision(inter.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out.view(T, k, H)
