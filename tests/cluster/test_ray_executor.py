@@ -132,38 +132,30 @@ def test_missing_bundles_fail_with_what_is_missing(cluster, tiny_model_dir):
         RayExecutor(cfg, str(tiny_model_dir))
 
 
-def test_cancel_ends_the_wait_for_bundles(cluster, tiny_model_dir):
-    """A server stopped (SIGTERM) while the cluster cannot hold its workers yet stops waiting, with the whole
-    ray.placement_timeout_s left, and gives the bundles it asked for back."""
+@pytest.mark.parametrize(
+    ("workers", "extra", "stage"),
+    [
+        # the cluster cannot hold 7 workers yet: cancelled with the whole placement_timeout_s left
+        (7, ["ray.placement_timeout_s=3600"], "while waiting"),
+        # bundles available: cancelled while the workers start, none left behind
+        (2, [], "while the workers"),
+    ],
+    ids=["waiting-for-bundles", "workers-starting"],
+)
+def test_cancel_during_start_up_gives_the_bundles_back(cluster, tiny_model_dir, workers, extra, stage):
+    """A server stopped (SIGTERM) during the executor's start-up stops at once, wherever it was, and gives back
+    every bundle it asked for."""
     import threading
 
     from moe_runtime.cluster.ray_connect import StartupCancelled
     from moe_runtime.cluster.ray_executor import RayExecutor
 
-    cfg = load_config(overrides=[f"model.path={tiny_model_dir}", "placement.workers=7", "ray.worker_device=gpu",
-                                 "ray.placement_timeout_s=3600", "executor=ray"])
+    cfg = load_config(overrides=[f"model.path={tiny_model_dir}", f"placement.workers={workers}",
+                                 "ray.worker_device=gpu", *extra, "executor=ray"])
     cancel = threading.Event()
     cancel.set()
     before = set(ray.util.placement_group_table())
-    with pytest.raises(StartupCancelled, match=r"placement.workers=7: start-up stopped while waiting"):
-        RayExecutor(cfg, str(tiny_model_dir), cancel=cancel)
-    ours = {k: pg for k, pg in ray.util.placement_group_table().items() if k not in before}
-    assert ours and all(pg["state"] == "REMOVED" for pg in ours.values())
-
-
-def test_cancel_while_workers_start_releases_them(cluster, tiny_model_dir):
-    """Bundles available, but the server was stopped: no worker is left behind, no bundle stays reserved."""
-    import threading
-
-    from moe_runtime.cluster.ray_connect import StartupCancelled
-    from moe_runtime.cluster.ray_executor import RayExecutor
-
-    cfg = load_config(overrides=[f"model.path={tiny_model_dir}", "placement.workers=2", "ray.worker_device=gpu",
-                                 "executor=ray"])
-    cancel = threading.Event()
-    cancel.set()
-    before = set(ray.util.placement_group_table())
-    with pytest.raises(StartupCancelled, match=r"placement.workers=2: start-up stopped while the workers"):
+    with pytest.raises(StartupCancelled, match=rf"placement.workers={workers}: start-up stopped {stage}"):
         RayExecutor(cfg, str(tiny_model_dir), cancel=cancel)
     ours = {k: pg for k, pg in ray.util.placement_group_table().items() if k not in before}
     assert ours and all(pg["state"] == "REMOVED" for pg in ours.values())
