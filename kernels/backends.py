@@ -17,7 +17,6 @@ import torch
 
 from moe_runtime.kernels.cpu.dispatch import RowPlan
 from moe_runtime.kernels.cpu.moe import CpuMoe, fused_moe_cpu_fp32
-from moe_runtime.kernels.quant import QuantizedWeight
 from moe_runtime.kernels.reference import RoutingResult, fused_moe_reference_fp32
 from moe_runtime.kernels.torch_moe import fused_moe_torch_fp32
 
@@ -42,10 +41,7 @@ UNAVAILABLE_BACKENDS: dict[str, str] = {
 
 
 def _triton(hidden, w13, w2, routing, slot_map):
-    if isinstance(w13, QuantizedWeight):  # int8 / fp8 experts: 8-bit weight tiles widened in the kernel
-        from moe_runtime.kernels.triton.fused_moe_w8a16 import fused_moe_triton_w8a16_fp32
-
-        return fused_moe_triton_w8a16_fp32(hidden, w13, w2, routing, slot_map)
+    # 16-bit and 8-bit (QuantizedWeight: tiles widened in the kernel, w8a16) experts alike
     from moe_runtime.kernels.triton.fused_moe import fused_moe_triton_fp32
 
     return fused_moe_triton_fp32(hidden, w13, w2, routing, slot_map)

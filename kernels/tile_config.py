@@ -31,7 +31,7 @@ TUNED_DIR = Path(__file__).parent / "tuned"
 # commit the kernels/tuned/E=...,N=...,device_name=...,dtype=bf16.json it writes.
 
 # MoeShape.dtype -> the file name's dtype: the activations' for 16/32-bit experts; for 8-bit experts the
-# weight format (kernels/triton/fused_moe_w8a16.py: 8-bit weights, 16-bit activations)
+# weight format (kernels/triton/fused_moe.py on QuantizedWeights: 8-bit weights, 16-bit activations)
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
                 torch.int8: "int8_w8a16", torch.float8_e4m3fn: "fp8_w8a16"}
 

@@ -4,12 +4,18 @@ Four Triton launches per layer (align, the two GEMMs, the combine) and no other 
 of experts, with grids that depend only on shapes (not on routing), so a decode step can be captured in a
 CUDA graph; `kernels.fused_moe` adds one cast of the fp32 result. Reference:
 `reference.fused_moe_reference_fp32`.
+
+8-bit experts (`QuantizedWeight`s, int8 or float8_e4m3fn with per-row scales) run the same launches: the
+grouped GEMMs widen their tiles in registers and apply the scales after the K loop (w8a16), so their decode
+steps are captured like 16-bit ones. Their tiles come from the table of the weight format
+(`dtype=int8_w8a16` / `fp8_w8a16` in `kernels/tuned/`), else the heuristic.
 """
 
 from __future__ import annotations
 
 import torch
 
+from moe_runtime.kernels.quant import QuantizedWeight
 from moe_runtime.kernels.reference import RoutingResult
 from moe_runtime.kernels.tile_config import MoeShape, TileConfig, device_name, tile_config_for
 from moe_runtime.kernels.triton.align import align
@@ -20,15 +26,16 @@ from moe_runtime.kernels.triton.grouped_gemm2 import grouped_gemm2
 
 def fused_moe_triton_fp32(
     hidden: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
+    w13: torch.Tensor | QuantizedWeight,
+    w2: torch.Tensor | QuantizedWeight,
     routing: RoutingResult,
     slot_map: torch.Tensor | None = None,
     config: TileConfig | None = None,
 ) -> torch.Tensor:
     """Same contract as `reference.fused_moe_reference_fp32`; config=None looks up the tuned table.
 
-    hidden: [T, H]; w13: [S, 2I, H]; w2: [S, H, I]; routing ids [T, k] in [0, E); slot_map: [E] or None.
+    hidden: [T, H]; w13: [S, 2I, H]; w2: [S, H, I], both 16/32-bit of hidden's dtype or both QuantizedWeights
+    of one 8-bit format; routing ids [T, k] in [0, E); slot_map: [E] or None.
     Returns [T, H] float32 (fp32 accumulation inside each GEMM, the k rows of each token summed in fp32 by
     the combine, not rounded). `config` fixes the tiles (bench/tune_fused_moe.py times candidates with it).
     """
@@ -36,12 +43,19 @@ def fused_moe_triton_fp32(
     S, two_i, _ = w13.shape
     if w2.shape != (S, H, two_i // 2):
         raise ValueError(f"w2 must be [S={S}, H={H}, I={two_i // 2}], got {tuple(w2.shape)}")
+    quantized = isinstance(w13, QuantizedWeight)
+    if quantized != isinstance(w2, QuantizedWeight):
+        raise TypeError(f"w13 and w2 must both be QuantizedWeight or both tensors, got {type(w13).__name__}, "
+                        f"{type(w2).__name__}")
+    if quantized and w2.dtype != w13.dtype:
+        raise ValueError(f"w13 ({w13.dtype}) and w2 ({w2.dtype}) must hold the same 8-bit format")
     if T == 0:
         return torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
     k = routing.top_k
     if config is None:
         shape = MoeShape(
-            num_experts=S, intermediate=two_i // 2, dtype=hidden.dtype, device_name=device_name(hidden.device)
+            num_experts=S, intermediate=two_i // 2, dtype=w13.dtype if quantized else hidden.dtype,
+            device_name=device_name(hidden.device),
         )
         config = tile_config_for(T, k, shape)
     slots = routing.slots(slot_map)  # [T, k]

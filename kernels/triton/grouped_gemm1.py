@@ -3,6 +3,13 @@
 Each program computes a [BLOCK_M, BLOCK_N] tile of the gate and the up projection of the same rows
 (two accumulators over one pass of x), so the [T*k, 2I] pre-activation never reaches memory.
 Reference: `reference.grouped_gemm1_reference`.
+
+8-bit experts (w8a16, `kernels.quant.QuantizedWeight`: int8 or float8_e4m3fn values, one fp32 scale per
+row) run the same kernel with HAS_SCALE: each weight tile is widened to the activation dtype in registers
+(exact: |int8| <= 127 and every e4m3 value fit in fp16 and bf16), and each output column is scaled by its
+row's scale once, after the K loop (row n's scale multiplies out of row n's sum):
+    gate[m, n] = scale[s, n] * sum_k x[m, k] * data[s, n, k]        up: rows N + n
+Without HAS_SCALE the widening is a no-op and the scale code is not compiled.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_runtime.kernels.quant import QuantizedWeight
 from moe_runtime.kernels.reference import AlignedRouting
 from moe_runtime.kernels.tile_config import TileConfig
 
@@ -19,7 +27,8 @@ from moe_runtime.kernels.tile_config import TileConfig
 def _grouped_gemm1_kernel(
     # Pointers
     x_ptr,  # [T, K] hidden states
-    w_ptr,  # [S, 2N, K] gate rows [0, N) then up rows [N, 2N)
+    w_ptr,  # [S, 2N, K] gate rows [0, N) then up rows [N, 2N); 16-bit, or int8 / fp8 with HAS_SCALE
+    scale_ptr,  # [S, 2N] fp32, one per row of w (read only with HAS_SCALE)
     out_ptr,  # [T * top_k, N] one row per (token, k) pair
     sorted_ids_ptr,  # [num_blocks * BLOCK_M] flat pair ids sorted by slot; padding = num_pairs
     block_slot_ptr,  # [num_blocks] slot of each M-block; -1 = unused
@@ -35,6 +44,8 @@ def _grouped_gemm1_kernel(
     stride_ws,
     stride_wn,
     stride_wk,
+    stride_ss,
+    stride_sn,
     stride_op,
     stride_on,
     # Meta-parameters
@@ -43,6 +54,7 @@ def _grouped_gemm1_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" keeps fp32 inputs exact-ish; None is the backend default
+    HAS_SCALE: tl.constexpr,  # 8-bit weights with per-row scales
 ):
     # -----------------------------------------------------------
     # Map the program id to the (M-block, N-block) it computes, GROUP_M M-blocks at a time so that
@@ -81,8 +93,8 @@ def _grouped_gemm1_kernel(
     for kk in range(0, tl.cdiv(K, BLOCK_K)):
         k_mask = offs_k < K - kk * BLOCK_K
         x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        g = tl.load(g_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        u = tl.load(u_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        g = tl.load(g_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0).to(x.dtype)
+        u = tl.load(u_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0).to(x.dtype)
         acc_gate = tl.dot(x, g, acc_gate, input_precision=DOT_PRECISION)
         acc_up = tl.dot(x, u, acc_up, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
@@ -90,7 +102,12 @@ def _grouped_gemm1_kernel(
         u_ptrs += BLOCK_K * stride_wk
 
     # -----------------------------------------------------------
-    # SwiGLU epilogue while the accumulators are still fp32, then one rounding to the output dtype.
+    # Per-row scales of 8-bit weights (columns of the output), then the SwiGLU epilogue while the
+    # accumulators are still fp32, then one rounding to the output dtype.
+    if HAS_SCALE:
+        s_ptrs = scale_ptr + slot * stride_ss + offs_n.to(tl.int64) * stride_sn
+        acc_gate = acc_gate * tl.load(s_ptrs, mask=n_mask, other=0.0)[None, :]
+        acc_up = acc_up * tl.load(s_ptrs + N * stride_sn, mask=n_mask, other=0.0)[None, :]
     inter = acc_gate * tl.sigmoid(acc_gate) * acc_up
     out_ptrs = out_ptr + pair[:, None].to(tl.int64) * stride_op + offs_n[None, :] * stride_on
     tl.store(out_ptrs, inter.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
@@ -101,23 +118,48 @@ def dot_precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
-def grouped_gemm1(
-    hidden: torch.Tensor, w13: torch.Tensor, aligned: AlignedRouting, config: TileConfig
-) -> torch.Tensor:
-    """Triton twin of `reference.grouped_gemm1_reference`.
+def weight_and_scale(x: torch.Tensor, w: torch.Tensor | QuantizedWeight, name: str
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The launchers' checks of a weight against its activations x: (values, per-row scales or None).
 
-    hidden: [T, H]; w13: [S, 2I, H] same dtype and device; aligned: from `align(..., config.block_m)`.
-    Returns [T * k, I] in hidden's dtype. Rows of dropped pairs are left unwritten (never read later).
+    16-bit weights must have x's dtype; 8-bit ones (a QuantizedWeight) need unit stride along K, float
+    activations, and for fp8 a GPU that converts e4m3 in registers. bf16 needs a GPU (the interpreter holds
+    bf16 as raw uint16 bits, so its arithmetic is wrong: issue 4)."""
+    if not x.is_cuda and x.dtype == torch.bfloat16:
+        raise ValueError("bf16 needs a GPU; under TRITON_INTERPRET=1 use fp32 or fp16")
+    if not isinstance(w, QuantizedWeight):
+        if w.dtype != x.dtype:
+            raise ValueError(f"{name} dtype {w.dtype} differs from the activations' dtype {x.dtype}")
+        return w, None
+    if w.data.device != x.device or w.scale.device != x.device:
+        raise ValueError(f"{name} is on {w.data.device}, activations on {x.device}")
+    if w.data.stride(-1) != 1:
+        raise ValueError(f"{name}.data must have unit stride along K, got strides {w.data.stride()}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"activations must be fp32, fp16 or bf16, got {x.dtype}")
+    if w.dtype == torch.float8_e4m3fn and x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 9):
+        # Triton converts e4m3 (fp8e4nv) in registers only from Ada / Hopper on
+        raise ValueError("fp8 experts need compute capability >= 8.9 for the Triton kernels; use "
+                         "model.quantization=int8, or moe_backend=torch")
+    return w.data, w.scale
+
+
+def grouped_gemm1(
+    hidden: torch.Tensor, w13: torch.Tensor | QuantizedWeight, aligned: AlignedRouting, config: TileConfig
+) -> torch.Tensor:
+    """Triton twin of `reference.grouped_gemm1_reference` (on `w13.dequantize()` for 8-bit weights, up to
+    fp32 summation order).
+
+    hidden: [T, H] (fp32 / fp16 / bf16); w13: [S, 2I, H] of hidden's dtype on its device, or a
+    QuantizedWeight (data [S, 2I, H] int8 or float8_e4m3fn, scale [S, 2I] fp32); aligned: from
+    `align(..., config.block_m)`. Returns [T * k, I] in hidden's dtype. Rows of dropped pairs are left
+    unwritten (never read later).
     """
     T, H = hidden.shape
     S, two_i, H_w = w13.shape
     if H_w != H or two_i % 2:
         raise ValueError(f"w13 must be [S, 2I, H={H}], got {tuple(w13.shape)}")
-    if w13.dtype != hidden.dtype:
-        raise ValueError(f"w13 dtype {w13.dtype} differs from hidden dtype {hidden.dtype}")
-    if not hidden.is_cuda and hidden.dtype == torch.bfloat16:
-        # The interpreter holds bf16 as raw uint16 bits, so its arithmetic is wrong (see issue 4).
-        raise ValueError("bf16 needs a GPU; under TRITON_INTERPRET=1 use fp32 or fp16")
+    data, scale = weight_and_scale(hidden, w13, "w13")
     if aligned.block_m != config.block_m:
         raise ValueError(f"aligned with block_m={aligned.block_m} but config.block_m={config.block_m}")
     inter_size = two_i // 2
@@ -125,13 +167,14 @@ def grouped_gemm1(
     num_blocks = aligned.block_slot.numel()
     grid = (num_blocks * triton.cdiv(inter_size, config.block_n),)
     _grouped_gemm1_kernel[grid](
-        hidden, w13, out, aligned.sorted_ids, aligned.block_slot,
+        hidden, data, data if scale is None else scale, out, aligned.sorted_ids, aligned.block_slot,
         inter_size, H, T * aligned.top_k, aligned.top_k, num_blocks,
         hidden.stride(0), hidden.stride(1),
-        w13.stride(0), w13.stride(1), w13.stride(2),
+        data.stride(0), data.stride(1), data.stride(2),
+        *((0, 0) if scale is None else scale.stride()),
         out.stride(0), out.stride(1),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-        DOT_PRECISION=dot_precision(hidden.dtype),
+        DOT_PRECISION=dot_precision(hidden.dtype), HAS_SCALE=scale is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out

@@ -6,7 +6,8 @@ Why not atomics into [T, H]: bf16 atomic adds are unsupported in the interpreter
 some GPUs, fp32 atomics would need a zeroed fp32 buffer plus a cast pass (the same traffic as the sum),
 and the order of atomic adds changes run to run, which breaks bit-reproducible serving. The k-row sum reads
 T*k*H fp32 values once, which is small next to the expert weights this GEMM streams.
-Reference: `reference.grouped_gemm2_reference`.
+Reference: `reference.grouped_gemm2_reference`. 8-bit weights (HAS_SCALE): as in grouped GEMM 1, tiles
+widened in registers and each output column scaled by its row's scale with the routing weight.
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_runtime.kernels.quant import QuantizedWeight
 from moe_runtime.kernels.reference import AlignedRouting
 from moe_runtime.kernels.tile_config import TileConfig
-from moe_runtime.kernels.triton.grouped_gemm1 import dot_precision
+from moe_runtime.kernels.triton.grouped_gemm1 import dot_precision, weight_and_scale
 
 
 @triton.jit
 def _grouped_gemm2_kernel(
     # Pointers
     a_ptr,  # [T * top_k, K] SwiGLU output, one row per pair
-    w_ptr,  # [S, N, K] down projection
+    w_ptr,  # [S, N, K] down projection; 16-bit, or int8 / fp8 with HAS_SCALE
+    scale_ptr,  # [S, N] fp32, one per row of w (read only with HAS_SCALE)
     weights_ptr,  # [T * top_k] fp32 routing weight of each pair
     out_ptr,  # [T * top_k, N] fp32 weighted rows, zero-initialised (dropped pairs stay zero)
     sorted_ids_ptr,  # [num_blocks * BLOCK_M] flat pair ids sorted by slot; padding = num_pairs
@@ -40,6 +43,8 @@ def _grouped_gemm2_kernel(
     stride_ws,
     stride_wn,
     stride_wk,
+    stride_ss,
+    stride_sn,
     stride_op,
     stride_on,
     # Meta-parameters
@@ -48,6 +53,7 @@ def _grouped_gemm2_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_SCALE: tl.constexpr,  # 8-bit weights with per-row scales
 ):
     # -----------------------------------------------------------
     # Grouped program order, as in grouped GEMM 1.
@@ -82,13 +88,17 @@ def _grouped_gemm2_kernel(
     for kk in range(0, tl.cdiv(K, BLOCK_K)):
         k_mask = offs_k < K - kk * BLOCK_K
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0).to(a.dtype)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
     # -----------------------------------------------------------
-    # Routing weight epilogue; rows stay fp32 (the combine rounds once) at their pair position.
+    # Routing weight (and 8-bit weights' row scales) epilogue; rows stay fp32 (the combine rounds once) at
+    # their pair position.
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + slot * stride_ss + offs_n.to(tl.int64) * stride_sn, mask=n_mask, other=0.0)
+        acc = acc * scale[None, :]
     weight = tl.load(weights_ptr + pair, mask=row_mask, other=0.0)
     acc = acc * weight[:, None]
     out_ptrs = out_ptr + pair64[:, None] * stride_op + offs_n[None, :] * stride_on
@@ -97,7 +107,7 @@ def _grouped_gemm2_kernel(
 
 def grouped_gemm2(
     inter: torch.Tensor,
-    w2: torch.Tensor,
+    w2: torch.Tensor | QuantizedWeight,
     aligned: AlignedRouting,
     weights: torch.Tensor,
     config: TileConfig,
@@ -105,8 +115,9 @@ def grouped_gemm2(
 ) -> torch.Tensor:
     """Triton twin of `reference.grouped_gemm2_reference`.
 
-    inter: [T * k, I] from grouped GEMM 1; w2: [S, H, I] same dtype; weights: [T, k] fp32; config: the
-    pipeline's tiles (this GEMM launches with `config.for_gemm2()`).
+    inter: [T * k, I] from grouped GEMM 1; w2: [S, H, I] same dtype, or a QuantizedWeight (data [S, H, I]
+    int8 or float8_e4m3fn, scale [S, H] fp32); weights: [T, k] fp32; config: the pipeline's tiles (this
+    GEMM launches with `config.for_gemm2()`).
     Returns [T, k, H] fp32; `.sum(dim=1).to(dtype)` of it is the MoE output (one rounding, as the
     reference does). Rows of dropped pairs are zero, or, with zero_dropped=False, left unwritten (for a
     caller that skips them, like `combine`: it saves a memset of the whole output).
@@ -115,11 +126,7 @@ def grouped_gemm2(
     S, H, inter_size = w2.shape
     if inter.shape != (T * k, inter_size):
         raise ValueError(f"inter must be [T*k={T * k}, I={inter_size}], got {tuple(inter.shape)}")
-    if w2.dtype != inter.dtype:
-        raise ValueError(f"w2 dtype {w2.dtype} differs from inter dtype {inter.dtype}")
-    if not inter.is_cuda and inter.dtype == torch.bfloat16:
-        # The interpreter holds bf16 as raw uint16 bits, so its arithmetic is wrong (see issue 4).
-        raise ValueError("bf16 needs a GPU; under TRITON_INTERPRET=1 use fp32 or fp16")
+    data, scale = weight_and_scale(inter, w2, "w2")
     if aligned.block_m != config.block_m or aligned.top_k != k:
         raise ValueError(f"aligned (block_m={aligned.block_m}, top_k={aligned.top_k}) does not match "
                          f"config.block_m={config.block_m}, weights top_k={k}")  # fmt: skip
@@ -130,13 +137,14 @@ def grouped_gemm2(
     num_blocks = aligned.block_slot.numel()
     grid = (num_blocks * triton.cdiv(H, config.block_n),)
     _grouped_gemm2_kernel[grid](
-        inter, w2, flat_w, out, aligned.sorted_ids, aligned.block_slot,
+        inter, data, data if scale is None else scale, flat_w, out, aligned.sorted_ids, aligned.block_slot,
         H, inter_size, T * k, num_blocks,
         inter.stride(0), inter.stride(1),
-        w2.stride(0), w2.stride(1), w2.stride(2),
+        data.stride(0), data.stride(1), data.stride(2),
+        *((0, 0) if scale is None else scale.stride()),
         out.stride(0), out.stride(1),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-        DOT_PRECISION=dot_precision(inter.dtype),
+        DOT_PRECISION=dot_precision(inter.dtype), HAS_SCALE=scale is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out.view(T, k, H)

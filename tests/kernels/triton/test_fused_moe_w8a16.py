@@ -21,9 +21,9 @@ from moe_runtime.kernels.reference import (
     grouped_gemm1_reference,
     grouped_gemm2_reference,
 )
-from moe_runtime.kernels.triton.fused_moe_w8a16 import fused_moe_triton_w8a16_fp32
-from moe_runtime.kernels.triton.grouped_gemm1_w8a16 import grouped_gemm1_w8a16
-from moe_runtime.kernels.triton.grouped_gemm2_w8a16 import grouped_gemm2_w8a16
+from moe_runtime.kernels.triton.fused_moe import fused_moe_triton_fp32
+from moe_runtime.kernels.triton.grouped_gemm1 import grouped_gemm1
+from moe_runtime.kernels.triton.grouped_gemm2 import grouped_gemm2
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SCHEMES = ("int8", "fp8")
@@ -59,7 +59,7 @@ def fp32_reference(x, q13: QuantizedWeight, q2: QuantizedWeight) -> torch.Tensor
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_matches_reference(case, scheme, dtype):
     x, q13, q2 = quantized_inputs(case, dtype, scheme)
-    got = fused_moe_triton_w8a16_fp32(x.hidden, q13, q2, x.routing, x.slot_map, TEST_TILES)
+    got = fused_moe_triton_fp32(x.hidden, q13, q2, x.routing, x.slot_map, TEST_TILES)
     assert got.dtype == torch.float32 and got.shape == (case.T, case.H)
     torch.testing.assert_close(got.to(dtype).float(), fp32_reference(x, q13, q2), atol=ATOL[dtype], rtol=0)
 
@@ -68,7 +68,7 @@ def test_matches_reference(case, scheme, dtype):
 @pytest.mark.parametrize("case", MORE_CASES, ids=lambda c: c.name)
 def test_topk_experts_and_slot_maps(case, scheme):
     x, q13, q2 = quantized_inputs(case, torch.float16, scheme)
-    got = fused_moe_triton_w8a16_fp32(x.hidden, q13, q2, x.routing, x.slot_map, TEST_TILES)
+    got = fused_moe_triton_fp32(x.hidden, q13, q2, x.routing, x.slot_map, TEST_TILES)
     torch.testing.assert_close(got.half().float(), fp32_reference(x, q13, q2), atol=ATOL[torch.float16], rtol=0)
 
 
@@ -78,22 +78,22 @@ def test_grouped_gemms_match_their_references(scheme):
     case = CASES[5]  # slot map with dropped experts
     x, q13, q2 = quantized_inputs(case, torch.float32, scheme)
     a = align_reference(x.slot_ids, q13.shape[0], TEST_TILES.block_m)
-    inter = grouped_gemm1_w8a16(x.hidden, q13, a, TEST_TILES)
+    inter = grouped_gemm1(x.hidden, q13, a, TEST_TILES)
     want_inter = grouped_gemm1_reference(x.hidden, q13.dequantize(torch.float32), a)
     routed = (x.slot_ids >= 0).flatten()  # rows of dropped pairs are never written
     torch.testing.assert_close(inter[routed], want_inter[routed], atol=1e-6, rtol=0)
     tiles = replace(TEST_TILES, gemm2=replace(TEST_TILES, block_n=64, block_k=16, group_m=1))
-    rows = grouped_gemm2_w8a16(want_inter, q2, a, x.routing.weights, tiles)
+    rows = grouped_gemm2(want_inter, q2, a, x.routing.weights, tiles)
     want_rows = grouped_gemm2_reference(want_inter, q2.dequantize(torch.float32), a, x.routing.weights)
     torch.testing.assert_close(rows, want_rows, atol=1e-6, rtol=0)  # dropped rows zero in both
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_triton_backend_runs_the_w8a16_kernels(scheme):
+def test_triton_backend_runs_8bit_experts_in_its_grouped_gemms(scheme):
     """`moe_backend: triton` with QuantizedWeights is this pipeline (tuned or heuristic tiles), rounded once."""
     x, q13, q2 = quantized_inputs(CASES[2], torch.float16, scheme)
     partial = fused_moe_fp32(x.hidden, q13, q2, x.routing, slot_map=x.slot_map, backend="triton")
-    assert torch.equal(partial, fused_moe_triton_w8a16_fp32(x.hidden, q13, q2, x.routing, x.slot_map))
+    assert torch.equal(partial, fused_moe_triton_fp32(x.hidden, q13, q2, x.routing, x.slot_map))
     torch.testing.assert_close(partial, fp32_reference(x, q13, q2), atol=ATOL[torch.float16], rtol=0)
     rounded = fused_moe(x.hidden, q13, q2, x.routing, slot_map=x.slot_map, backend="triton")
     assert torch.equal(rounded, partial.half())
@@ -102,23 +102,23 @@ def test_triton_backend_runs_the_w8a16_kernels(scheme):
 def test_no_tokens():
     x, q13, q2 = quantized_inputs(CASES[0], torch.float32, "int8")
     routing = type(x.routing)(x.routing.weights[:0], x.routing.ids[:0])
-    empty = fused_moe_triton_w8a16_fp32(x.hidden[:0], q13, q2, routing)
+    empty = fused_moe_triton_fp32(x.hidden[:0], q13, q2, routing)
     assert empty.dtype == torch.float32 and empty.shape == (0, CASES[0].H)
 
 
 def test_rejects_mixed_or_unquantized_weights():
     x, q13, q2 = quantized_inputs(CASES[0], torch.float32, "int8")
     with pytest.raises(TypeError, match="QuantizedWeight"):
-        fused_moe_triton_w8a16_fp32(x.hidden, q13, x.w2, x.routing)
+        fused_moe_triton_fp32(x.hidden, q13, x.w2, x.routing)
     with pytest.raises(ValueError, match="same 8-bit format"):
-        fused_moe_triton_w8a16_fp32(x.hidden, q13, quantize(x.w2, "fp8"), x.routing)
+        fused_moe_triton_fp32(x.hidden, q13, quantize(x.w2, "fp8"), x.routing)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter only")
 def test_bf16_is_refused_by_the_interpreter():
     x, q13, q2 = quantized_inputs(CASES[0], torch.bfloat16, "int8")
     with pytest.raises(ValueError, match="bf16 needs a GPU"):
-        fused_moe_triton_w8a16_fp32(x.hidden, q13, q2, x.routing, None, TEST_TILES)
+        fused_moe_triton_fp32(x.hidden, q13, q2, x.routing, None, TEST_TILES)
 
 
 # ----------------------------------------------------------------------------------------------------------
