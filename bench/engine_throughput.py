@@ -24,10 +24,10 @@ weights a token multiplies: the non-expert weights, the head, top-k experts per 
 as a % of the lower of the two floors. The header names the CPU and its ISA flags (the plan of kernels the
 engine measured on it is logged at start-up; `moe-runtime info` prints it).
 
-Quantized experts: with `--set model.quantization=int8` (or fp8) a second engine of the same config with
-16-bit experts runs in the same process, taking turns with the quantized one, and a second table gives
-both engines' prefill and decode tok/s and their ratio (the issue's target: int8 decode at batch 1 >= 1.7x
-bf16). Bytes per step count the quantized experts at their size (values and scales).
+Quantized experts: with `--set model.quantization=int8` (or fp8; and `--set model.quantize_dense=true` for
+the dense projections too) a second engine of the same config with 16-bit weights runs in the same process,
+taking turns with the quantized one, and a second table gives both engines' prefill and decode tok/s and
+their ratio (the issue's target: int8 decode at batch 1 >= 1.7x bf16). Bytes per step count the quantized experts at their size (values and scales).
 """
 
 from __future__ import annotations
@@ -186,7 +186,8 @@ def main() -> None:
     cfg = load_config(overrides=sets)
     engine = LLMEngine(cfg)
     scheme = cfg.model.quantization
-    base = LLMEngine(load_config(overrides=[*sets, "model.quantization=none"])) if scheme != "none" else None
+    sixteen = [*sets, "model.quantization=none", "model.quantize_dense=false"]
+    base = LLMEngine(load_config(overrides=sixteen)) if scheme != "none" else None
     vocab = engine.model_config.vocab_size
     args.machine, args.peak = machine_key(), max(compute_peak())
     args.token_flops = flops_per_token(engine.model_config)
@@ -219,7 +220,8 @@ def main() -> None:
             quant_rows.append(_row(batch, args, ours, sixteen, bandwidth))
     _print(rows, impl, args)
     if base is not None:
-        _print_quantized(quant_rows, scheme, args)
+        label = scheme + (" experts + dense" if cfg.model.quantize_dense else " experts")
+        _print_versus(quant_rows, label, "16-bit", "quantized vs 16-bit weights, same engine config", args)
 
 
 def _progress(what: str, t: Timing) -> None:
@@ -263,10 +265,10 @@ def _print(rows, impl, args) -> None:
         args.out.write_text(text + "\n")
 
 
-def _print_quantized(rows, scheme: str, args) -> None:
-    """Ours with quantized experts against ours with 16-bit ones (the `t_*` fields hold the 16-bit run)."""
-    lines = [f"\nexperts {scheme} vs 16-bit, same engine config, same process, taking turns",
-             f"| batch | prefill tok/s {scheme} | 16-bit | ratio | decode tok/s {scheme} | 16-bit | ratio |",
+def _print_versus(rows, ours: str, base: str, title: str, args) -> None:
+    """Ours against another run of ours, taking turns in the same process (the `t_*` fields hold the other)."""
+    lines = [f"\n{title}, same process, taking turns",
+             f"| batch | prefill tok/s {ours} | {base} | ratio | decode tok/s {ours} | {base} | ratio |",
              "|" + "---|" * 7]
     for r in rows:
         lines.append(f"| {r['batch']} | {r['o_pre']:.0f} | {r['t_pre']:.0f} | {r['o_pre'] / r['t_pre']:.2f}x "

@@ -10,6 +10,8 @@ miss policy it reports tokens/s (prefill + decode) of both engines, their ratio 
 CPU time (steadier on a shared machine), the hit rate, prefetch accuracy (guessed experts used / guessed),
 seconds stalled on weights and MB moved per run, and whether the greedy tokens equal the all-resident
 run's. Each configuration is timed `--repeats` times, each right after the all-resident engine, best kept.
+With `--quantized int8` (or fp8) it compares 16-bit and 8-bit experts at the same device budget in bytes
+instead (the 8-bit engine holds about twice the experts): tok/s, hit rate and MB moved of each.
 With `--rss` (CPU, mmap tier, E/4, mini) a fresh process also reports peak RSS (VmHWM) against the issue's
 bound: non-expert weights + resident experts + KV + 300 MB, and the interpreter floor (no weights).
 """
@@ -126,6 +128,50 @@ def bench_model(name: str, args, cache: Path) -> list[str]:
     return rows
 
 
+def bench_quantized(name: str, args, cache: Path) -> list[str]:
+    """16-bit against `args.quantized` experts (and with `--quantize-dense` dense projections) at the same
+    device budget in bytes: S 16-bit experts per layer (S in the budgets of `--fractions`), i.e.
+    `offload.device_memory_bytes` = S x layers x bytes of a 16-bit expert, which buys the 8-bit engine about
+    2S slots. Each configuration is timed `repeats` times, the two engines taking turns; best kept."""
+    from moe_runtime.checkpoint.layout import expert_bytes, resolve_dtype
+    from moe_runtime.checkpoint.loader import read_config
+
+    path = model_dir(name, cache)
+    cfg = read_config(path)
+    E, L = cfg.num_local_experts, len(cfg.moe_layers)
+    sixteen = expert_bytes(cfg, resolve_dtype(args.dtype, cfg))
+    quant = [f"model.quantization={args.quantized}", f"model.quantize_dense={args.quantize_dense}"]
+    rows = []
+    for batch in args.batches:
+        for S in sorted({max(2, round(E * f)) for f in args.fractions}, reverse=True):
+            budget = S * L * sixteen
+            offload = ["offload.enabled=true", f"offload.device_memory_bytes={budget}", "offload.miss=fetch",
+                       f"offload.prefetch={args.prefetch[0] == 'on'}", f"offload.host_tier={args.tier}",
+                       f"offload.policy={args.policy}"]
+            engines = [make_engine(path, args, batch, offload), make_engine(path, args, batch, [*offload, *quant])]
+            prompts = [engines[0].tokenizer.encode(SNIPPETS[i % len(SNIPPETS)]) for i in range(batch)]
+            best = [float("inf"), float("inf")]
+            for engine in engines:
+                warm(engine, prompts)
+            for _ in range(args.repeats):
+                for i, engine in enumerate(engines):
+                    best[i] = min(best[i], timed(engine, prompts, args.tokens)[0])
+            stats, slots = [], []
+            for engine in engines:
+                store = engine.executor.expert_store
+                stats.append(store.stats())
+                slots.append(next(iter(store.layers.values())).num_slots)
+                store.close()
+                engine.shutdown()
+            n = batch * args.tokens
+            rows.append(f"| {name} | {batch} | {budget / MB:.0f} | {slots[0]}/{E} | {slots[1]}/{E} "
+                        f"| {n / best[0]:.1f} | {n / best[1]:.1f} | {best[0] / best[1]:.2f}x "
+                        f"| {stats[0].hit_rate:.2f} | {stats[1].hit_rate:.2f} "
+                        f"| {stats[0].bytes_moved / MB / args.repeats:.0f} | {stats[1].bytes_moved / MB / args.repeats:.0f} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
 RSS_PROBE = r"""
 import json, sys, torch
 def hwm():
@@ -197,6 +243,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (and of the baseline)")
     ap.add_argument("--rss", action="store_true", help="also measure peak RSS on mini (mmap, E/4) in a subprocess")
     ap.add_argument("--out", type=Path, default=None, help="write the markdown tables here too")
+    ap.add_argument("--quantized", default=None, metavar="int8|fp8",
+                    help="instead: 16-bit vs 8-bit experts at the same device budget in bytes (miss: fetch)")
+    ap.add_argument("--quantize-dense", action="store_true", help="with --quantized: dense projections too")
     args = ap.parse_args()
     args.tier = args.tier or ("pinned" if args.device.startswith("cuda") else "mmap")
     args.fractions = [float(f) for f in args.fractions.split(",") if float(f) < 1.0]
@@ -209,9 +258,16 @@ def main() -> None:
              "| model | batch | resident/E | prefetch | miss | tok/s | all-resident tok/s | ratio (wall) "
              "| ratio (CPU time) | hit rate | prefetch acc | stall s/run | MB moved/run | same tokens |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    if args.quantized:
+        lines[2:] = [f"16-bit vs {args.quantized} experts{' and dense projections' if args.quantize_dense else ''} "
+                     "at the same device budget in bytes (prefetch "
+                     f"{args.prefetch[0]}, miss fetch):", "",
+                     "| model | batch | budget MB | 16-bit resident/E | 8-bit resident/E | 16-bit tok/s | 8-bit tok/s "
+                     "| ratio | 16-bit hit rate | 8-bit hit rate | 16-bit MB moved/run | 8-bit MB moved/run |",
+                     "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for name in args.models.split(","):
-        lines += bench_model(name, args, cache)
+        lines += bench_quantized(name, args, cache) if args.quantized else bench_model(name, args, cache)
     if args.rss:
         lines += ["", "| model | resident/E | peak RSS MB | bound MB (non-expert + resident + KV + 300) | floor MB "
                   "| non-expert MB (incl. fp32 copies) | resident MB | KV MB | within bound "

@@ -1,11 +1,12 @@
 """Accuracy of quantized experts against the 16-bit model: same checkpoint, same text, same run.
 
-    .venv/bin/python bench/quant_quality.py                              # tiny-trained, int8 and fp8
+    .venv/bin/python bench/quant_quality.py                              # tiny-trained, every scheme
     .venv/bin/python bench/quant_quality.py --preset mini --windows 4    # the CPU benchmark size
 
-For each scheme (`model.quantization`: int8, fp8) the checkpoint is loaded twice, in its 16-bit dtype and
-with its experts quantized at load, and both run teacher-forced over the same held-out text (windows of
-`--window` tokens, each a fresh sequence). Per scheme:
+For each scheme (`model.quantization`: int8, fp8; `+dense`: with `model.quantize_dense`) the checkpoint is
+loaded twice, in its 16-bit dtype and with its experts (and dense projections) quantized at load, and both
+run teacher-forced over the same held-out text (windows of `--window` tokens, each a fresh sequence). Per
+scheme:
   - top-1 agreement: the share of positions where both models' most likely next token is the same;
   - perplexity of the held-out text under each model, and the quantized one's relative change;
   - router agreement: the share of (token, MoE layer) where both routers pick the same top-k experts (as a
@@ -107,8 +108,13 @@ def compare(ref, quant, seqs: list[list[int]], scheme: str) -> Quality:
 
 
 def load(model_dir: Path, scheme: str, backend: str, dtype: str = "bfloat16"):
+    """The checkpoint with `scheme`: "none" (16-bit), "int8" / "fp8" (`model.quantization`: the experts), or
+    "int8+dense" / "fp8+dense" (the dense projections too: `model.quantize_dense`)."""
+    experts, _, dense = scheme.partition("+")
+    if dense not in ("", "dense"):
+        raise ValueError(f"scheme {scheme!r}: allowed none, int8, fp8, int8+dense, fp8+dense")
     parts = ModelParts(experts=LocalExpertsBuilder(backend))
-    return load_model(model_dir, dtype, "cpu", parts=parts, quantization=scheme)
+    return load_model(model_dir, dtype, "cpu", parts=parts, quantization=experts, quantize_dense=bool(dense))
 
 
 def main() -> None:
@@ -116,7 +122,8 @@ def main() -> None:
     ap.add_argument("--preset", default="tiny-trained", help="init-model preset, written once under --cache")
     ap.add_argument("--model", type=Path, default=None, help="a checkpoint directory (overrides --preset)")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "moe-runtime" / "models")
-    ap.add_argument("--schemes", default="int8,fp8")
+    ap.add_argument("--schemes", default="int8,fp8,int8+dense,fp8+dense",
+                    help="comma-separated: int8, fp8 (experts), int8+dense, fp8+dense (and the dense projections)")
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--backend", default="cpu", help="MoE backend of both models (cpu: what the engine serves)")
@@ -139,7 +146,7 @@ def main() -> None:
         rows.append(compare(ref, load(model_dir, scheme, args.backend), seqs, scheme))
     print(f"model {model_dir.name}: {len(seqs)} windows x {args.window} tokens of held-out text, bf16 reference, "
           f"MoE backend {args.backend}; {time.perf_counter() - t0:.0f} s\n")
-    print("| experts | top-1 agreement | perplexity bf16 | perplexity quantized | change | router agreement |")
+    print("| quantized | top-1 agreement | perplexity bf16 | perplexity quantized | change | router agreement |")
     print("|---|---|---|---|---|---|")
     for q in rows:
         print(f"| {q.scheme} | {100 * q.top1:.2f}% | {q.ppl_ref:.3f} | {q.ppl:.3f} | {100 * q.ppl_change:+.2f}% "

@@ -92,6 +92,19 @@ def is_quantized(w: object) -> bool:
     return isinstance(w, QuantizedWeight)
 
 
+def keep_dtypes(module: torch.nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Give the named parameters of `module` back their dtypes after a `module.to(dtype)` / `_apply`.
+
+    `model.to(bfloat16)` casts every floating-point parameter: fp32 scales would become bf16 (a systematic
+    error of up to 0.4% per row) and float8 values would be widened. int8 values are not floating point to
+    torch and are never cast. Called by the `_apply` of modules that hold 8-bit weights.
+    """
+    for name, dtype in dtypes.items():
+        p = getattr(module, name)
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
 @torch.no_grad()
 def quantize_into(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> None:
     """Quantize w [..., N, K] (any float dtype) per row into caller-owned data (int8 or float8_e4m3fn, the

@@ -11,9 +11,9 @@
 All share the GEMM core in gemv.h (small_m_tiles.h for two or more rows, vec.h for the AVX2 basics;
 numerics.h for rounding and SiLU).
 
-The MoE ops also take int8 experts (`kernels.quant.QuantizedWeight` with int8 data for w13 and w2: the
-values widened in registers, fp32 accumulation, each output column times its row's scale before the
-rounding; half the bytes of bf16 read per token).
+`linear`, `attention_decode` and the MoE ops also take int8 weights (`kernels.quant.QuantizedWeight`s
+with int8 data: the values widened in registers, fp32 accumulation, each output column times its row's
+scale before the rounding; half the bytes of bf16 read per token).
 
 w is bfloat16 or float16 with unit stride along K (expert slices w13[s] of stacked tensors qualify); x may
 be any float dtype and any row stride. Every product accumulates in fp32 and is rounded where torch rounds
@@ -107,23 +107,41 @@ def available() -> bool:
     return ext is not None and ext.has_avx2()
 
 
-def linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (any float dtype) @ w[N, K]^T (bf16 or fp16) -> [M, N] float32. Needs `available()`."""
+def linear_fp32(x: torch.Tensor, w: torch.Tensor | QuantizedWeight) -> torch.Tensor:
+    """x [M, K] (any float dtype) @ w[N, K]^T -> [M, N] float32. Needs `available()`.
+
+    w: bf16 or fp16, or an int8 `QuantizedWeight` (output column n times its row scale, once, after the
+    fp32 sum: `w.dequantize(float32)`'s product up to summation order)."""
+    if isinstance(w, QuantizedWeight):
+        _int8(w)
+        return extension().linear_fp32(x, w.data, scale=w.scale)
     return extension().linear_fp32(x, w)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor | QuantizedWeight) -> torch.Tensor:
     """`linear_fp32` rounded once to x's dtype: [M, N]."""
-    return extension().linear_fp32(x, w).to(x.dtype)
+    return linear_fp32(x, w).to(x.dtype)
+
+
+def _int8(w: QuantizedWeight) -> None:
+    if w.dtype != torch.int8:
+        raise TypeError(f"native CPU kernels take 16-bit or int8 weights, got {w.dtype}")
 
 
 def _split(w13, w2) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(w13 values, w2 values, the scales as keyword arguments: none for 16-bit weights)."""
-    if isinstance(w13, QuantizedWeight):
-        if not isinstance(w2, QuantizedWeight) or w13.dtype != torch.int8 or w2.dtype != torch.int8:
-            raise TypeError(f"native CPU experts take 16-bit or int8 weights, got {w13.dtype} and {w2.dtype}")
-        return w13.data, w2.data, {"s13": w13.scale, "s2": w2.scale}
-    return w13, w2, {}
+    return _pair(w13, w2, "s13", "s2")
+
+
+def _pair(a, b, scale_a: str, scale_b: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Two weights of one format: (values, values, their scales under the given keyword names, if int8)."""
+    if isinstance(a, QuantizedWeight):
+        if not isinstance(b, QuantizedWeight) or a.dtype != torch.int8 or b.dtype != torch.int8:
+            raise TypeError(f"native CPU kernels take 16-bit or int8 weights, got {a.dtype} and {b.dtype}")
+        return a.data, b.data, {scale_a: a.scale, scale_b: b.scale}
+    if isinstance(b, QuantizedWeight):
+        raise TypeError(f"both weights must be 16-bit or both int8, got {a.dtype} and {b.dtype}")
+    return a, b, {}
 
 
 def expert_mlp(rows: torch.Tensor, w13: torch.Tensor | QuantizedWeight, w2: torch.Tensor | QuantizedWeight
@@ -185,8 +203,8 @@ def _moe_decode_torch(hidden, gate, w13, w2, top_k, counts) -> torch.Tensor:
 
 def attention_decode(
     x: torch.Tensor,
-    w_qkv: torch.Tensor,
-    w_o: torch.Tensor,
+    w_qkv: torch.Tensor | QuantizedWeight,
+    w_o: torch.Tensor | QuantizedWeight,
     cos: torch.Tensor,
     sin: torch.Tensor,
     k_cache: torch.Tensor,
@@ -201,15 +219,17 @@ def attention_decode(
     """The attention block of T one-token queries (each its own sequence) in one native call.
 
     x [T, D] (normalized hidden states, 16-bit); w_qkv [(H + 2 KVH) Dh, D] (q, k, v weights stacked);
-    w_o [D, H Dh]; cos, sin [T, Dh] (RoPE, x's dtype); k_cache, v_cache [num_blocks, block_size, KVH, Dh]
+    w_o [D, H Dh] (both x's dtype, or both int8 `QuantizedWeight`s: `model.quantize_dense`); cos, sin [T, Dh]
+    (RoPE, x's dtype); k_cache, v_cache [num_blocks, block_size, KVH, Dh]
     (written at slot_mapping [T]); block_tables [T, W] and context_lens [T] (cached + this token) as in
     `model.attention.AttentionMetadata`. Returns o_proj(attention) [T, D] in x's dtype; the same rounding
     points as `Attention` with `attention_fp32`, another summation order.
     """
     window = -1 if sliding_window is None else sliding_window
+    w_qkv, w_o, scales = _pair(w_qkv, w_o, "s_qkv", "s_o")
     return extension().attention_decode(
         x, w_qkv, w_o, cos, sin, k_cache, v_cache, slot_mapping, block_tables, context_lens,
-        n_heads, n_kv_heads, window,
+        n_heads, n_kv_heads, window, **scales,
     )  # fmt: skip
 
 

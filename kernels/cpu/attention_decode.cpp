@@ -12,6 +12,10 @@
 //
 // Layout: the KV cache of the layer is k_cache, v_cache [num_blocks, block_size, KVH, Dh]; token j of
 // sequence t lives in row block_tables[t, j / block_size] * block_size + j % block_size.
+//
+// int8 projections (`model.quantize_dense`, kernels/quant.py): w_qkv and w_o int8 with one fp32 scale per
+// row; each GEMM's output column is scaled once before its rounding (the GEMM core widens the int8 values
+// in registers), so the step reads half the projection bytes of bf16.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -21,6 +25,8 @@
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
+#include <optional>
+#include <utility>
 #include <vector>
 
 #include "gemv.h"
@@ -240,13 +246,23 @@ void attend(const float* qkv, int64_t ldqkv, const Act* kc, const Act* vc, const
   });
 }
 
-template <typename Act>
-void run(const at::Tensor& x, const at::Tensor& w_qkv, const at::Tensor& w_o, const at::Tensor& cos,
-         const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache, const int64_t* slots,
-         const int64_t* tables, const int64_t* ctx_lens, const Dims& d, float* out, bool simd) {
+// The projections' weights: 16-bit of the activation dtype (no scales), or int8 with per-row scales.
+template <typename W>
+struct Projections {
+  const W* qkv;
+  const W* o;
+  const float* s_qkv;  // [(H + 2 KVH) Dh] or null
+  const float* s_o;    // [D] or null
+};
+
+template <typename Act, typename W>
+void run(const at::Tensor& x, const Projections<W>& w, const at::Tensor& cos, const at::Tensor& sin,
+         at::Tensor& k_cache, at::Tensor& v_cache, const int64_t* slots, const int64_t* tables,
+         const int64_t* ctx_lens, const Dims& d, float* out, bool simd) {
   const int64_t nq = d.H * d.Dh, nkv = d.KVH * d.Dh, ld = nq + 2 * nkv;
   std::vector<float> qkv(d.T * ld), attn(d.T * nq);
-  gemm(x.data_ptr<float>(), d.D, w_qkv.data_ptr<Act>(), d.D, qkv.data(), ld, d.T, ld, d.D, simd);
+  gemm(x.data_ptr<float>(), d.D, w.qkv, d.D, qkv.data(), ld, d.T, ld, d.D, simd);
+  scale_columns(qkv.data(), d.T, ld, w.s_qkv);
   round_all<Act>(qkv.data(), d.T * ld, simd);
   Act* kc = k_cache.data_ptr<Act>();
   Act* vc = v_cache.data_ptr<Act>();
@@ -261,8 +277,25 @@ void run(const at::Tensor& x, const at::Tensor& w_qkv, const at::Tensor& w_o, co
     }
   }
   attend(qkv.data(), ld, kc, vc, tables, ctx_lens, d, attn.data(), simd);
-  gemm(attn.data(), nq, w_o.data_ptr<Act>(), nq, out, d.D, d.T, d.D, nq, simd);
+  gemm(attn.data(), nq, w.o, nq, out, d.D, d.T, d.D, nq, simd);
+  scale_columns(out, d.T, d.D, w.s_o);
   round_all<Act>(out, d.T * d.D, simd);
+}
+
+// The int8 projections' scales: both given, contiguous fp32, one per row of w_qkv and w_o; none for 16-bit.
+std::pair<const float*, const float*> projection_scales(const at::Tensor& w_qkv, const at::Tensor& w_o,
+                                                        const std::optional<at::Tensor>& s_qkv,
+                                                        const std::optional<at::Tensor>& s_o) {
+  const bool q = w_qkv.scalar_type() == at::kChar;
+  TORCH_CHECK(q == s_qkv.has_value() && q == s_o.has_value(), "attention_decode: int8 projections need both ",
+              "scales (s_qkv, s_o) and 16-bit ones take none; w_qkv ", w_qkv.scalar_type(), ", scales given: ",
+              s_qkv.has_value(), ", ", s_o.has_value());
+  if (!q) return {nullptr, nullptr};
+  for (const auto& [s, w] : {std::pair{&*s_qkv, &w_qkv}, std::pair{&*s_o, &w_o}})
+    TORCH_CHECK(s->scalar_type() == at::kFloat && s->is_contiguous() && s->dim() == 1 && s->size(0) == w->size(0),
+                "attention_decode: scales must be contiguous float32 [", w->size(0), "], got ", s->scalar_type(),
+                " ", s->sizes());
+  return {s_qkv->data_ptr<float>(), s_o->data_ptr<float>()};
 }
 
 }  // namespace
@@ -272,13 +305,20 @@ at::Tensor attention_decode(const at::Tensor& x_in, const at::Tensor& w_qkv, con
                             const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
                             const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                             const at::Tensor& context_lens, int64_t n_heads, int64_t n_kv_heads,
-                            int64_t sliding_window, bool simd) {
+                            int64_t sliding_window, bool simd, const std::optional<at::Tensor>& s_qkv,
+                            const std::optional<at::Tensor>& s_o) {
   simd = simd && cpu_has_avx2();
   const at::ScalarType dt = x_in.scalar_type();
   TORCH_CHECK(dt == at::kBFloat16 || dt == at::kHalf, "attention_decode: x must be bfloat16 or float16, got ", dt);
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&w_qkv, &w_o, &cos, &sin, &k_cache, &v_cache})
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&cos, &sin, &k_cache, &v_cache})
     TORCH_CHECK(t->scalar_type() == dt && t->is_contiguous(),
-                "attention_decode: weights, cos/sin and caches must be contiguous ", dt, ", got ", t->scalar_type());
+                "attention_decode: cos/sin and caches must be contiguous ", dt, ", got ", t->scalar_type());
+  const at::ScalarType wt = w_qkv.scalar_type();
+  TORCH_CHECK((wt == dt || wt == at::kChar) && w_o.scalar_type() == wt && w_qkv.is_contiguous() &&
+                  w_o.is_contiguous(),
+              "attention_decode: w_qkv and w_o must be contiguous, both ", dt, " or both int8, got ", wt, " and ",
+              w_o.scalar_type());
+  const auto [sq, so] = projection_scales(w_qkv, w_o, s_qkv, s_o);
   TORCH_CHECK(x_in.dim() == 2 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "attention_decode: x [T, D] and caches [num_blocks, block_size, KVH, Dh] expected, got ",
               x_in.sizes(), ", ", k_cache.sizes(), ", ", v_cache.sizes());
@@ -315,10 +355,19 @@ at::Tensor attention_decode(const at::Tensor& x_in, const at::Tensor& w_qkv, con
   }
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({d.T, d.D}, x.options());
+  auto go = [&](auto act) {
+    using Act = decltype(act);
+    if (wt == at::kChar)
+      run<Act>(x, Projections<int8_t>{w_qkv.data_ptr<int8_t>(), w_o.data_ptr<int8_t>(), sq, so}, cos, sin, k_cache,
+               v_cache, sp, tp, cp, d, out.data_ptr<float>(), simd);
+    else
+      run<Act>(x, Projections<Act>{w_qkv.data_ptr<Act>(), w_o.data_ptr<Act>(), nullptr, nullptr}, cos, sin,
+               k_cache, v_cache, sp, tp, cp, d, out.data_ptr<float>(), simd);
+  };
   if (dt == at::kBFloat16)
-    run<c10::BFloat16>(x, w_qkv, w_o, cos, sin, k_cache, v_cache, sp, tp, cp, d, out.data_ptr<float>(), simd);
+    go(c10::BFloat16{});
   else
-    run<c10::Half>(x, w_qkv, w_o, cos, sin, k_cache, v_cache, sp, tp, cp, d, out.data_ptr<float>(), simd);
+    go(c10::Half{});
   return out.to(dt);
 }
 

@@ -62,6 +62,24 @@ class RowPlan:
 
 
 @dataclass(frozen=True)
+class ChunkPlan:
+    """The prompt tokens a step prefills (engine/prefill_chunk.py): the choice and the figures it came from.
+
+    >>> ChunkPlan(chunk=64, limit=2048, sizes=(16, 32, 64, 128), tokens_per_s=(90.0, 160.0, 290.5, 300.0)).summary()
+    '64 tokens (prefill tok/s by chunk: 16: 90, 32: 160, 64: 290, 128: 300; ladder up to 2048)'
+    """
+
+    chunk: int  # the choice: one of `sizes`
+    limit: int  # the most tokens the ladder could reach (cap, KV cache, context): a new limit measures again
+    sizes: tuple[int, ...]  # chunk sizes measured, ascending (the ladder, maybe stopped early)
+    tokens_per_s: tuple[float, ...]  # prefill throughput of a chunk of each size: new tokens / seconds
+
+    def summary(self) -> str:
+        figures = ", ".join(f"{n}: {t:.0f}" for n, t in zip(self.sizes, self.tokens_per_s, strict=True))
+        return f"{self.chunk} tokens (prefill tok/s by chunk: {figures}; ladder up to {self.limit})"
+
+
+@dataclass(frozen=True)
 class CpuPlan:
     """The measured plans of one model on one machine."""
 
@@ -69,9 +87,13 @@ class CpuPlan:
     linear: dict[str, RowPlan] = field(default_factory=dict)  # "NxK" weight shape -> plan over rows
     expert: RowPlan | None = None  # one expert's SwiGLU MLP, over its group's rows
     decode: RowPlan | None = None  # a whole decode step: "native" calls or "eager" ops, over sequences
+    # Prompt tokens per step (`engine.prefill_chunk: auto`), measured on the loaded model; None (and in plan
+    # files written before it existed): measured at the next engine start.
+    prefill: ChunkPlan | None = None
 
-    def linear_plan(self, w: torch.Tensor) -> RowPlan | None:
-        return self.linear.get(shape_key(w.shape))
+    def linear_plan(self, w) -> RowPlan | None:
+        """The plan for weight w (a tensor or a `QuantizedWeight`: its shape and format)."""
+        return self.linear.get(weight_key(w.shape, "int8" if w.dtype == torch.int8 else "none"))
 
     def describe(self) -> str:
         """One line per op: which implementation runs up to how many rows."""
@@ -80,11 +102,22 @@ class CpuPlan:
                            ("decode step", self.decode)]:
             if plan is not None:
                 lines.append(f"{name}: " + ", ".join(ranges(plan)))
+        if self.prefill is not None:
+            lines.append(f"prefill chunk: {self.prefill.summary()}")
         return "\n".join(lines)
 
 
 def shape_key(shape: tuple[int, ...] | torch.Size) -> str:
     return "x".join(str(d) for d in shape)
+
+
+def weight_key(shape: tuple[int, ...] | torch.Size, weights: str = "none") -> str:
+    """A linear plan's key: the weight's shape, and its format when 8-bit ("int8").
+
+    >>> weight_key((1536, 1024)), weight_key((1536, 1024), "int8")
+    ('1536x1024', '1536x1024 int8')
+    """
+    return shape_key(shape) + ("" if weights == "none" else f" {weights}")
 
 
 def buckets(max_rows: int) -> tuple[int, ...]:
@@ -169,19 +202,29 @@ class _Cycle:
         return self.fn(self.copies[self.i])
 
 
-def plan_linear(n: int, k: int, dtype: torch.dtype, max_rows: int, native: bool) -> RowPlan:
-    """The fastest of native / bf16 / fp32 for x [rows, k] @ w[n, k]^T, per bucket of rows."""
+def plan_linear(n: int, k: int, dtype: torch.dtype, max_rows: int, native: bool, weights: str = "none") -> RowPlan:
+    """The fastest of native / bf16 / fp32 for x [rows, k] @ w[n, k]^T, per bucket of rows, activations in
+    `dtype`. weights: "none" (16-bit w in `dtype`; `fp32` is a kept fp32 copy) or "int8" (kernels/quant.py;
+    `bf16` / `fp32` dequantize w to that dtype at each call, as kernels/linear.py `CpuLinear` runs them)."""
     from moe_runtime.kernels import cpu
+    from moe_runtime.kernels.quant import QuantizedWeight, quantize
 
-    weights = _cold_copies((n, k), dtype)
-    fp32 = [w.float() for w in weights[:2]]  # the fp32 copy is 2x the bytes: fewer copies keep it comparable
+    copies = _cold_copies((n, k), dtype)
+    if weights == "int8":  # as many int8 copies, so twice the bytes-per-copy margin over the caches
+        copies = wide = [quantize(w, "int8") for w in copies]
+    else:
+        wide = [w.float() for w in copies[:2]]  # the fp32 copy is 2x the bytes: fewer copies keep it comparable
+
+    def as_(w, dtype: torch.dtype) -> torch.Tensor:  # an int8 weight dequantized now; a tensor as it is
+        return cpu.dequantize(w, dtype) if isinstance(w, QuantizedWeight) else w
+
     choices = []
     for rows in buckets(max_rows):
         x = torch.randn(rows, k).to(dtype)
-        cands = {"bf16": _Cycle(weights, lambda w, x=x: F.linear(x, w)),
-                 "fp32": _Cycle(fp32, lambda w, x=x: F.linear(x.float(), w))}
+        cands = {"bf16": _Cycle(copies, lambda w, x=x: F.linear(x, as_(w, x.dtype))),
+                 "fp32": _Cycle(wide, lambda w, x=x: F.linear(x.float(), as_(w, torch.float32)))}
         if native and rows <= NATIVE_MAX_ROWS:
-            cands["native"] = _Cycle(weights, lambda w, x=x: cpu.linear(x, w))
+            cands["native"] = _Cycle(copies, lambda w, x=x: cpu.linear(x, w))
         choices.append(pick(best_times(cands), choices[-1] if choices else None))
     return RowPlan(buckets(max_rows), tuple(choices))
 
@@ -228,7 +271,10 @@ def load_plan(path: Path) -> CpuPlan | None:
         rows = {k: RowPlan(tuple(v["bounds"]), tuple(v["choices"])) for k, v in data["linear"].items()}
         opt = {k: RowPlan(tuple(data[k]["bounds"]), tuple(data[k]["choices"])) if data.get(k) else None
                for k in ("expert", "decode")}
-        return CpuPlan(data["machine"], rows, **opt)
+        chunk = data.get("prefill")  # absent from plans cached before it was measured
+        prefill = None if not chunk else ChunkPlan(int(chunk["chunk"]), int(chunk["limit"]), tuple(chunk["sizes"]),
+                                                   tuple(float(t) for t in chunk["tokens_per_s"]))
+        return CpuPlan(data["machine"], rows, **opt, prefill=prefill)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

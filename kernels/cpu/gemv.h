@@ -149,4 +149,12 @@ void gemm(const float* x, int64_t ldx, const W* w, int64_t ldw, float* y, int64_
   });
 }
 
+// y[i, c] *= scale[c] for i < n, c < N: the per-row scales of int8 weights (kernels/quant.py), applied to a
+// GEMM's fp32 result (row c of W scales output column c); null: 16-bit weights, a no-op.
+inline void scale_columns(float* y, int64_t n, int64_t N, const float* scale) {
+  if (scale == nullptr) return;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < N; ++c) y[i * N + c] *= scale[c];
+}
+
 }  // namespace moe_cpu

@@ -35,13 +35,6 @@ struct ExpertBuffers {
   ExpertBuffers(int64_t n, int64_t H, int64_t I) : rows(n * H), h13(n * 2 * I), act(n * I), y(n * H) {}
 };
 
-// y[i, c] *= scale[c] for i < n, c < N (the per-row scales of int8 weights; null: 16-bit weights, no-op).
-inline void scale_columns(float* y, int64_t n, int64_t N, const float* scale) {
-  if (scale == nullptr) return;
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t c = 0; c < N; ++c) y[i * N + c] *= scale[c];
-}
-
 // y[n, H] = w2 @ act(w13 @ x) for rows x[n, H] (fp32 values of Act), each result rounded to Act.
 // s13 [2I], s2 [H]: the weights' per-row scales (int8), or null (16-bit).
 template <typename W, typename Act>

@@ -23,23 +23,33 @@ at::Tensor attention_decode(const at::Tensor& x, const at::Tensor& w_qkv, const 
                             const at::Tensor& sin, at::Tensor& k_cache, at::Tensor& v_cache,
                             const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                             const at::Tensor& context_lens, int64_t n_heads, int64_t n_kv_heads,
-                            int64_t sliding_window, bool simd);
+                            int64_t sliding_window, bool simd, const std::optional<at::Tensor>& s_qkv,
+                            const std::optional<at::Tensor>& s_o);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, std::optional<at::Tensor> residual,
                     bool simd);
 at::Tensor dequantize(const at::Tensor& data, const at::Tensor& scale, at::ScalarType dtype, bool simd);
 
 namespace {
 
-// y[M, N] fp32 = x @ w^T. Checks shapes, dtypes and strides; widens x to fp32 when needed.
+// y[M, N] fp32 = x @ w^T. Checks shapes, dtypes and strides; widens x to fp32 when needed. w is 16-bit, or
+// int8 with its per-row fp32 `scale` [N] (kernels/quant.py): output column n is scaled by scale[n] once.
 // `simd` false forces the scalar fallback (tests compare both paths on AVX2 machines).
-at::Tensor linear_fp32(const at::Tensor& x_in, const at::Tensor& w, bool simd) {
+at::Tensor linear_fp32(const at::Tensor& x_in, const at::Tensor& w, bool simd, const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2, "linear: x must be [M, K] and w [N, K], got x ", x_in.sizes(),
               ", w ", w.sizes());
   TORCH_CHECK(x_in.size(1) == w.size(1), "linear: x [M, K] and w [N, K] disagree on K: x ", x_in.sizes(),
               ", w ", w.sizes());
   TORCH_CHECK(x_in.device().is_cpu() && w.device().is_cpu(), "linear: CPU tensors only");
-  TORCH_CHECK(w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf,
-              "linear: w must be bfloat16 or float16, got ", w.scalar_type());
+  const bool q = w.scalar_type() == at::kChar;
+  TORCH_CHECK(q || w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf,
+              "linear: w must be bfloat16, float16 or int8, got ", w.scalar_type());
+  TORCH_CHECK(q == scale.has_value(), "linear: int8 weights need their per-row scale [N] and 16-bit weights take ",
+              "none; w ", w.scalar_type(), ", scale given: ", scale.has_value());
+  if (q)
+    TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->dim() == 1 &&
+                    scale->size(0) == w.size(0),
+                "linear: scale must be contiguous float32 [", w.size(0), "], got ", scale->scalar_type(), " ",
+                scale->sizes());
   TORCH_CHECK(w.stride(1) == 1 || w.size(1) <= 1, "linear: w rows must have unit stride along K, got strides ",
               w.strides());
   simd = simd && cpu_has_avx2();
@@ -51,10 +61,14 @@ at::Tensor linear_fp32(const at::Tensor& x_in, const at::Tensor& w, bool simd) {
   if (K == 0) return y.zero_();
   const float* xp = x.data_ptr<float>();
   const int64_t ldx = x.stride(0), ldw = w.stride(0);
-  if (w.scalar_type() == at::kBFloat16)
+  if (q) {
+    gemm(xp, ldx, w.data_ptr<int8_t>(), ldw, y.data_ptr<float>(), N, M, N, K, simd);
+    scale_columns(y.data_ptr<float>(), M, N, scale->data_ptr<float>());
+  } else if (w.scalar_type() == at::kBFloat16) {
     gemm(xp, ldx, w.data_ptr<c10::BFloat16>(), ldw, y.data_ptr<float>(), N, M, N, K, simd);
-  else
+  } else {
     gemm(xp, ldx, w.data_ptr<c10::Half>(), ldw, y.data_ptr<float>(), N, M, N, K, simd);
+  }
   return y;
 }
 
@@ -68,8 +82,8 @@ bool has_avx2() { return cpu_has_avx2(); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace moe_cpu;
   m.def("has_avx2", &has_avx2, "whether this CPU has AVX2, FMA and F16C");
-  m.def("linear_fp32", &linear_fp32, "y[M, N] fp32 = x[M, K] @ w[N, K]^T, 16-bit w", py::arg("x"), py::arg("w"),
-        py::arg("simd") = true);
+  m.def("linear_fp32", &linear_fp32, "y[M, N] fp32 = x[M, K] @ w[N, K]^T, 16-bit w (or int8 w with its row scales)",
+        py::arg("x"), py::arg("w"), py::arg("simd") = true, py::arg("scale") = py::none());
   // s13, s2: the per-row fp32 scales of int8 experts (kernels/quant.py); None for 16-bit experts.
   m.def("expert_mlp", &expert_mlp, "one expert's SwiGLU MLP, the torch backend's rounding", py::arg("rows"),
         py::arg("w13"), py::arg("w2"), py::arg("s13") = py::none(), py::arg("s2") = py::none());
@@ -82,7 +96,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_decode", &attention_decode, "qkv, RoPE, KV cache write, paged attention and o_proj of one-token "
         "queries", py::arg("x"), py::arg("w_qkv"), py::arg("w_o"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("slot_mapping"), py::arg("block_tables"), py::arg("context_lens"),
-        py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("sliding_window"), py::arg("simd") = true);
+        py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("sliding_window"), py::arg("simd") = true,
+        py::arg("s_qkv") = py::none(), py::arg("s_o") = py::none());
   m.def("dequantize", &dequantize, "int8 [..., N, K] times fp32 row scales [..., N], rounded once to dtype",
         py::arg("data"), py::arg("scale"), py::arg("dtype"), py::arg("simd") = true);
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after residual += x", py::arg("x"), py::arg("w"), py::arg("eps"),

@@ -16,7 +16,7 @@ from moe_runtime.config import ModelConfig
 from moe_runtime.kernels.quant import quantize_into
 from moe_runtime.model.causal_lm import CausalLM
 from moe_runtime.model.experts import QuantizedLocalExperts
-from moe_runtime.model.layers import RMSNorm, RotaryEmbedding
+from moe_runtime.model.layers import Linear, RMSNorm, RotaryEmbedding
 from moe_runtime.model.parts import ModelParts
 from moe_runtime.model.registry import build_model
 
@@ -25,12 +25,13 @@ INIT_STD = 0.02
 
 @torch.no_grad()
 def dummy_model(cfg: ModelConfig, dtype: str = "auto", device: str = "auto", *, parts: ModelParts | None = None,
-                seed: int = 0, quantization: str = "none") -> CausalLM:
+                seed: int = 0, quantization: str = "none", quantize_dense: bool = False) -> CausalLM:
     """The model of `cfg`'s family with random weights on `device` (no file is read). Quantized experts
-    (`quantization` int8 / fp8) get the quantization of random weights drawn in the model's dtype."""
+    (`quantization` int8 / fp8) and, with `quantize_dense`, dense projections get the quantization of random
+    weights drawn in the model's dtype."""
     from moe_runtime.checkpoint.loader import quantized_parts, resolve_device  # the loader imports us lazily
 
-    parts = quantized_parts(parts if parts is not None else ModelParts(), quantization)
+    parts = quantized_parts(parts if parts is not None else ModelParts(), quantization, quantize_dense)
     torch_dtype, dev = resolve_dtype(dtype, cfg), resolve_device(device)
     with torch.device("meta"):
         model = build_model(cfg, parts)
@@ -38,18 +39,21 @@ def dummy_model(cfg: ModelConfig, dtype: str = "auto", device: str = "auto", *, 
     model.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta).to(dev)  # buffers are not weights
     gen = torch.Generator(device=dev).manual_seed(seed)
     norms = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
-    quantized = {}  # id of an 8-bit parameter -> (its QuantizedWeight, the scale's id)
+    quantized = {}  # id of an 8-bit parameter -> its QuantizedWeight, [S, N, K] or [N, K]
     for m in model.modules():
         if isinstance(m, QuantizedLocalExperts):
             quantized.update({id(m.w13_data): m.w13, id(m.w2_data): m.w2})
+        elif isinstance(m, Linear) and m.scheme != "none":
+            quantized[id(m.weight_data)] = m.matrix
     scales = {id(q.scale) for q in quantized.values()}
     for p in model.parameters():
         if id(p) in norms:
             p.fill_(1.0)
         elif id(p) in quantized:
             q = quantized[id(p)]
-            for s in range(q.shape[0]):  # one expert at a time: no 16-bit copy of the whole stack
-                w = torch.empty(q.shape[1:], dtype=torch_dtype, device=dev).normal_(0.0, INIT_STD, generator=gen)
+            # one matrix at a time (an expert of a stack, or a dense projection): no 16-bit copy of a stack
+            for s in range(q.shape[0]) if q.data.dim() == 3 else [slice(None)]:
+                w = torch.empty(q[s].shape, dtype=torch_dtype, device=dev).normal_(0.0, INIT_STD, generator=gen)
                 quantize_into(w, q.data[s], q.scale[s])
         elif id(p) not in scales:
             p.normal_(0.0, INIT_STD, generator=gen)

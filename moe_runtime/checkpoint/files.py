@@ -38,21 +38,13 @@ class CheckpointFiles:
         self.dir = Path(model_dir)
         self._stack = ExitStack()
         self._files: dict[str, object] = {}
-        self.fp8 = self._quantization()
+        self.fp8 = fp8.checkpoint_fp8(self.dir)
         self.location = self._resolve()  # tensor name -> file name
         try:
             self._open_and_check(cfg)
         except BaseException:
             self.close()
             raise
-
-    def _quantization(self) -> fp8.Fp8Checkpoint | None:
-        path = self.dir / "config.json"
-        try:
-            hf = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None  # read_config reports an unreadable config.json; a checkpoint without one is 16-bit
-        return fp8.read_quantization_config(hf if isinstance(hf, dict) else {}, str(path))
 
     def _resolve(self) -> dict[str, str]:
         index = self.dir / INDEX_FILE

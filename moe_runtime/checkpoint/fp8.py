@@ -17,7 +17,9 @@ Block-wise FP8 (`weight_block_size`, DeepSeek-V3 style) and other methods (gptq,
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,6 +68,17 @@ def read_quantization_config(hf: dict[str, Any], source: str = "config.json") ->
         raise CheckpointError(f"{source}: quantization_config.activation_scheme={scheme!r} is not supported; "
                               f"allowed: {list(ACTIVATION_SCHEMES)}")
     return Fp8Checkpoint(activation_scheme=scheme)
+
+
+def checkpoint_fp8(model_dir: str | Path) -> Fp8Checkpoint | None:
+    """The FP8 format of the checkpoint in `model_dir` (its config.json's `quantization_config`), or None.
+    An unreadable config.json reads as None here: `read_config` is what reports it."""
+    path = Path(model_dir) / "config.json"
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return read_quantization_config(hf if isinstance(hf, dict) else {}, str(path))
 
 
 def scale_name(weight: str) -> str:

@@ -26,19 +26,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from moe_runtime.checkpoint.files import CheckpointFiles
-from moe_runtime.checkpoint.fp8 import Fp8Checkpoint, scale_name
+from moe_runtime.checkpoint.fp8 import Fp8Checkpoint, checkpoint_fp8, scale_name
 from moe_runtime.checkpoint.layout import layout_of, resolve_dtype
 from moe_runtime.checkpoint.reader import SafetensorsReader
 from moe_runtime.config import ModelConfig, ModelLoadConfig
 from moe_runtime.errors import CheckpointError, ConfigError
 from moe_runtime.kernels.quant import QuantizedWeight
 from moe_runtime.model.causal_lm import CausalLM
-from moe_runtime.model.layers import RotaryEmbedding
+from moe_runtime.model.layers import Linear, RotaryEmbedding
 from moe_runtime.model.parts import ModelParts
 from moe_runtime.model.registry import build_model
 
@@ -67,16 +68,22 @@ def load_weights(model_dir: str | Path, cfg: ModelLoadConfig, parts: ModelParts,
         from moe_runtime.checkpoint.dummy import dummy_model
 
         return dummy_model(read_config(model_dir), cfg.dtype, cfg.device, parts=parts,
-                           quantization=cfg.quantization)
+                           quantization=cfg.quantization, quantize_dense=cfg.quantize_dense)
     return load_model(model_dir, cfg.dtype, cfg.device, parts=parts, progress=progress,
-                      quantization=cfg.quantization)
+                      quantization=cfg.quantization, quantize_dense=cfg.quantize_dense)
 
 
-def quantized_parts(parts: ModelParts, scheme: str) -> ModelParts:
-    """`parts` with its experts' weights in `scheme` ("none": unchanged). The experts builder must know how
+def quantized_parts(parts: ModelParts, scheme: str, dense: bool = False) -> ModelParts:
+    """`parts` with its experts' weights in `scheme` ("none": unchanged), and with `dense`
+    (`model.quantize_dense`) its dense projections too. The experts builder must know how
     (`LocalExpertsBuilder.quantized`); offloaded and expert-parallel experts do not yet: a `ConfigError`."""
+    if dense and scheme == "none":
+        raise ConfigError("model.quantize_dense=true needs 8-bit experts to take the format from: set "
+                          "model.quantization to one of ['int8', 'fp8'] (or load an FP8 checkpoint), or "
+                          "model.quantize_dense=false")
     if scheme == "none":
         return parts
+    parts = dataclasses.replace(parts, dense_quantization=scheme if dense else "none")
     quantized = getattr(parts.experts, "quantized", None)
     if quantized is None:
         raise ConfigError(
@@ -84,6 +91,26 @@ def quantized_parts(parts: ModelParts, scheme: str) -> ModelParts:
             "or expert-parallel experts); allowed there: ['none']"
         )
     return dataclasses.replace(parts, experts=quantized(scheme))
+
+
+@dataclass(frozen=True)
+class WeightFormats:
+    """What a run's weights are stored in: the routed experts' and the dense projections' formats ("none":
+    the model's dtype; "int8" / "fp8": kernels/quant.py)."""
+
+    experts: str = "none"
+    dense: str = "none"
+
+
+def weight_formats(model_dir: str | Path | None, cfg: ModelLoadConfig) -> WeightFormats:
+    """The formats `load_weights` will load `model_dir` in under the `model:` section, known before loading
+    (the CPU kernel plan is measured for them): `model.quantization`, or an FP8 checkpoint's own
+    (`experts_scheme`), and the dense projections' with `model.quantize_dense`. A `ConfigError` for
+    quantize_dense without 8-bit experts. model_dir None: no checkpoint (a preset's shapes)."""
+    fp8 = None if cfg.load_format == "dummy" or model_dir is None else checkpoint_fp8(model_dir)
+    experts = experts_scheme(cfg.quantization, fp8)
+    parts = quantized_parts(ModelParts(), experts, cfg.quantize_dense)  # validates the pair
+    return WeightFormats(experts, parts.dense_quantization)
 
 
 def experts_scheme(quantization: str, fp8: Fp8Checkpoint | None) -> str:
@@ -105,18 +132,21 @@ def load_model(
     parts: ModelParts | None = None,
     progress: bool = False,
     quantization: str = "none",
+    quantize_dense: bool = False,
 ) -> CausalLM:
     """Build the model of a HF checkpoint directory's family. Raises `CheckpointError` on any defect.
 
     parts: how the model computes (default: the reference arithmetic, all E experts local). Only the
     experts the layers' `Experts` hold (`Experts.held_experts`) are read here; every tensor is still checked.
     quantization: the experts' weights in 16 bits ("none") or quantized per row at load ("int8", "fp8");
-    an FP8 checkpoint's experts stay FP8 with "none" (`experts_scheme`).
+    an FP8 checkpoint's experts stay FP8 with "none" (`experts_scheme`). quantize_dense: the dense
+    projections in the experts' format too (an FP8 checkpoint's FP8 ones as they are).
     """
     cfg = read_config(model_dir)
     torch_dtype, dev = resolve_dtype(dtype, cfg), resolve_device(device)
     with CheckpointFiles(model_dir, cfg) as ckpt:
-        parts = quantized_parts(parts if parts is not None else ModelParts(), experts_scheme(quantization, ckpt.fp8))
+        parts = quantized_parts(parts if parts is not None else ModelParts(), experts_scheme(quantization, ckpt.fp8),
+                                quantize_dense)
         with torch.device("meta"):
             model = build_model(cfg, parts)
         model = model.to(torch_dtype).to_empty(device=dev)
@@ -155,14 +185,18 @@ def _to_huge_pages(model: CausalLM) -> None:
 
 def _targets(model: CausalLM) -> dict[str, torch.Tensor | QuantizedWeight]:
     """Hub tensor name -> where it goes in the model (each routed expert's three matrices into the slot of the
-    `Experts` that holds it: rows of a `QuantizedWeight` for quantized experts)."""
+    `Experts` that holds it; rows of a `QuantizedWeight` for quantized experts and 8-bit dense projections)."""
     cfg = model.config
     layout, params = layout_of(cfg), dict(model.named_parameters())
+    modules = dict(model.named_modules())
     targets = {}
     for name in layout.expected_tensors(cfg):
         if not layout.is_expert_tensor(name):
             param, rows = layout.runtime_location(cfg, name)
-            targets[name] = params[param] if rows is None else params[param][rows]
+            owner, _, leaf = param.rpartition(".")
+            module = modules.get(owner)
+            dst = module.matrix if isinstance(module, Linear) and leaf == "weight" else params[param]
+            targets[name] = dst if rows is None else dst[rows]
     for l, block in model.moe_blocks().items():
         experts = block.experts
         for slot, e in enumerate(experts.held_experts()):

@@ -6,13 +6,15 @@
 Prints the CPU (model name, the ISA flags that pick kernels), torch, whether the native CPU kernels built,
 the GPU if any, then the kernel choice of `engine/parts.py` for the model on the configured device, and on
 the CPU fast path its measured plan: which implementation runs each hot op at each row count (read from the
-plan cache, or measured now and cached, as the engine does at start-up). The decode-step plan is measured
-on the loaded model, at the engine's first start.
+plan cache, or measured now and cached, as the engine does at start-up), and the prompt tokens a step
+prefills (`engine.prefill_chunk`). The decode-step plan and the prefill chunk are measured on the loaded
+model, at the engine's first start.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 NAME = "info"
@@ -31,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from moe_runtime.checkpoint.layout import resolve_dtype
-    from moe_runtime.checkpoint.loader import read_config, resolve_device
+    from moe_runtime.checkpoint.loader import read_config, resolve_device, weight_formats
     from moe_runtime.config import ModelConfig, load_config
     from moe_runtime.engine.parts import choose_kernels, cpu_plan
     from moe_runtime.kernels import cpu
@@ -58,9 +60,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"kernels: attention {kernels.attention}, norm {kernels.norm}, linear {kernels.linear}, "
           f"MoE {kernels.moe}; huge pages {'on' if kernels.huge_pages else 'off'}; native decode steps "
           f"{'on' if native_decode else 'off'}")
-    plan = cpu_plan(kernels, model_cfg, dtype, cfg.engine)
+    formats = weight_formats(cfg.model.path, cfg.model)  # as the engine measures its plan
+    print(f"weights: experts {formats.experts}, dense projections {formats.dense} (none: {dtype})")
+    plan = cpu_plan(kernels, model_cfg, dtype, cfg.engine, formats)
+    # The prefill chunk is measured for `auto` by the local executor with local experts (engine/executor.py).
+    measured = cfg.engine.prefill_chunk == "auto" and cfg.executor == "local" and not cfg.offload.enabled
     if plan is not None:
-        print(plan.describe())
+        print((plan if measured else dataclasses.replace(plan, prefill=None)).describe())
         if plan.decode is None and native_decode:
             print("decode step: measured on the loaded model at the engine's first start")
+    if cfg.engine.prefill_chunk != "auto":
+        print(f"prefill chunk: {cfg.engine.prefill_chunk} tokens (engine.prefill_chunk)")
+    elif not measured or plan is None:
+        print(f"prefill chunk: {cfg.engine.max_num_batched_tokens} tokens (engine.max_num_batched_tokens; "
+              "measured on the CPU fast path of the local executor with local experts only)")
+    elif plan.prefill is None:
+        print("prefill chunk: measured on the loaded model at the engine's first start")
     return 0

@@ -37,8 +37,14 @@ class ModelLoadConfig(Section):
     exact: bool = False
     # Routed experts' weights (kernels/quant.py): none = the checkpoint's 16 bits; int8 = int8 with one fp32
     # scale per output row, quantized at load (half the bytes per token); fp8 = float8 e4m3, per-row scales.
-    # Local and offloaded experts; attention and the LM head stay in `dtype`.
+    # Local and offloaded experts; attention and the LM head stay in `dtype` unless `quantize_dense`.
     quantization: Literal["none", "int8", "fp8"] = "none"
+    # true: the dense projections too (attention's q/k/v and o, dense and shared-expert MLPs, the LM head
+    # unless it is tied to the embedding) in the experts' 8-bit format, per-row scales. A decode step reads
+    # every dense weight once: they are ~12% of Mixtral-8x7B's bytes per token in bf16 and ~23% of mini's,
+    # and once the experts are 8-bit, ~21% and ~37%. Needs 8-bit experts (`quantization`, or an FP8
+    # checkpoint's own).
+    quantize_dense: bool = False
 
     @field_validator("moe_backend")
     @classmethod
@@ -72,6 +78,27 @@ class EngineConfig(Section):
     # count on this machine, engine/parts.py); None: ~/.cache/moe-runtime/cpu-plans. The second start on the
     # same machine reads the plan instead of measuring.
     cpu_plan_dir: str | None = None
+    # Prompt tokens one step prefills, all prompts together (max_num_batched_tokens stays the cap of a step's
+    # tokens, decodes included): running requests wait for each step, so this bounds their inter-token
+    # latency while long prompts arrive. auto: on the CPU fast path the smallest chunk within 10% of the best
+    # prefill throughput measured at the first start on the machine (engine/prefill_chunk.py, cached with the
+    # CPU plan); elsewhere (GPU, exact, offloaded experts, executor: ray) max_num_batched_tokens. An int fixes it.
+    prefill_chunk: Literal["auto"] | int = "auto"
+
+    @field_validator("prefill_chunk", mode="before")
+    @classmethod
+    def _auto_or_tokens(cls, value: object) -> object:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        raise ValueError('allowed: "auto" or a number of tokens from 1 to engine.max_num_batched_tokens')
+
+    @model_validator(mode="after")
+    def _chunk_within_cap(self) -> EngineConfig:
+        chunk, cap = self.prefill_chunk, self.max_num_batched_tokens
+        if chunk != "auto" and not 0 < chunk <= cap:
+            raise ValueError(f"engine.prefill_chunk={chunk}: out of range; allowed: \"auto\" or 1..{cap} (at most "
+                             f"engine.max_num_batched_tokens={cap}, the cap of a step's tokens)")
+        return self
 
 
 class CacheConfig(Section):

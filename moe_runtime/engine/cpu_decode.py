@@ -1,8 +1,8 @@
 """Decode steps on CPU in native calls: the model's layers in four calls each instead of ~120 torch ops.
 
 When every sequence of a step adds one token to its cached context, or a few (a speculative verification:
-the last token and its proposals), and the CPU fast paths are on (`model.exact: false`, 16-bit weights, the
-native kernels built), each layer runs as
+the last token and its proposals), and the CPU fast paths are on (`model.exact: false`, 16-bit activations, the
+native kernels built; 16-bit or int8 weights), each layer runs as
 
     x = rms_norm(h)                                  # kernels/cpu/rms_norm.cpp
     a = attention_decode(x, ...)                     # q/k/v, RoPE, cache write, paged attention, o_proj
@@ -36,6 +36,7 @@ from moe_runtime.engine.forward import EagerForward, StepInputs
 from moe_runtime.kernels import cpu
 from moe_runtime.kernels.attention import AttentionMetadata, KVCache
 from moe_runtime.kernels.cpu.dispatch import RowPlan, best_times, buckets, pick
+from moe_runtime.kernels.quant import QuantizedWeight
 from moe_runtime.model.experts import LocalExperts
 from moe_runtime.model.mixtral import MixtralForCausalLM
 
@@ -57,8 +58,8 @@ class _Layer:
 
     attn: nn.Module
     moe: nn.Module  # its experts, weights and backend are read at each step (placement may change them)
-    w_qkv: torch.Tensor  # [(H + 2 KVH) Dh, D]
-    w_o: torch.Tensor  # [D, H Dh]
+    w_qkv: torch.Tensor | QuantizedWeight  # [(H + 2 KVH) Dh, D]: 16-bit, or int8 (`model.quantize_dense`)
+    w_o: torch.Tensor | QuantizedWeight  # [D, H Dh]
     norm_attn: tuple[torch.Tensor, float]  # input_layernorm's weight [D] and eps
     norm_moe: tuple[torch.Tensor, float]  # post_attention_layernorm's
 
@@ -100,8 +101,8 @@ class CpuDecodeForward:
         return _Layer(
             attn=attn,
             moe=layer.block_sparse_moe,
-            w_qkv=attn.qkv_proj.weight,
-            w_o=attn.o_proj.weight,
+            w_qkv=attn.qkv_proj.matrix,
+            w_o=attn.o_proj.matrix,
             norm_attn=(ln1.weight, ln1.eps),
             norm_moe=(ln2.weight, ln2.eps),
         )

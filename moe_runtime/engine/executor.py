@@ -14,11 +14,12 @@ from typing import Any
 import torch
 
 from moe_runtime.checkpoint.layout import resolve_dtype
-from moe_runtime.checkpoint.loader import load_weights, read_config, resolve_device
+from moe_runtime.checkpoint.loader import load_weights, read_config, resolve_device, weight_formats
 from moe_runtime.config import ModelConfig, RuntimeConfig
 from moe_runtime.engine.kv_cache import allocate_kv_cache, num_kv_blocks
 from moe_runtime.engine.model_runner import ModelRunner
-from moe_runtime.engine.parts import choose_kernels, cpu_plan, make_forward, model_parts
+from moe_runtime.engine.parts import choose_kernels, complete_plan, cpu_plan, make_forward, model_parts
+from moe_runtime.engine.prefill_chunk import ladder_limit
 from moe_runtime.engine.sampler import Sampler
 from moe_runtime.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from moe_runtime.engine.spec import make_proposer
@@ -36,6 +37,9 @@ class Executor(ABC):
     can_restart: bool = False
     # Seconds a placement change may take before the caller gives up on it.
     placement_timeout_s: float = math.inf
+    # Prompt tokens per step measured on this executor's model (`engine.prefill_chunk: auto`,
+    # engine/prefill_chunk.py); None: not measured here, the engine uses the configured cap.
+    measured_prefill_chunk: int | None = None
 
     @abstractmethod
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -83,7 +87,8 @@ class LocalExecutor(Executor):
         self.model_config = read_config(model_dir)
         dtype, device = resolve_dtype(cfg.model.dtype, self.model_config), resolve_device(cfg.model.device)
         kernels = choose_kernels(cfg.model, device, dtype)
-        plan = cpu_plan(kernels, self.model_config, dtype, cfg.engine, cfg.model.quantization)  # None off CPU fast path
+        formats = weight_formats(model_dir, cfg.model)  # the plan is measured in the formats loaded
+        plan = cpu_plan(kernels, self.model_config, dtype, cfg.engine, formats)  # None off the CPU fast path
         self._offload = OffloadedExpertsBuilder(cfg.offload, kernels.moe) if cfg.offload.enabled else None
         experts = self._offload or LocalExpertsBuilder(kernels.moe, None if plan is None else plan.expert)
         self.model = load_weights(model_dir, cfg.model, model_parts(kernels, experts, plan), progress)
@@ -91,6 +96,14 @@ class LocalExecutor(Executor):
         kv = allocate_kv_cache(
             self.model_config, self.num_kv_blocks, cfg.cache.block_size, self.model.dtype, self.model.device
         )
+        # The prefill chunk is measured for `auto` with local experts only: an offload store's fetches at
+        # start-up say nothing about its steady state (`auto` is the step cap then).
+        chunk_limit = None
+        if cfg.engine.prefill_chunk == "auto" and self._offload is None:
+            chunk_limit = ladder_limit(cfg.engine, self.model_config, self.num_kv_blocks * cfg.cache.block_size)
+        plan = complete_plan(self.model, kv, kernels, cfg.engine, plan, chunk_limit)  # parts timed on the model
+        if chunk_limit is not None and plan is not None and plan.prefill is not None:
+            self.measured_prefill_chunk = plan.prefill.chunk
         forward = make_forward(self.model, kv, kernels, cfg.engine, graphs_allowed=self._offload is None, plan=plan)
         proposer = make_proposer(cfg, self.model_config, self.num_kv_blocks, progress)
         self.runner = ModelRunner(self.model, kv, cfg.cache.block_size, Sampler(cfg.engine.seed), forward, proposer)

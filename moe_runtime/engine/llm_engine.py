@@ -11,6 +11,7 @@ from moe_runtime.engine.block_manager import BlockManager
 from moe_runtime.engine.detokenizer import IncrementalDetokenizer
 from moe_runtime.engine.executor import Executor, LocalExecutor
 from moe_runtime.engine.outputs import EngineStats, RequestOutput
+from moe_runtime.engine.prefill_chunk import resolve_prefill_chunk
 from moe_runtime.engine.request import Request
 from moe_runtime.engine.sampling_params import SamplingParams, validate_prompt
 from moe_runtime.engine.scheduler import Scheduler
@@ -37,7 +38,8 @@ class LLMEngine:
         self.eos_token_ids = self.model_config.eos_token_ids or (() if tokenizer_eos is None else (tokenizer_eos,))
         blocks = BlockManager(self.executor.num_kv_blocks, cfg.cache.block_size, cfg.cache.prefix_caching)
         spec = cfg.speculative
-        self.scheduler = Scheduler(cfg.engine, blocks, 0 if spec.method == "none" else spec.num_tokens)
+        chunk = resolve_prefill_chunk(cfg.engine, self.executor.measured_prefill_chunk)
+        self.scheduler = Scheduler(cfg.engine, blocks, 0 if spec.method == "none" else spec.num_tokens, chunk)
         self.num_steps = 0
         self._num_generate_calls = 0  # ids of `generate` requests: generate-<call>-<index>
         self._last_step_s = 0.0

@@ -27,9 +27,11 @@ from pathlib import Path
 
 import torch
 
+from moe_runtime.checkpoint.loader import WeightFormats
 from moe_runtime.config import EngineConfig, ModelConfig, ModelLoadConfig
 from moe_runtime.engine.cpu_decode import MAX_TOKENS, CpuDecodeForward, plan_decode
 from moe_runtime.engine.forward import EagerForward, StepForward
+from moe_runtime.engine.prefill_chunk import plan_prefill
 from moe_runtime.kernels import cpu
 from moe_runtime.kernels.attention import KVCache
 from moe_runtime.kernels.cpu import dispatch
@@ -40,6 +42,8 @@ from moe_runtime.model.parts import ModelParts
 from moe_runtime.model.registry import family
 
 log = logging.getLogger(__name__)
+
+SIXTEEN_BIT = WeightFormats()  # every weight in the model's dtype
 
 
 @dataclass(frozen=True)
@@ -89,14 +93,14 @@ MAX_MEASURED_ROWS = 256
 
 
 def cpu_plan(kernels: KernelChoice, cfg: ModelConfig, dtype: torch.dtype, engine: EngineConfig,
-             quantization: str = "none") -> CpuPlan | None:
+             formats: WeightFormats = SIXTEEN_BIT) -> CpuPlan | None:
     """The measured plans of the CPU fast path for this model's shapes (None without it): read from the plan
     cache, else measured now (a few seconds) and cached. The decode-step plan is added by `make_forward`.
-    quantization: the experts' weights (`model.quantization`); int8 experts are measured in int8."""
+    formats: the experts' and dense projections' weights (`checkpoint.loader.weight_formats`); int8 ones
+    are measured in int8."""
     if kernels.linear != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return None
-    path = dispatch.cache_file(_plan_dir(engine), dispatch.machine_key(),
-                               _model_key(cfg, dtype, engine, quantization))
+    path = dispatch.cache_file(_plan_dir(engine), dispatch.machine_key(), _model_key(cfg, dtype, engine, formats))
     plan = dispatch.load_plan(path)
     if plan is not None:
         log.info("CPU kernel plan (cached, %s):\n%s", path, plan.describe())
@@ -105,15 +109,16 @@ def cpu_plan(kernels: KernelChoice, cfg: ModelConfig, dtype: torch.dtype, engine
     native = cpu.available()
     rows = min(engine.max_num_batched_tokens, MAX_MEASURED_ROWS)
     D, H, KVH, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    shapes = {((H + 2 * KVH) * Dh, D): rows, (D, H * Dh): rows,  # q/k/v stacked, o_proj
-              (cfg.vocab_size, D): min(engine.max_num_seqs, rows)}  # the head: one row per sampled sequence
+    dense, head = _int8(formats.dense), "none" if cfg.tie_word_embeddings else _int8(formats.dense)
+    shapes = {((H + 2 * KVH) * Dh, D, dense): rows, (D, H * Dh, dense): rows,  # q/k/v stacked, o_proj
+              (cfg.vocab_size, D, head): min(engine.max_num_seqs, rows)}  # the head: a row per sampled sequence
     for inter in {cfg.dense_intermediate_size, cfg.shared_expert_intermediate_size} - {None}:
-        shapes.update({(2 * inter, D): rows, (D, inter): rows})  # a dense SwiGLU's gate/up stacked, down
+        shapes.update({(2 * inter, D, dense): rows, (D, inter, dense): rows})  # a dense SwiGLU's gate/up, down
     plan = CpuPlan(
         machine=dispatch.machine_key(),
-        linear={dispatch.shape_key(s): dispatch.plan_linear(*s, dtype, r, native) for s, r in shapes.items()},
-        expert=dispatch.plan_expert(D, cfg.intermediate_size, dtype, rows, native,
-                                    "int8" if quantization == "int8" else "none"),
+        linear={dispatch.weight_key((n, k), w): dispatch.plan_linear(n, k, dtype, r, native, w)
+                for (n, k, w), r in shapes.items()},
+        expert=dispatch.plan_expert(D, cfg.intermediate_size, dtype, rows, native, _int8(formats.experts)),
     )
     log.info("CPU kernel plan, measured in %.1f s:\n%s", time.perf_counter() - t0, plan.describe())
     dispatch.save_plan(plan, path)
@@ -129,20 +134,63 @@ def _plan_dir(engine: EngineConfig) -> Path:
     return Path(engine.cpu_plan_dir) if engine.cpu_plan_dir else Path.home() / ".cache" / "moe-runtime" / "cpu-plans"
 
 
-def _model_key(cfg: ModelConfig, dtype: torch.dtype, engine: EngineConfig, quantization: str = "none") -> str:
-    """What a plan was measured for besides the machine: the shapes, the dtype, the most rows."""
+def _int8(scheme: str) -> str:
+    """The format a weight of `scheme` is measured in: int8 has native kernels; FP8 always runs dequantized
+    through torch's GEMM (kernels/linear.py), so no plan of its own."""
+    return "int8" if scheme == "int8" else "none"
+
+
+def _model_key(cfg: ModelConfig, dtype: torch.dtype, engine: EngineConfig,
+               formats: WeightFormats = SIXTEEN_BIT) -> str:
+    """What a plan was measured for besides the machine: the shapes, the dtype, the weight formats, the
+    most rows."""
     dense = "".join(f" {name}{inter}" for name, inter in (("Idense", cfg.dense_intermediate_size),
                                                            ("Ishared", cfg.shared_expert_intermediate_size)) if inter)
     return (f"D{cfg.hidden_size} I{cfg.intermediate_size} H{cfg.num_attention_heads} KVH{cfg.num_key_value_heads} "
             f"Dh{cfg.head_dim} V{cfg.vocab_size} L{cfg.num_hidden_layers}{dense} {dtype} "
             f"tokens{engine.max_num_batched_tokens} seqs{engine.max_num_seqs}"
-            + ("" if quantization == "none" else f" experts-{quantization}"))
+            + ("" if formats.experts == "none" else f" experts-{formats.experts}")
+            + ("" if formats.dense == "none" else f" dense-{formats.dense}"))
 
 
-def _experts_scheme(model: CausalLM) -> str:
-    """The routed experts' weight format (`model.quantization`): "none", or the scheme of 8-bit experts."""
+def _formats(model: CausalLM) -> WeightFormats:
+    """The loaded model's weight formats: its routed experts' (`model.quantization`, "none" for 16-bit) and
+    its attention projections' (`model.quantize_dense`)."""
     blocks = list(model.moe_blocks().values())
-    return getattr(blocks[0].experts, "scheme", "none") if blocks else "none"
+    experts = getattr(blocks[0].experts, "scheme", "none") if blocks else "none"
+    return WeightFormats(experts, model.layers[0].self_attn.qkv_proj.scheme)
+
+
+def _native_decode(model: CausalLM, kernels: KernelChoice) -> bool:
+    """Whether decode steps run natively (engine/cpu_decode.py): the kernels offer it, the family's decoder
+    layer is the one it implements, and the attention projections are 16-bit or int8 (FP8 ones decode
+    eagerly)."""
+    return kernels.native_decode and family(model.config).native_decode and _formats(model).dense != "fp8"
+
+
+def complete_plan(model: CausalLM, kv_caches: list[KVCache], kernels: KernelChoice, engine: EngineConfig,
+                  plan: CpuPlan | None, prefill_limit: int | None = None) -> CpuPlan | None:
+    """`plan` with its parts that are measured on the loaded model, each only where the plan lacks it, and
+    saved to the plan cache once if any was measured: the decode step (where decode steps run natively) and,
+    given `prefill_limit` (the largest prefill chunk to try: engine/prefill_chunk.py `ladder_limit`; None:
+    not wanted), the prefill chunk, measured again when the cached one had another limit. None (off the CPU
+    fast path) stays None."""
+    if plan is None:
+        return None
+    parts = {}
+    if plan.decode is None and _native_decode(model, kernels):
+        t0 = time.perf_counter()
+        parts["decode"] = plan_decode(model, kv_caches, min(engine.max_num_seqs, MAX_TOKENS))
+        log.info("CPU decode-step plan, measured in %.1f s: %s", time.perf_counter() - t0,
+                 ", ".join(dispatch.ranges(parts["decode"])))
+    if prefill_limit is not None and (plan.prefill is None or plan.prefill.limit != prefill_limit):
+        parts["prefill"] = plan_prefill(model, kv_caches, prefill_limit)  # logs its figures
+    if not parts:
+        return plan
+    plan = dataclasses.replace(plan, **parts)
+    key = _model_key(model.config, model.dtype, engine, _formats(model))
+    dispatch.save_plan(plan, dispatch.cache_file(_plan_dir(engine), plan.machine, key))
+    return plan
 
 
 def make_forward(model: CausalLM, kv_caches: list[KVCache], kernels: KernelChoice,
@@ -151,16 +199,8 @@ def make_forward(model: CausalLM, kv_caches: list[KVCache], kernels: KernelChoic
     offload store decides on the host at each layer, so it cannot). plan: the CPU plan, whose decode-step
     part (native calls or eager ops, per batch size) is measured here on the loaded model if it has none.
     The native decode step runs only families whose decoder layer it implements (`Family.native_decode`)."""
-    if kernels.native_decode and family(model.config).native_decode:
-        if plan is not None and plan.decode is None:
-            t0 = time.perf_counter()
-            decode = plan_decode(model, kv_caches, min(engine.max_num_seqs, MAX_TOKENS))
-            plan = dataclasses.replace(plan, decode=decode)
-            log.info("CPU decode-step plan, measured in %.1f s: %s", time.perf_counter() - t0,
-                     ", ".join(dispatch.ranges(decode)))
-            dispatch.save_plan(plan, dispatch.cache_file(_plan_dir(engine), plan.machine,
-                                                         _model_key(model.config, model.dtype, engine,
-                                                                    _experts_scheme(model))))
+    if _native_decode(model, kernels):
+        plan = complete_plan(model, kv_caches, kernels, engine, plan)  # its decode-step part, if it lacks it
         return CpuDecodeForward(model, kv_caches, None if plan is None else plan.decode)
     # 16-bit and 8-bit (int8 / fp8: the w8a16 kernels) experts alike: static grids, no host sync
     capturable = kernels.attention == "triton" and kernels.moe == "triton" and graphs_allowed

@@ -12,6 +12,7 @@ from collections import deque
 from moe_runtime.config import EngineConfig
 from moe_runtime.engine.block_manager import BlockManager
 from moe_runtime.engine.outputs import EngineStats, RequestOutput
+from moe_runtime.engine.prefill_chunk import resolve_prefill_chunk
 from moe_runtime.engine.request import Request, RequestStatus
 from moe_runtime.engine.scheduler_output import (
     CachedRequestData,
@@ -23,9 +24,16 @@ from moe_runtime.errors import RequestError
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, block_manager: BlockManager, num_spec_tokens: int = 0):
+    """prefill_chunk: prompt tokens per step, all requests together (`engine.prefill_chunk` resolved by
+    engine/prefill_chunk.py `resolve_prefill_chunk`, which the engine calls with its executor's measurement);
+    None: resolved without one (the configured int, else `max_num_batched_tokens`)."""
+
+    def __init__(self, cfg: EngineConfig, block_manager: BlockManager, num_spec_tokens: int = 0,
+                 prefill_chunk: int | None = None):
         self.max_num_seqs = cfg.max_num_seqs
         self.max_num_batched_tokens = cfg.max_num_batched_tokens
+        self.prefill_chunk = resolve_prefill_chunk(cfg, None) if prefill_chunk is None else prefill_chunk
+        assert 0 < self.prefill_chunk <= self.max_num_batched_tokens, (self.prefill_chunk, cfg)
         self.block_manager = block_manager
         self.num_spec_tokens = num_spec_tokens  # k of speculative decoding; 0: off
         self.requests: dict[str, Request] = {}  # every unfinished request, waiting or running
@@ -53,7 +61,10 @@ class Scheduler:
         # NOTE(engine) on the algorithm: there is no prefill or decode phase. Each request owes
         # `num_tokens - num_computed_tokens` tokens (a whole prompt, one prompt chunk, the last sampled token,
         # or everything again after preemption); a step grants each one up to what the budget allows.
+        # Requests owing more than one token (prompt chunks) share `prefill_chunk` of it: a step's length, and
+        # so every running request's wait for its next token, stays bounded while long prompts arrive.
         budget = self.max_num_batched_tokens
+        prompt_budget = self.prefill_chunk
         scheduled: dict[str, int] = {}
         spec: dict[str, int] = {}
         new_blocks: dict[str, list[int]] = {}
@@ -61,7 +72,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens_owed, budget)
+            n = self._grant(req.num_tokens_owed, budget, prompt_budget)
+            if n == 0:  # mid-prompt, and this step's prompt tokens are spent: decodes after it still run
+                i += 1
+                continue
             k = self._spec_budget(req, budget)
             if k:
                 spec[req.request_id] = k
@@ -81,6 +95,7 @@ class Scheduler:
             new_blocks[req.request_id] = self.block_manager.allocate(req.request_id, req.num_computed_tokens + n)
             scheduled[req.request_id] = n - k
             budget -= n
+            prompt_budget -= n if req.num_tokens_owed > 1 else 0
             i += 1
         # Admit waiting requests in order, unless this step had to preempt (the cache is full). A request
         # starts after the longest prefix of full blocks the cache already holds (none without prefix caching).
@@ -91,7 +106,7 @@ class Scheduler:
             cached = bm.match_prefix(req.token_ids)
             done = len(cached) * bm.block_size  # tokens whose KV the cache holds
             room = bm.num_free_besides(cached) * bm.block_size  # new tokens that fit
-            n = min(req.num_tokens - done, budget, room)
+            n = min(self._grant(req.num_tokens - done, budget, prompt_budget), room)
             if n == 0:
                 break
             self.waiting.popleft()
@@ -104,7 +119,14 @@ class Scheduler:
             self.running.append(req)
             scheduled[req.request_id] = n
             budget -= n
+            prompt_budget -= n if req.num_tokens - done > 1 else 0
         return self._make_output(scheduled, new_blocks, spec)
+
+    @staticmethod
+    def _grant(owed: int, budget: int, prompt_budget: int) -> int:
+        """Tokens for a request owing `owed`: all it owes within the step's budget, and a prompt chunk (more
+        than one token owed) no more than what is left of the step's prompt budget."""
+        return min(owed, budget) if owed == 1 else min(owed, budget, prompt_budget)
 
     def _spec_budget(self, req: Request, budget: int) -> int:
         """Proposals a running request may have verified this step: none mid-prompt, and never past its

@@ -11,6 +11,7 @@ position; attention finds sequence boundaries and KV pages in `AttentionMetadata
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Protocol
 
 import torch
@@ -52,7 +53,9 @@ class CausalLM(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, parts.norm)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, parts)
+        # a head tied to the embedding is the embedding's weight, in its dtype (a lookup table stays 16-bit)
+        head_parts = dataclasses.replace(parts, dense_quantization="none") if cfg.tie_word_embeddings else parts
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, head_parts)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.requires_grad_(False)
@@ -102,14 +105,14 @@ class CausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, D] (usually each sequence's last row) -> logits [N, V] float32."""
-        return self.lm_head.kernel.fp32(hidden, self.lm_head.weight)
+        return self.lm_head.kernel.fp32(hidden, self.lm_head.matrix)
 
     def prepare_kernels(self) -> None:
         """Let the kernels build what they derive from their weights (the CPU kernel's fp32 copies); the
         loader calls this once the weights are in place."""
         for module in self.modules():
             if isinstance(module, Linear):
-                module.kernel.prepare(module.weight)
+                module.kernel.prepare(module.matrix)
 
     @property
     def device(self) -> torch.device:

@@ -21,7 +21,7 @@ from torch import nn
 from moe_runtime.config import ModelConfig
 from moe_runtime.kernels import RoutingResult, moe_kernel
 from moe_runtime.kernels.cpu.dispatch import RowPlan
-from moe_runtime.kernels.quant import SCHEMES, QuantizedWeight
+from moe_runtime.kernels.quant import SCHEMES, QuantizedWeight, keep_dtypes
 
 # T tokens, A activated experts (top-k), E experts, S expert slots held here, D hidden, I intermediate
 
@@ -126,16 +126,10 @@ class QuantizedLocalExperts(LocalExperts):
         return QuantizedWeight(self.w2_data, self.w2_scale)
 
     def _apply(self, fn, recurse=True):
-        # `model.to(bfloat16)` casts every floating-point parameter; the scales stay fp32 (a bf16 scale would
-        # add a systematic error of up to 0.4% per row), the 8-bit values are not floating point to torch
-        # (int8) or keep their dtype (fp8 -> `to` of a float dtype would convert them: restored here too).
-        qdtype = SCHEMES[self.scheme]
         super()._apply(fn, recurse)
-        for name, dtype in (("w13_data", qdtype), ("w2_data", qdtype), ("w13_scale", torch.float32),
-                            ("w2_scale", torch.float32)):
-            p = getattr(self, name)
-            if p.dtype != dtype:
-                p.data = p.data.to(dtype)
+        qdtype = SCHEMES[self.scheme]  # the values stay 8-bit and the scales fp32 through `model.to(dtype)`
+        keep_dtypes(self, {"w13_data": qdtype, "w2_data": qdtype, "w13_scale": torch.float32,
+                           "w2_scale": torch.float32})
         return self
 
 

@@ -19,6 +19,7 @@ from moe_runtime.kernels import RoutingResult, route
 from moe_runtime.kernels.attention import AttentionMetadata, KVCache, Rope, make_attention
 from moe_runtime.kernels.linear import make_linear
 from moe_runtime.kernels.norm import make_rms_norm
+from moe_runtime.kernels.quant import SCHEMES, QuantizedWeight, keep_dtypes
 from moe_runtime.model.experts import Experts
 from moe_runtime.model.parts import ModelParts
 
@@ -30,16 +31,38 @@ class Linear(nn.Module):
     """y = x @ W^T (+ b), multiplied by the kernel `parts.linear` names (with `parts.cpu_plan`).
 
     bias: whether the projection has one (as `nn.Linear`; added before the one rounding to x's dtype).
+    W is `weight` [out, in] in the model's dtype, or with `parts.dense_quantization` (int8 / fp8,
+    `model.quantize_dense`) 8-bit `weight_data` [out, in] with one fp32 `weight_scale` per row
+    (kernels/quant.py). `matrix` is W as the kernel takes it, either way.
     """
 
     def __init__(self, in_features: int, out_features: int, parts: ModelParts, bias: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.scheme = parts.dense_quantization
+        if self.scheme == "none":
+            self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        else:
+            self.weight_data = nn.Parameter(torch.empty(out_features, in_features, dtype=SCHEMES[self.scheme]),
+                                            requires_grad=False)
+            self.weight_scale = nn.Parameter(torch.empty(out_features), requires_grad=False)
         self.register_parameter("bias", nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None)
         self.kernel = make_linear(parts.linear, parts.cpu_plan)
 
+    @property
+    def matrix(self) -> torch.Tensor | QuantizedWeight:
+        """W [out, in]: the 16/32-bit weight, or the 8-bit values with their row scales."""
+        if self.scheme == "none":
+            return self.weight
+        return QuantizedWeight(self.weight_data, self.weight_scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernel(x, self.weight, self.bias)  # [T, out]
+        return self.kernel(x, self.matrix, self.bias)  # [T, out]
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.scheme != "none":  # 8-bit values and fp32 scales through `model.to(dtype)`
+            keep_dtypes(self, {"weight_data": SCHEMES[self.scheme], "weight_scale": torch.float32})
+        return self
 
 
 class StackedLinear(Linear):
@@ -51,7 +74,7 @@ class StackedLinear(Linear):
         self.sizes = sizes
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.kernel.stacked(x, self.weight, self.sizes, self.bias).split(self.sizes, dim=-1)
+        return self.kernel.stacked(x, self.matrix, self.sizes, self.bias).split(self.sizes, dim=-1)
 
 
 class RMSNorm(nn.Module):

@@ -22,6 +22,9 @@ class ModelParts:
     attention: str = "torch"  # RoPE + KV write + attention: kernels.attention.ATTENTION_BACKENDS
     norm: str = "torch"  # RMSNorm with the fused residual add: kernels.norm.RMS_NORM_BACKENDS
     linear: str = "torch"  # dense projections: kernels.linear.LINEAR_BACKENDS
+    # The dense projections' weight format: "none" (the model's dtype) or an 8-bit scheme of
+    # kernels.quant.SCHEMES (`model.quantize_dense`); a head tied to the embedding keeps the embedding's.
+    dense_quantization: str = "none"
     # Weights of kernels.cpu.hugepages.MIN_BYTES or more on transparent huge pages, where Linux gives them
     # (a CPU decode step streams every weight; fewer TLB misses). Values unchanged.
     huge_pages: bool = False

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import doctest
+import json
 
 import pytest
 import torch
 
 from moe_runtime.kernels import cpu
 from moe_runtime.kernels.cpu import dispatch
-from moe_runtime.kernels.cpu.dispatch import CpuPlan, RowPlan
+from moe_runtime.kernels.cpu.dispatch import ChunkPlan, CpuPlan, RowPlan
 from moe_runtime.kernels.linear import CpuLinear
 
 HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -46,6 +48,23 @@ def test_plans_survive_the_cache_and_a_bad_file_is_remeasured(tmp_path):
     path.write_text("{not json")
     assert dispatch.load_plan(path) is None
     assert dispatch.cache_file(tmp_path, "cpu Y", "model") != path  # another machine, another plan
+
+
+def test_a_prefill_chunk_survives_the_cache_and_an_old_plan_loads_without_it(tmp_path):
+    chunk = ChunkPlan(chunk=256, limit=2048, sizes=(16, 32, 64, 128, 256, 512),
+                      tokens_per_s=(41.5, 80.25, 150.0, 270.125, 430.0, 455.7))
+    plan = CpuPlan("cpu X", {"8x4": RowPlan((1, 9), ("native", "bf16"))}, None, RowPlan((1,), ("native",)),
+                   prefill=chunk)
+    path = dispatch.cache_file(tmp_path, plan.machine, "model")
+    dispatch.save_plan(plan, path)
+    assert dispatch.load_plan(path) == plan
+    assert "prefill chunk: 256 tokens (prefill tok/s by chunk: 16: 42, 32: 80," in plan.describe()
+    old = json.loads(path.read_text())
+    del old["prefill"]  # a plan cached before the prefill chunk was measured: the engine measures it then
+    path.write_text(json.dumps(old))
+    assert dispatch.load_plan(path) == dataclasses.replace(plan, prefill=None)
+    path.write_text(json.dumps({**old, "prefill": {"chunk": 256}}))  # a damaged entry: measure everything again
+    assert dispatch.load_plan(path) is None
 
 
 @pytest.mark.skipif(not HAS_AVX2, reason="the native CPU kernels run only on AVX2 CPUs")

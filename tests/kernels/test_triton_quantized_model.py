@@ -60,7 +60,7 @@ def test_cuda_graph_runner_takes_quantized_experts(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")), raising=False)
     forward = make_forward(model, kv, kernels, EngineConfig(), graphs_allowed=True)
     assert isinstance(forward, Recorder) and built
-    assert parts_mod._experts_scheme(model) == "int8"
+    assert parts_mod._formats(model).experts == "int8"
 
 
 @pytest.mark.gpu

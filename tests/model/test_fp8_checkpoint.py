@@ -120,6 +120,26 @@ def test_fp8_experts_checkpoint_equals_fp8_quantization_at_load(checkpoints, tin
     torch.testing.assert_close(logits(load_model(fp8_dir, "float32", "cpu")), want, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ("per_tensor", "per_channel"))
+def test_fp8_dense_projections_kept_with_quantize_dense(checkpoints, kind):
+    """`model.quantize_dense` keeps an FP8 checkpoint's attention weights in FP8 (its own bytes, the scale
+    per row) instead of dequantizing them at load: the same model (logits within fp32 rounding)."""
+    fp8_dir, _ = checkpoints[kind]
+    model = load_model(fp8_dir, "float32", "cpu", quantize_dense=True)
+    stored = load_file(str(fp8_dir / "model.safetensors"))
+    qkv = model.layers[1].self_attn.qkv_proj
+    assert qkv.scheme == "fp8" and model.lm_head.scheme == "fp8"  # the head: quantized per row at load
+    k = stored["model.layers.1.self_attn.k_proj.weight"]
+    q_rows = stored["model.layers.1.self_attn.q_proj.weight"].shape[0]
+    rows = slice(q_rows, q_rows + k.shape[0])
+    assert torch.equal(qkv.matrix.data[rows].view(torch.uint8), k.view(torch.uint8))
+    k_scale = stored["model.layers.1.self_attn.k_proj.weight_scale"].reshape(-1)
+    assert torch.equal(qkv.matrix.scale[rows], k_scale.expand(k.shape[0]))
+    dense_only = load_model(fp8_dir, "float32", "cpu")
+    dense_only.lm_head.weight.copy_(model.lm_head.matrix.dequantize(torch.float32))
+    torch.testing.assert_close(logits(model), logits(dense_only), atol=1e-5, rtol=0)
+
+
 def test_fp8_checkpoint_requantized_to_int8(checkpoints):
     fp8_dir, _ = checkpoints["experts_per_channel"]
     int8 = load_model(fp8_dir, "float32", "cpu", quantization="int8")

@@ -24,7 +24,12 @@ qq = importlib.util.module_from_spec(_spec)
 sys.modules["quant_quality"] = qq  # its dataclass looks its module up there
 _spec.loader.exec_module(qq)
 
-BOUNDS = {"int8": dict(top1=0.99, ppl=0.01, router=0.99), "fp8": dict(top1=0.98, ppl=0.02, router=0.98)}
+# `+dense` (model.quantize_dense: attention and the LM head too) rounds every weight the token meets, so its
+# top-1 bound is looser; measured on these 4 windows: int8+dense 98.9% / -0.04% / 99.5%, fp8+dense
+# 96.7% / +0.06% / 98.8% (16 windows: 99.1% and 97.0%; docs/benchmarks.md).
+BOUNDS = {"int8": dict(top1=0.99, ppl=0.01, router=0.99), "fp8": dict(top1=0.98, ppl=0.02, router=0.98),
+          "int8+dense": dict(top1=0.985, ppl=0.01, router=0.99),
+          "fp8+dense": dict(top1=0.96, ppl=0.02, router=0.98)}
 
 
 @pytest.fixture(scope="module")

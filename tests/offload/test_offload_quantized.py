@@ -37,6 +37,20 @@ def test_same_tokens_as_all_resident_quantized(tiny_model_dir, greedy, scheme, t
         store.close()
 
 
+def test_offloaded_experts_with_8bit_dense_projections(tiny_model_dir, greedy):
+    """`model.quantize_dense` with offloaded int8 experts: the dense projections are 8-bit too, and the
+    tokens are those of the all-resident model of the same formats."""
+    kw = dict(dtype="bfloat16", device="cpu", quantization="int8", quantize_dense=True)
+    want = greedy(load_model(tiny_model_dir, **kw), PROMPTS, STEPS)
+    offload = OffloadConfig(enabled=True, resident_experts_per_layer=2, miss="fetch", prefetch=False)
+    model, store = load_offloaded(tiny_model_dir, offload, **kw)
+    try:
+        assert model.layers[0].self_attn.qkv_proj.matrix.dtype == torch.int8
+        assert greedy(model, PROMPTS, STEPS) == want
+    finally:
+        store.close()
+
+
 def test_a_byte_budget_holds_twice_the_int8_experts(tiny_model_dir):
     cfg = read_config(tiny_model_dir)
     L = len(cfg.moe_layers)
