@@ -11,6 +11,10 @@ weights of each shape are larger than the last-level cache's share, so they come
 several copies are cycled through. `expert` rows: one expert's whole SwiGLU MLP (w13, SiLU*up, w2),
 ours (`expert_mlp`) vs the torch backend's (`kernels.torch_moe`: a bf16 GEMM below UPCAST_MIN_ROWS
 rows, chunked fp32 from there).
+
+On a CPU with AVX512-BF16 (and bf16 weights) "ours" runs the `vdpbf16ps` tiles (kernels/cpu/dot_bf16.h) at
+every row count and a column "ours AVX2" the AVX2 tiles, with their ratio: what the engine's measured plan
+(`moe-runtime info`: "native bf16 tiles") chooses between.
 """
 
 from __future__ import annotations
@@ -90,10 +94,15 @@ def main() -> None:
         f"median of {args.repeats} x {args.inner} calls; CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}\n"
     )
+    global TILES
+    TILES = dtype == torch.bfloat16 and cpu.has_avx512_bf16()
+    if TILES:
+        print("(this CPU has AVX512-BF16: ours = the vdpbf16ps tiles, ours AVX2 = the AVX2 tiles)\n")
     print(
-        "| shape | M | ours ms | torch 16-bit ms | torch fp32 ms | vs 16-bit | vs fp32 | ours GB/s | % of read |"
+        "| shape | M | ours ms | torch 16-bit ms | torch fp32 ms | vs 16-bit | vs fp32 | ours GB/s | % of read "
+        "| ours AVX2 ms | ours vs AVX2 |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
     for name, N, K in SHAPES:
         if name not in wanted:
@@ -106,9 +115,10 @@ def main() -> None:
             w_ours, w_torch, w_fp32 = _cycle(ws), _cycle(ws), _cycle(wfs)
             t = compare(
                 {
-                    "ours": lambda x=x, w=w_ours: cpu.linear(x, w()),
+                    "ours": _tiles(1, lambda x=x, w=w_ours: cpu.linear(x, w())),
                     "torch": lambda x=x, w=w_torch: F.linear(x, w()),
                     "fp32": lambda x=x, w=w_fp32: F.linear(x.float(), w()),
+                    **({"avx2": _tiles(0, lambda x=x, w=w_ours: cpu.linear(x, w()))} if TILES else {}),
                 },
                 args.repeats,
                 args.inner,
@@ -129,8 +139,9 @@ def main() -> None:
             e_ours, e_torch = _cycle(experts), _cycle(experts)
             t = compare(
                 {
-                    "ours": lambda x=x, e=e_ours: cpu.expert_mlp(x, *e()),
+                    "ours": _tiles(1, lambda x=x, e=e_ours: cpu.expert_mlp(x, *e())),
                     "torch": lambda x=x, e=e_torch: _expert_mlp(x, *e()),
+                    **({"avx2": _tiles(0, lambda x=x, e=e_ours: cpu.expert_mlp(x, *e()))} if TILES else {}),
                 },
                 args.repeats,
                 args.inner,
@@ -139,12 +150,25 @@ def main() -> None:
             _row("expert", M, t, 3 * H * I * 2, bandwidth)
 
 
+TILES = False  # whether "ours" runs the AVX512-BF16 tiles, with an AVX2 column beside it (set in main)
+
+
+def _tiles(rows: int, fn):
+    """fn with the native GEMM's AVX512-BF16 tiles from `rows` rows (0: AVX2 tiles only), where the CPU has them."""
+    def call():
+        cpu.dot_bf16_rows(rows)
+        return fn()
+
+    return call if TILES else fn
+
+
 def _row(name: str, M: int, t: dict[str, float], weight_bytes: int, bandwidth: float) -> None:
     gbs = weight_bytes / t["ours"]
+    avx2 = t.get("avx2", float("nan"))
     print(
         f"| {name} | {M} | {t['ours'] * 1e3:.3f} | {t['torch'] * 1e3:.3f} | {t['fp32'] * 1e3:.3f} "
         f"| {t['torch'] / t['ours']:.2f}x | {t['fp32'] / t['ours']:.2f}x | {gbs / 1e9:.1f} "
-        f"| {100 * gbs / bandwidth:.0f}% |",
+        f"| {100 * gbs / bandwidth:.0f}% | {avx2 * 1e3:.3f} | {avx2 / t['ours']:.2f}x |",
         flush=True,
     )
 

@@ -28,6 +28,10 @@ Quantized experts: with `--set model.quantization=int8` (or fp8; and `--set mode
 the dense projections too) a second engine of the same config with 16-bit weights runs in the same process,
 taking turns with the quantized one, and a second table gives both engines' prefill and decode tok/s and
 their ratio (the issue's target: int8 decode at batch 1 >= 1.7x bf16). Bytes per step count the quantized experts at their size (values and scales).
+
+The native GEMM tiles: on a CPU with AVX512-BF16 the engine's plan picks, per row count, the AVX2 tiles or
+the `vdpbf16ps` ones (kernels/cpu/dot_bf16.h). `--tiles-baseline` runs the same engine a second time per
+round with the AVX2 tiles only, taking turns, and a table gives both and their ratio.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from moe_runtime.cli import env_defaults
 from moe_runtime.config import load_config
 from moe_runtime.engine.llm_engine import LLMEngine
 from moe_runtime.engine.sampling_params import SamplingParams
+from moe_runtime.kernels import cpu
 from moe_runtime.kernels.cpu.dispatch import machine_key
 from moe_runtime.kernels.quant import QuantizedWeight
 
@@ -175,6 +180,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--no-baseline", action="store_true", help="skip transformers (ours only)")
+    ap.add_argument("--tiles-baseline", action="store_true",
+                    help="also run ours with the AVX2 tiles only (AVX512-BF16 CPUs: the measured tiles' gain)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--out", type=Path, default=None, help="also write the table as markdown")
     args = ap.parse_args()
@@ -198,10 +205,15 @@ def main() -> None:
         run_ours(base, warm, 4)
     if hf is not None:
         run_hf(hf, warm, 4)
-    rows, quant_rows = [], []
+    measured_tiles = cpu.dot_bf16_rows(0)  # what the engine's plan set (0: AVX2 tiles only)
+    cpu.dot_bf16_rows(measured_tiles)
+    tiles = args.tiles_baseline and measured_tiles > 0
+    if args.tiles_baseline and not tiles:
+        print("--tiles-baseline: the plan runs the AVX2 tiles only on this CPU; nothing to compare", file=sys.stderr)
+    rows, quant_rows, tile_rows = [], [], []
     for batch in batches:
         prompts = make_prompts(batch, args.prompt_len, vocab)
-        ours, theirs, sixteen, bandwidth = [], [], [], 0.0
+        ours, theirs, sixteen, avx2, bandwidth = [], [], [], [], 0.0
         for r in range(args.repeats):
             gc.collect()
             bandwidth = max(bandwidth, read_bandwidth())
@@ -211,6 +223,12 @@ def main() -> None:
                 gc.collect()
                 sixteen.append(run_ours(base, prompts, args.new_tokens))
                 _progress(f"batch {batch} round {r + 1}: ours, 16-bit experts", sixteen[-1])
+            if tiles:
+                gc.collect()
+                cpu.dot_bf16_rows(0)
+                avx2.append(run_ours(engine, prompts, args.new_tokens))
+                cpu.dot_bf16_rows(measured_tiles)
+                _progress(f"batch {batch} round {r + 1}: ours, AVX2 tiles", avx2[-1])
             if hf is not None:
                 gc.collect()
                 theirs.append(run_hf(hf, prompts, args.new_tokens))
@@ -218,10 +236,16 @@ def main() -> None:
         rows.append(_row(batch, args, ours, theirs, bandwidth))
         if base is not None:
             quant_rows.append(_row(batch, args, ours, sixteen, bandwidth))
+        if tiles:
+            tile_rows.append(_row(batch, args, ours, avx2, bandwidth))
     _print(rows, impl, args)
     if base is not None:
         label = scheme + (" experts + dense" if cfg.model.quantize_dense else " experts")
         _print_versus(quant_rows, label, "16-bit", "quantized vs 16-bit weights, same engine config", args)
+    if tiles:
+        _print_versus(tile_rows, "measured tiles", "AVX2 tiles",
+                      f"the measured native tiles (vdpbf16ps from {measured_tiles} rows) vs AVX2 only, same engine",
+                      args)
 
 
 def _progress(what: str, t: Timing) -> None:

@@ -43,6 +43,8 @@ from moe_runtime.kernels.quant import QuantizedWeight
 
 __all__ = [
     "available",
+    "has_avx512_bf16",
+    "dot_bf16_rows",
     "linear",
     "linear_fp32",
     "expert_mlp",
@@ -63,7 +65,7 @@ SOURCES = [
     "attention_decode.cpp",
     "rms_norm.cpp",
     "quant.cpp",
-]  # + the headers gemv.h, small_m_tiles.h, vec.h, numerics.h
+]  # + the headers gemv.h, small_m_tiles.h, dot_bf16.h, vec.h, numerics.h
 _NAME = "moe_runtime_cpu_small_m"
 _FLAGS = ["-O3", "-fopenmp"]  # at::parallel_for is OpenMP in torch's CPU build; AVX2 is per function
 
@@ -105,6 +107,20 @@ def available() -> bool:
         return False
     ext = extension()
     return ext is not None and ext.has_avx2()
+
+
+def has_avx512_bf16() -> bool:
+    """True when the kernels are available and this CPU has AVX512-BF16 (`vdpbf16ps`: dot_bf16.h)."""
+    return available() and extension().has_avx512_bf16()
+
+
+def dot_bf16_rows(rows: int) -> int:
+    """Let the native kernels' GEMMs of bf16 weights take the AVX512-BF16 tiles (dot_bf16.h) from `rows`
+    rows of x on (0: never, the default), for the whole process; returns the previous value. The row count
+    comes from measurement on the machine (dispatch.py `plan_dot_bf16`). A no-op without those kernels."""
+    if not has_avx512_bf16():
+        return 0
+    return extension().set_dot_bf16_min_rows(rows)
 
 
 def linear_fp32(x: torch.Tensor, w: torch.Tensor | QuantizedWeight) -> torch.Tensor:

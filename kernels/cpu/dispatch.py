@@ -13,6 +13,11 @@ per bucket of rows (1, 2, 4, ... the most the engine will send), and cached per 
 flags, torch version, threads): the second start reads it.
 
 A `RowPlan` answers "which implementation for n rows": the first bucket bound >= n.
+
+The native kernels' GEMMs of bf16 weights have two tile kinds, chosen the same way: the AVX2 ones (each
+weight widened to fp32, then FMA) and, on CPUs with AVX512-BF16, `vdpbf16ps` tiles (kernels/cpu/dot_bf16.h)
+that multiply bf16 pairs without widening. Which wins from how many rows is timed first (`plan_dot_bf16`),
+since every other native timing depends on it.
 """
 
 from __future__ import annotations
@@ -33,11 +38,12 @@ log = logging.getLogger(__name__)
 
 LINEAR_CHOICES = ("native", "bf16", "fp32")
 EXPERT_CHOICES = ("native", "bf16", "fp32")
+DOT_CHOICES = ("avx2", "bf16dp")  # the native GEMM tiles for bf16 weights (kernels/cpu/dot_bf16.h)
 NATIVE_MAX_ROWS = 64  # the native kernels take at most this many rows (kernels/cpu/small_m_tiles.h)
 # A measurement's weights: copies cycled through, at least this many bytes in all, so that small-row GEMMs
 # read them from memory (as in a decode step, which streams every weight once) and not from the caches.
 COLD_BYTES = 96 << 20
-FORMAT = 1  # bump when the cached JSON's meaning changes
+FORMAT = 2  # bump when the cached JSON's meaning changes (2: `dot`, measured on AVX512-BF16 CPUs)
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,8 @@ class CpuPlan:
     linear: dict[str, RowPlan] = field(default_factory=dict)  # "NxK" weight shape -> plan over rows
     expert: RowPlan | None = None  # one expert's SwiGLU MLP, over its group's rows
     decode: RowPlan | None = None  # a whole decode step: "native" calls or "eager" ops, over sequences
+    # The native GEMM tiles for bf16 weights, over rows of x (AVX512-BF16 CPUs, bf16 models; else None)
+    dot: RowPlan | None = None
     # Prompt tokens per step (`engine.prefill_chunk: auto`), measured on the loaded model; None (and in plan
     # files written before it existed): measured at the next engine start.
     prefill: ChunkPlan | None = None
@@ -98,13 +106,33 @@ class CpuPlan:
     def describe(self) -> str:
         """One line per op: which implementation runs up to how many rows."""
         lines = [f"machine: {self.machine}"]
-        for name, plan in [*(("linear " + k, p) for k, p in self.linear.items()), ("expert", self.expert),
-                           ("decode step", self.decode)]:
+        for name, plan in [("native bf16 tiles", self.dot), *(("linear " + k, p) for k, p in self.linear.items()),
+                           ("expert", self.expert), ("decode step", self.decode)]:
             if plan is not None:
                 lines.append(f"{name}: " + ", ".join(ranges(plan)))
         if self.prefill is not None:
             lines.append(f"prefill chunk: {self.prefill.summary()}")
         return "\n".join(lines)
+
+
+def dot_min_rows(plan: RowPlan | None) -> int:
+    """The fewest rows from which the `vdpbf16ps` tiles run (0: never): where the buckets that chose
+    "bf16dp" run on to the last one. A bucket of AVX2 between them keeps the AVX2 tiles below it: the
+    kernels take one switch point, and the rows past the last bucket follow the last choice.
+
+    >>> p = RowPlan((1, 2, 4, 8, 16, 32, 64), ("avx2", "avx2", "bf16dp", "avx2", "bf16dp", "bf16dp", "bf16dp"))
+    >>> dot_min_rows(p), dot_min_rows(RowPlan((1, 2), ("avx2", "avx2"))), dot_min_rows(None)
+    (9, 0, 0)
+    """
+    if plan is None:
+        return 0
+    rows = 0
+    for lo, choice in zip((0, *plan.bounds), plan.choices, strict=False):
+        if choice != "bf16dp":
+            rows = 0
+        elif rows == 0:
+            rows = lo + 1
+    return rows
 
 
 def shape_key(shape: tuple[int, ...] | torch.Size) -> str:
@@ -229,6 +257,31 @@ def plan_linear(n: int, k: int, dtype: torch.dtype, max_rows: int, native: bool,
     return RowPlan(buckets(max_rows), tuple(choices))
 
 
+def plan_dot_bf16(hidden: int, inter: int, max_rows: int) -> RowPlan:
+    """The faster of the native GEMM's AVX2 and `vdpbf16ps` tiles (kernels/cpu/dot_bf16.h) per bucket of
+    rows, on one expert's bf16 weights (w13 [2 * inter, hidden] then w2 [hidden, inter]: the shapes most of
+    a decode step's bytes have). Needs `cpu.has_avx512_bf16()`; leaves the tiles as it found them."""
+    from moe_runtime.kernels import cpu
+
+    pairs = list(zip(_cold_copies((2 * inter, hidden), torch.bfloat16),
+                     _cold_copies((hidden, inter), torch.bfloat16), strict=False))
+    before = cpu.dot_bf16_rows(0)
+    try:
+        choices = []
+        for rows in buckets(min(max_rows, NATIVE_MAX_ROWS)):
+            x, h = torch.randn(rows, hidden).bfloat16(), torch.randn(rows, inter).bfloat16()
+
+            def run(p, threshold: int, x=x, h=h):
+                cpu.dot_bf16_rows(threshold)
+                cpu.linear(x, p[0]), cpu.linear(h, p[1])
+
+            cands = {"avx2": _Cycle(pairs, lambda p: run(p, 0)), "bf16dp": _Cycle(pairs, lambda p: run(p, 1))}
+            choices.append(pick(best_times(cands), choices[-1] if choices else None))
+    finally:
+        cpu.dot_bf16_rows(before)
+    return RowPlan(buckets(min(max_rows, NATIVE_MAX_ROWS)), tuple(choices))
+
+
 def plan_expert(hidden: int, inter: int, dtype: torch.dtype, max_rows: int, native: bool,
                 weights: str = "none") -> RowPlan:
     """The fastest of native / bf16 / fp32 for one expert's SwiGLU MLP over a group of rows, activations in
@@ -270,7 +323,7 @@ def load_plan(path: Path) -> CpuPlan | None:
         data = json.loads(path.read_text())
         rows = {k: RowPlan(tuple(v["bounds"]), tuple(v["choices"])) for k, v in data["linear"].items()}
         opt = {k: RowPlan(tuple(data[k]["bounds"]), tuple(data[k]["choices"])) if data.get(k) else None
-               for k in ("expert", "decode")}
+               for k in ("expert", "decode", "dot")}
         chunk = data.get("prefill")  # absent from plans cached before it was measured
         prefill = None if not chunk else ChunkPlan(int(chunk["chunk"]), int(chunk["limit"]), tuple(chunk["sizes"]),
                                                    tuple(float(t) for t in chunk["tokens_per_s"]))

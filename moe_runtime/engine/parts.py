@@ -93,21 +93,31 @@ MAX_MEASURED_ROWS = 256
 
 
 def cpu_plan(kernels: KernelChoice, cfg: ModelConfig, dtype: torch.dtype, engine: EngineConfig,
-             formats: WeightFormats = SIXTEEN_BIT) -> CpuPlan | None:
+             formats: WeightFormats = SIXTEEN_BIT, sets_tiles: bool = True) -> CpuPlan | None:
     """The measured plans of the CPU fast path for this model's shapes (None without it): read from the plan
     cache, else measured now (a few seconds) and cached. The decode-step plan is added by `make_forward`.
     formats: the experts' and dense projections' weights (`checkpoint.loader.weight_formats`); int8 ones
-    are measured in int8."""
+    are measured in int8. sets_tiles: this plan measures and sets the native GEMM tiles for the process
+    (`CpuPlan.dot`); a second model in the process (a draft) passes False and runs under the first's."""
     if kernels.linear != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return None
     path = dispatch.cache_file(_plan_dir(engine), dispatch.machine_key(), _model_key(cfg, dtype, engine, formats))
     plan = dispatch.load_plan(path)
     if plan is not None:
+        if sets_tiles:
+            cpu.dot_bf16_rows(dispatch.dot_min_rows(plan.dot))
         log.info("CPU kernel plan (cached, %s):\n%s", path, plan.describe())
         return plan
     t0 = time.perf_counter()
     native = cpu.available()
     rows = min(engine.max_num_batched_tokens, MAX_MEASURED_ROWS)
+    # First the native GEMM's tiles for bf16 weights (AVX2 or AVX512-BF16), set for the process: the native
+    # candidates timed next run with them.
+    dot = None
+    if sets_tiles:
+        if dtype == torch.bfloat16 and cpu.has_avx512_bf16():
+            dot = dispatch.plan_dot_bf16(cfg.hidden_size, cfg.intermediate_size, rows)
+        cpu.dot_bf16_rows(dispatch.dot_min_rows(dot))
     D, H, KVH, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     dense, head = _int8(formats.dense), "none" if cfg.tie_word_embeddings else _int8(formats.dense)
     shapes = {((H + 2 * KVH) * Dh, D, dense): rows, (D, H * Dh, dense): rows,  # q/k/v stacked, o_proj
@@ -119,6 +129,7 @@ def cpu_plan(kernels: KernelChoice, cfg: ModelConfig, dtype: torch.dtype, engine
         linear={dispatch.weight_key((n, k), w): dispatch.plan_linear(n, k, dtype, r, native, w)
                 for (n, k, w), r in shapes.items()},
         expert=dispatch.plan_expert(D, cfg.intermediate_size, dtype, rows, native, _int8(formats.experts)),
+        dot=dot,
     )
     log.info("CPU kernel plan, measured in %.1f s:\n%s", time.perf_counter() - t0, plan.describe())
     dispatch.save_plan(plan, path)

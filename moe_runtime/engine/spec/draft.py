@@ -93,7 +93,7 @@ def load_draft(cfg: RuntimeConfig, target: ModelConfig, num_blocks: int, progres
     load_cfg = cfg.model.model_copy(update={"path": path})
     dtype, device = resolve_dtype(load_cfg.dtype, draft_cfg), resolve_device(load_cfg.device)
     kernels = choose_kernels(load_cfg, device, dtype)
-    plan = cpu_plan(kernels, draft_cfg, dtype, cfg.engine)
+    plan = cpu_plan(kernels, draft_cfg, dtype, cfg.engine, sets_tiles=False)  # the target's tiles stay
     experts = LocalExpertsBuilder(kernels.moe, None if plan is None else plan.expert)
     model = load_weights(path, load_cfg, model_parts(kernels, experts, plan), progress)
     kv = allocate_kv_cache(draft_cfg, num_blocks, cfg.cache.block_size, model.dtype, model.device)
