@@ -5,8 +5,11 @@
 
 Workload (issue 3): prompts of 128 random token ids, 64 new tokens, greedy, `ignore_eos`. Prefill tok/s is
 prompt tokens / time until every request has its first token; decode tok/s is the remaining tokens / the
-remaining time. transformers runs `generate` with its best CPU experts implementation (`grouped_mm`),
-bf16; its prefill time is `generate(max_new_tokens=1)`, its decode time the difference to the full run.
+remaining time. Every run draws fresh prompts: the prefix cache (on by default) would serve a repeated
+prompt without computing it (runs before 2026-12-05 repeated them, so "ours" prefill figures from their
+second round on measured cache hits). transformers runs `generate` with its best CPU experts
+implementation (`grouped_mm`), bf16; its prefill time is `generate(max_new_tokens=1)`, its decode time the
+difference to the full run.
 
 The bandwidth floor: decode is bound by reading weights. Bytes per decode step = the non-expert weights
 plus, per layer, the experts that got at least one token in that step (from our router counts); floor
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import sys
 import time
 from dataclasses import dataclass
@@ -211,27 +215,27 @@ def main() -> None:
     if args.tiles_baseline and not tiles:
         print("--tiles-baseline: the plan runs the AVX2 tiles only on this CPU; nothing to compare", file=sys.stderr)
     rows, quant_rows, tile_rows = [], [], []
+    seeds = itertools.count(1)  # fresh prompts for every run: the prefix cache would serve a repeated one
     for batch in batches:
-        prompts = make_prompts(batch, args.prompt_len, vocab)
         ours, theirs, sixteen, avx2, bandwidth = [], [], [], [], 0.0
         for r in range(args.repeats):
             gc.collect()
             bandwidth = max(bandwidth, read_bandwidth())
-            ours.append(run_ours(engine, prompts, args.new_tokens))
+            ours.append(run_ours(engine, make_prompts(batch, args.prompt_len, vocab, next(seeds)), args.new_tokens))
             _progress(f"batch {batch} round {r + 1}: ours", ours[-1])
             if base is not None:
                 gc.collect()
-                sixteen.append(run_ours(base, prompts, args.new_tokens))
+                sixteen.append(run_ours(base, make_prompts(batch, args.prompt_len, vocab, next(seeds)), args.new_tokens))
                 _progress(f"batch {batch} round {r + 1}: ours, 16-bit experts", sixteen[-1])
             if tiles:
                 gc.collect()
                 cpu.dot_bf16_rows(0)
-                avx2.append(run_ours(engine, prompts, args.new_tokens))
+                avx2.append(run_ours(engine, make_prompts(batch, args.prompt_len, vocab, next(seeds)), args.new_tokens))
                 cpu.dot_bf16_rows(measured_tiles)
                 _progress(f"batch {batch} round {r + 1}: ours, AVX2 tiles", avx2[-1])
             if hf is not None:
                 gc.collect()
-                theirs.append(run_hf(hf, prompts, args.new_tokens))
+                theirs.append(run_hf(hf, make_prompts(batch, args.prompt_len, vocab, next(seeds)), args.new_tokens))
                 _progress(f"batch {batch} round {r + 1}: transformers", theirs[-1])
         rows.append(_row(batch, args, ours, theirs, bandwidth))
         if base is not None:

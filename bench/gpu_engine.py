@@ -157,11 +157,12 @@ def decode(engine, batch: int, args) -> tuple[float, float]:
     return elapsed / args.steps, sum(step_bytes) / len(step_bytes) + context * kv_token
 
 
-def prefill(engine, n: int, length: int) -> tuple[float, float]:
-    """(seconds, model FLOPs) of one step prefilling n prompts of `length` tokens."""
+def prefill(engine, n: int, length: int, seed: int) -> tuple[float, float]:
+    """(seconds, model FLOPs) of one step prefilling n prompts of `length` tokens drawn with `seed`: each call
+    needs its own seed, or the prefix cache (on by default) would serve a repeated prompt without computing it."""
     cfg = engine.model_config
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    for i, p in enumerate(prompts(n, length, cfg.vocab_size, seed=1000 + n)):
+    for i, p in enumerate(prompts(n, length, cfg.vocab_size, seed=seed)):
         engine.add_request(f"p{n}-{i}", p, params)
     t0 = time.perf_counter()
     while engine.has_unfinished():
@@ -200,8 +201,8 @@ def run_model(name: str, graphs: str, args, bw_peak: float, fl_peak: float, bw: 
             rows.append(Row(label, graphs, f"decode B={batch}", batch / step_s, 1e3 * step_s, step_bytes / 1e9,
                             gbs / 1e9, 100 * gbs / bw_peak, 100 * gbs / bw))
             print(_line(rows[-1]), flush=True)
-        prefill(engine, 2, 64)  # warm-up
-        seconds, flops = min((prefill(engine, n, length) for _ in range(2)), key=lambda r: r[0])
+        prefill(engine, 2, 64, seed=999)  # warm-up
+        seconds, flops = min((prefill(engine, n, length, seed=1000 + r) for r in range(2)), key=lambda r: r[0])
         rows.append(Row(label, graphs, f"prefill {n}x{length}", n * length / seconds, 1e3 * seconds, flops / 1e12,
                         flops / seconds / 1e12, 100 * flops / seconds / fl_peak, 100 * flops / seconds / fl))
         print(_line(rows[-1]), flush=True)

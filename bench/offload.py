@@ -64,7 +64,7 @@ def make_engine(path: Path, args, batch: int, offload: list[str]) -> LLMEngine:
     blocks = batch * ((64 + args.tokens) // 16 + 2)  # enough KV for every request at once, no more
     sets = [f"model.path={path}", f"model.device={args.device}", f"model.dtype={args.dtype}",
             f"cache.num_blocks={blocks}", f"engine.max_num_seqs={batch}", f"engine.num_threads={args.threads}",
-            *offload]
+            "cache.prefix_caching=false", *offload]  # every timed run repeats the snippets: compute them each time
     return LLMEngine(load_config(overrides=sets))
 
 
