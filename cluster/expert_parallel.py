@@ -17,6 +17,11 @@ Each pair is computed on exactly one rank and the others add exact zeros, so for
 each token's sum is the local run's single fp32 addition (a + b == b + a) and the rounded result has the
 local run's bits in every dtype, unless an expert is replicated: its GEMM then runs on fewer rows and may
 be blocked differently (or cross the torch backend's 16-bit upcast threshold), within the dtype's tolerance.
+
+Quantized experts (`model.quantization`: int8, fp8; or an FP8 checkpoint's own): each rank holds its experts
+in 8 bits with their row scales (`QuantizedShardedExperts`), quantized at load as the local engine does and
+read again, quantized, when a new placement brings an expert: the same values on every rank as in the
+local engine's `QuantizedLocalExperts`, so the same sums.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from moe_runtime.cluster.placement import Placement
 from moe_runtime.cluster.rank_group import CudaEventClock, HostClock, RankGroup
 from moe_runtime.config import ModelConfig
 from moe_runtime.kernels import RoutingResult, fused_moe_fp32
+from moe_runtime.kernels.quant import SCHEMES, QuantizedWeight, keep_dtypes, new_weight, weight_bytes
 from moe_runtime.model.experts import Experts
 
 # T tokens, A activated (top-k), D hidden, I intermediate, S_r expert slots on this rank
@@ -55,8 +61,17 @@ class ShardedExperts(Experts):
         self.layout = layout_of(cfg)  # the checkpoint's expert names, for `hold`
         num_local = len(placement.local_experts(rank, layer))
         D, I = cfg.hidden_size, cfg.intermediate_size
-        self.w13 = nn.Parameter(torch.empty(num_local, 2 * I, D), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_local, D, I), requires_grad=False)
+        self._set_stacks(torch.empty(num_local, 2 * I, D), torch.empty(num_local, D, I))
+
+    def _set_stacks(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        """Hold w13 [S_r, 2I, D] and w2 [S_r, D, I] as this rank's experts."""
+        self.w13 = nn.Parameter(w13, requires_grad=False)
+        self.w2 = nn.Parameter(w2, requires_grad=False)
+
+    def _new_stacks(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Empty stacks for n experts in this rank's format, dtype and device."""
+        return (torch.empty(n, *self.w13.shape[1:], dtype=self.w13.dtype, device=self.w13.device),
+                torch.empty(n, *self.w2.shape[1:], dtype=self.w2.dtype, device=self.w2.device))
 
     def held_experts(self) -> list[int]:
         return self.placement.local_experts(self.rank, self.layer)
@@ -92,20 +107,61 @@ class ShardedExperts(Experts):
         slots), the others are read through `reader` (the checkpoint's expert tensors)."""
         held = {e: s for s, e in enumerate(self.held_experts())}
         want = placement.local_experts(self.rank, self.layer)
-        w13 = torch.empty(len(want), *self.w13.shape[1:], dtype=self.w13.dtype, device=self.w13.device)
-        w2 = torch.empty(len(want), *self.w2.shape[1:], dtype=self.w2.dtype, device=self.w2.device)
+        w13, w2 = self._new_stacks(len(want))  # [S_r, 2I, D], [S_r, D, I]
+        # as the loader: 16-bit stacks get the tensor converted to their dtype on their device; quantized
+        # ones get it quantized per row (an FP8 checkpoint's values as they are)
+        read = reader.read_weight if isinstance(w13, QuantizedWeight) else reader.copy_into
         for slot, e in enumerate(want):
             if e in held:
-                w13[slot], w2[slot] = self.w13[held[e]], self.w2[held[e]]
+                w13[slot].copy_(self.w13[held[e]])
+                w2[slot].copy_(self.w2[held[e]])
             else:
-                self.layout.read_expert(reader.copy_into, self.layer, e, w13[slot], w2[slot])
-        self.w13 = nn.Parameter(w13, requires_grad=False)  # [S_r, 2I, D]
-        self.w2 = nn.Parameter(w2, requires_grad=False)  # [S_r, D, I]
+                self.layout.read_expert(read, self.layer, e, w13[slot], w2[slot])
+        self._set_stacks(w13, w2)
         self.placement = placement
 
     def expert_bytes(self) -> int:
-        """Bytes of the expert weights this rank holds for this layer."""
-        return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()
+        """Bytes of the expert weights this rank holds for this layer (values and scales)."""
+        return weight_bytes(self.w13) + weight_bytes(self.w2)
+
+
+class QuantizedShardedExperts(ShardedExperts):
+    """`ShardedExperts` in 8 bits (`model.quantization`): w13_data [S_r, 2I, D] and w2_data [S_r, D, I] int8
+    or float8_e4m3fn, w13_scale [S_r, 2I] and w2_scale [S_r, D] fp32, read as `QuantizedWeight`s (as
+    `QuantizedLocalExperts` holds all E), which the fused MoE kernels take where they take 16-bit stacks."""
+
+    def __init__(self, cfg: ModelConfig, placement: Placement, rank: int, layer: int, scheme: str,
+                 group: RankGroup | None = None, backend: str = "auto"):
+        self.scheme = scheme  # before the base class allocates the stacks in it
+        super().__init__(cfg, placement, rank, layer, group, backend)
+
+    def _set_stacks(self, w13: torch.Tensor | QuantizedWeight, w2: torch.Tensor | QuantizedWeight) -> None:
+        if not isinstance(w13, QuantizedWeight):  # the base class's empty 16-bit stacks: their 8-bit form
+            w13, w2 = (new_weight(tuple(w.shape), torch.float32, self.scheme, device=w.device) for w in (w13, w2))
+        self.w13_data = nn.Parameter(w13.data, requires_grad=False)
+        self.w13_scale = nn.Parameter(w13.scale, requires_grad=False)
+        self.w2_data = nn.Parameter(w2.data, requires_grad=False)
+        self.w2_scale = nn.Parameter(w2.scale, requires_grad=False)
+
+    def _new_stacks(self, n: int) -> tuple[QuantizedWeight, QuantizedWeight]:
+        device = self.w13_data.device
+        return (new_weight((n, *self.w13_data.shape[1:]), torch.float32, self.scheme, device=device),
+                new_weight((n, *self.w2_data.shape[1:]), torch.float32, self.scheme, device=device))
+
+    @property
+    def w13(self) -> QuantizedWeight:  # type: ignore[override]
+        return QuantizedWeight(self.w13_data, self.w13_scale)
+
+    @property
+    def w2(self) -> QuantizedWeight:  # type: ignore[override]
+        return QuantizedWeight(self.w2_data, self.w2_scale)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        qdtype = SCHEMES[self.scheme]  # the values stay 8-bit and the scales fp32 through `model.to(dtype)`
+        keep_dtypes(self, {"w13_data": qdtype, "w2_data": qdtype, "w13_scale": torch.float32,
+                           "w2_scale": torch.float32})
+        return self
 
 
 class ShardedExpertsBuilder:
@@ -116,13 +172,21 @@ class ShardedExpertsBuilder:
     """
 
     def __init__(self, placement: Placement, rank: int, group: dist.ProcessGroup | None = None,
-                 backend: str = "auto", clock: HostClock | CudaEventClock | None = None):
-        self.placement, self.rank, self.backend = placement, rank, backend
+                 backend: str = "auto", clock: HostClock | CudaEventClock | None = None, quantization: str = "none"):
+        self.placement, self.rank, self.backend, self.quantization = placement, rank, backend, quantization
         self.clock = clock if clock is not None else HostClock()
         self.group = None if group is None else RankGroup(group, self.clock)
         self.layers: list[ShardedExperts] = []
         self._experts_location: dict[str, str] = {}  # expert tensor name -> file, from the loader
         self._model_dir = ""
+        self._group = group
+
+    def quantized(self, scheme: str) -> ShardedExpertsBuilder:
+        """The same shares with weights in `scheme` (int8, fp8: the loader asks, from `model.quantization`
+        or an FP8 checkpoint's `quantization_config`); this builder itself when it already is."""
+        if scheme == self.quantization:
+            return self
+        return ShardedExpertsBuilder(self.placement, self.rank, self._group, self.backend, self.clock, scheme)
 
     def build(self, cfg: ModelConfig, layer: int) -> Experts:
         if (self.placement.num_layers, self.placement.num_experts) != (cfg.num_hidden_layers, cfg.num_local_experts):
@@ -130,7 +194,11 @@ class ShardedExpertsBuilder:
                 f"placement is {self.placement.num_layers} layers x {self.placement.num_experts} experts, "
                 f"model {cfg.num_hidden_layers} x {cfg.num_local_experts}"
             )
-        experts = ShardedExperts(cfg, self.placement, self.rank, layer, self.group, self.backend)
+        if self.quantization == "none":
+            experts = ShardedExperts(cfg, self.placement, self.rank, layer, self.group, self.backend)
+        else:
+            experts = QuantizedShardedExperts(cfg, self.placement, self.rank, layer, self.quantization, self.group,
+                                              self.backend)
         self.layers.append(experts)
         return experts
 

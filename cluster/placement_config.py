@@ -67,13 +67,15 @@ def build_placement(
 
 
 def resolve_placement(
-    cfg: PlacementConfig, model: ModelConfig, dtype: str = "auto", where: str = "placement"
+    cfg: PlacementConfig, model: ModelConfig, dtype: str = "auto", where: str = "placement",
+    quantization: str = "none",
 ) -> Placement:
     """`build_placement` for `model`'s layers and experts, then `check_memory` against `memory_per_rank`:
-    the one call an executor makes at start-up. dtype: `model.dtype` of the YAML ("auto" = the checkpoint's).
+    the one call an executor makes at start-up. dtype: `model.dtype` of the YAML ("auto" = the checkpoint's);
+    quantization: the experts' format (`checkpoint.loader.weight_formats`).
     """
     plan = build_placement(cfg, model.num_hidden_layers, model.num_local_experts, where)
-    check_memory(plan, model, cfg.memory_per_rank, dtype, where)
+    check_memory(plan, model, cfg.memory_per_rank, dtype, where, quantization)
     return plan
 
 

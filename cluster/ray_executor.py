@@ -32,6 +32,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from moe_runtime.checkpoint.layout import resolve_dtype
+from moe_runtime.checkpoint.loader import weight_formats
 from moe_runtime.cluster.placement import Placement
 from moe_runtime.cluster.placement_config import resolve_placement
 from moe_runtime.cluster.placement_memory import check_memory
@@ -65,7 +66,9 @@ class RayExecutor(Executor):
         self.model_config = ModelConfig.from_pretrained(model_dir)
         dtype = resolve_dtype(cfg.model.dtype, self.model_config)
         self.dtype_name = str(dtype).removeprefix("torch.")  # "bfloat16", as ModelConfig spells dtypes
-        self._placement = resolve_placement(cfg.placement, self.model_config, self.dtype_name)
+        self.experts_format = weight_formats(model_dir, cfg.model).experts  # "none", or int8 / fp8 (8 bits)
+        self._placement = resolve_placement(cfg.placement, self.model_config, self.dtype_name,
+                                            quantization=self.experts_format)
         self.placement_timeout_s = cfg.ray.placement_timeout_s + cfg.ray.collective_timeout_s
         self._expert_bytes: list[int] = []
         self.num_kv_blocks = num_kv_blocks(cfg, self.model_config, dtype, None)  # None: the workers hold it
@@ -143,7 +146,8 @@ class RayExecutor(Executor):
                 f"placement: {placement.num_layers} layers x {placement.num_experts} experts; the model has "
                 f"{cfg.num_hidden_layers} x {cfg.num_local_experts}"
             )
-        check_memory(placement, cfg, self.cfg.placement.memory_per_rank, self.dtype_name)
+        check_memory(placement, cfg, self.cfg.placement.memory_per_rank, self.dtype_name,
+                     quantization=self.experts_format)
         refs = [w.apply_placement.remote(placement) for w in self.workers]
         self._expert_bytes = self._get(refs, self.placement_timeout_s)
         self._placement, self._shares = placement, placement.rank_shares()

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from moe_runtime.checkpoint.layout import resolve_dtype
-from moe_runtime.checkpoint.loader import load_model, read_config, resolve_device
+from moe_runtime.checkpoint.loader import load_model, read_config, resolve_device, weight_formats
 from moe_runtime.cluster.expert_parallel import ShardedExpertsBuilder
 from moe_runtime.cluster.placement import Placement
 from moe_runtime.cluster.rank_group import clock_for
@@ -79,11 +79,15 @@ class ExpertWorker:
         dtype = resolve_dtype(m.dtype, model_cfg)
         device = resolve_device(m.device)
         kernels = choose_kernels(m, device, dtype)
-        plan = cpu_plan(kernels, model_cfg, dtype, self.cfg.engine)  # the local engine's measured plan
+        formats = weight_formats(self.model_dir, m)  # 8-bit experts / dense projections, as the local engine
+        plan = cpu_plan(kernels, model_cfg, dtype, self.cfg.engine, formats)  # the local engine's measured plan
         # the replicated weights and only this rank's experts (never the whole model)
+        # built in the experts' format, so that the loader's `quantized` keeps this builder (the one `apply`
+        # and `expert_bytes` ask)
         self.experts = ShardedExpertsBuilder(self.placement, self.rank, dist.group.WORLD, kernels.moe,
-                                             clock_for(device))
-        model = load_model(self.model_dir, m.dtype, m.device, parts=model_parts(kernels, self.experts, plan))
+                                             clock_for(device), formats.experts)
+        model = load_model(self.model_dir, m.dtype, m.device, parts=model_parts(kernels, self.experts, plan),
+                           quantization=m.quantization, quantize_dense=m.quantize_dense)
         kv = allocate_kv_cache(
             model.config, num_kv_blocks, self.cfg.cache.block_size, model.dtype, model.device
         )

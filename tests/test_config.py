@@ -82,8 +82,6 @@ YAML_ERRORS = (
     ("executor: slurm\n", r"executor='slurm': Input should be 'local' or 'ray'"),
     ("executor: ray\noffload:\n  enabled: true\n  resident_experts_per_layer: 4\n",
      r"executor='ray' with offload\.enabled=true is not supported"),
-    ("executor: ray\nmodel:\n  quantization: int8\n",
-     r"executor='ray' with model\.quantization='int8' / quantize_dense=False is not supported yet"),
     ("- a\n- b\n", r"top level must be a mapping of sections, got list"),
     ("engine: [\n", r"not valid YAML \(expected the node content, but found '<stream end>' at line 2, column 1"),
     ("cache:\n  memory_bytes: lots\n", r"cache\.memory_bytes='lots': expected bytes as an integer or with a unit"),

@@ -76,7 +76,7 @@ def load_weights(model_dir: str | Path, cfg: ModelLoadConfig, parts: ModelParts,
 def quantized_parts(parts: ModelParts, scheme: str, dense: bool = False) -> ModelParts:
     """`parts` with its experts' weights in `scheme` ("none": unchanged), and with `dense`
     (`model.quantize_dense`) its dense projections too. The experts builder must know how
-    (`LocalExpertsBuilder.quantized`); offloaded and expert-parallel experts do not yet: a `ConfigError`."""
+    (`quantized`: local, offloaded and expert-parallel experts do); one that does not: a `ConfigError`."""
     if dense and scheme == "none":
         raise ConfigError("model.quantize_dense=true needs 8-bit experts to take the format from: set "
                           "model.quantization to one of ['int8', 'fp8'] (or load an FP8 checkpoint), or "
@@ -87,8 +87,8 @@ def quantized_parts(parts: ModelParts, scheme: str, dense: bool = False) -> Mode
     quantized = getattr(parts.experts, "quantized", None)
     if quantized is None:
         raise ConfigError(
-            f"model.quantization={scheme!r} is not supported with {type(parts.experts).__name__} yet (offloaded "
-            "or expert-parallel experts); allowed there: ['none']"
+            f"model.quantization={scheme!r} is not supported with {type(parts.experts).__name__} yet; allowed "
+            "there: ['none']"
         )
     return dataclasses.replace(parts, experts=quantized(scheme))
 

@@ -49,12 +49,6 @@ class RuntimeConfig(Section):
                 f"executor='ray' with speculative.method={self.speculative.method!r} is not supported yet: the "
                 "Ray workers run no proposer; allowed: speculative.method: none with executor: ray"
             )
-        if self.executor == "ray" and (self.model.quantization != "none" or self.model.quantize_dense):
-            raise ValueError(
-                f"executor='ray' with model.quantization={self.model.quantization!r} / quantize_dense="
-                f"{self.model.quantize_dense} is not supported yet: the Ray workers' sharded experts are 16-bit; "
-                "allowed: model.quantization: none and quantize_dense: false with executor: ray"
-            )
         if self.model.load_format == "dummy" and (self.offload.enabled or self.executor == "ray"):
             raise ValueError(
                 "model.load_format='dummy' reads no checkpoint, but offloading and the Ray workers read experts "

@@ -15,14 +15,16 @@ import torch
 import torch.multiprocessing as mp
 from expert_parallel_ranks import forward, free_port, run_rank
 
+from moe_runtime.checkpoint.layout import expert_bytes
 from moe_runtime.checkpoint.loader import load_model
 from moe_runtime.cluster import expert_parallel
-from moe_runtime.cluster.expert_parallel import ShardedExperts, ShardedExpertsBuilder
+from moe_runtime.cluster.expert_parallel import QuantizedShardedExperts, ShardedExperts, ShardedExpertsBuilder
 from moe_runtime.cluster.placement import Placement
 from moe_runtime.cluster.placement_config import build_placement
 from moe_runtime.cluster.planner import round_robin
 from moe_runtime.config import ModelConfig, PlacementConfig
 from moe_runtime.kernels import fused_moe, route
+from moe_runtime.kernels.quant import SCHEMES, quantize
 from moe_runtime.model.parts import ModelParts
 
 E, D, I = 6, 32, 48  # noqa: E741  experts, hidden, intermediate
@@ -60,6 +62,31 @@ def test_ranks_sum_to_local(name, placement, T, dtype):
         assert torch.equal(total.to(dtype), expected)  # bf16 too: one rounding after the fp32 sum
     else:
         torch.testing.assert_close(total.to(dtype), expected)  # dtype's default tolerances
+
+
+@pytest.mark.parametrize("scheme", ("int8", "fp8"))
+@pytest.mark.parametrize("name, placement", PLACEMENTS, ids=[p[0] for p in PLACEMENTS])
+def test_quantized_ranks_sum_to_local(name, placement, scheme):
+    """8-bit shares (`QuantizedShardedExperts`) sum to the local fused MoE over the same quantized stacks."""
+    g = torch.Generator().manual_seed(5)
+    T = 17
+    x = torch.randn(T, D, generator=g) / 10
+    w13 = quantize(torch.randn(E, 2 * I, D, generator=g) / 10, scheme)
+    w2 = quantize(torch.randn(E, D, I, generator=g) / 10, scheme)
+    routing = route(torch.randn(T, E, generator=g), top_k=2)
+    expected = fused_moe(x, w13, w2, routing, backend="torch")  # [T, D]
+    total = torch.zeros(T, D)
+    for rank in range(placement.workers):
+        local = placement.local_experts(rank, 0)
+        experts = QuantizedShardedExperts(CFG, placement, rank, 0, scheme, backend="torch")
+        assert experts.w13.dtype == SCHEMES[scheme] and experts.w13.shape == (len(local), 2 * I, D)
+        experts.w13.copy_(w13[local])
+        experts.w2.copy_(w2[local])
+        total += experts.share(x, routing)
+    if int(placement.replica_counts().max()) == 1:
+        assert torch.equal(total, expected)
+    else:
+        torch.testing.assert_close(total, expected)
 
 
 def test_placement_must_match_the_model():
@@ -115,6 +142,34 @@ def test_a_rank_loads_only_its_experts_and_re_places_them(tiny_model_dir):
     builder.apply(moved)
     check(moved)
     assert [b.block_sparse_moe.experts.w13.shape[0] for b in model.layers] == [4] * cfg.num_hidden_layers
+
+
+@pytest.mark.parametrize("scheme", ("int8", "fp8"))
+def test_a_rank_loads_only_its_experts_quantized_and_re_places_them(tiny_model_dir, scheme):
+    """As above with `model.quantization`: the rank's experts are the local quantized model's rows of them
+    (values and scales), before and after a new placement reads some again, and take their 8-bit bytes."""
+    full = load_model(tiny_model_dir, "float32", "cpu", quantization=scheme)
+    cfg = full.config
+    placement = build_placement(PlacementConfig(workers=2, replicas={"*": {3: [0]}}), cfg.num_hidden_layers,
+                                cfg.num_local_experts)
+    builder = ShardedExpertsBuilder(placement, 1, quantization=scheme)
+    model = load_model(tiny_model_dir, "float32", "cpu", parts=ModelParts(experts=builder), quantization=scheme)
+
+    def check(placement):
+        for layer, (got, want) in enumerate(zip(model.layers, full.layers, strict=True)):
+            local = placement.local_experts(1, layer)
+            got, want = got.block_sparse_moe.experts, want.block_sparse_moe.experts
+            assert isinstance(got, QuantizedShardedExperts)
+            for a, b in ((got.w13, want.w13[local]), (got.w2, want.w2[local])):
+                assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8))
+                assert torch.equal(a.scale, b.scale)
+        copies = sum(len(placement.local_experts(1, layer)) for layer in range(cfg.num_hidden_layers))
+        assert builder.expert_bytes() == copies * expert_bytes(cfg, "float32", scheme)
+
+    check(placement)
+    moved = round_robin(cfg.num_hidden_layers, cfg.num_local_experts, 2)  # keeps some, reads the others
+    builder.apply(moved)
+    check(moved)
 
 
 def test_doctests():

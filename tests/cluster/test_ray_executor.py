@@ -161,6 +161,35 @@ def test_cancel_during_start_up_gives_the_bundles_back(cluster, tiny_model_dir, 
     assert ours and all(pg["state"] == "REMOVED" for pg in ours.values())
 
 
+@pytest.mark.parametrize("scheme", ["int8"])
+def test_quantized_experts_on_ray_workers_equal_the_local_quantized_engine(cluster, tiny_model_dir, scheme):
+    """Each worker holds its experts in 8 bits (half the bytes and the row scales), gives the local int8
+    engine's greedy tokens, and keeps them through a rebalance that reads experts again, quantized."""
+    from moe_runtime.cluster.ray_executor import RayExecutor
+
+    base = [f"model.path={tiny_model_dir}", f"model.quantization={scheme}"]
+    local = LLMEngine(load_config(overrides=[*base, "engine.seed=0", "cache.num_blocks=64"]))
+    expected = [out.token_ids for out in local.generate(list(PROMPTS), GREEDY)]
+    cfg = load_config(overrides=[*base, *SETS])
+    executor = RayExecutor(cfg, str(tiny_model_dir))
+    try:
+        engine = LLMEngine(cfg, executor=executor)
+        model = executor.model_config
+        per_expert = expert_bytes(model, "auto", scheme)
+        assert per_expert < expert_bytes(model, "auto") / 2  # fp32 tiny: a quarter, plus the scales
+        copies = executor.placement.experts_per_rank().sum(dim=0).tolist()
+        assert executor.expert_bytes() == [c * per_expert for c in copies]
+        assert [out.token_ids for out in engine.generate(list(PROMPTS), GREEDY)] == expected
+        load = torch.rand(model.num_hidden_layers, model.num_local_experts, generator=torch.Generator().manual_seed(2))
+        plan, _ = plan_placement(load**4, workers=2, redundant=3)
+        assert plan != executor.placement
+        executor.apply_placement(plan)
+        assert executor.expert_bytes() == [c * per_expert for c in plan.experts_per_rank().sum(dim=0).tolist()]
+        assert [out.token_ids for out in engine.generate(list(PROMPTS), GREEDY)] == expected
+    finally:
+        executor.shutdown()
+
+
 def test_killed_worker_fails_fast_and_restart_recovers(ray_engine, tiny_model_dir):
     executor = ray_engine.executor
     before = [out.token_ids for out in ray_engine.generate(list(PROMPTS[:2]), GREEDY)]
