@@ -54,6 +54,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--dtype", default="auto", help="weight dtype for the memory check (default: the model's)"
     )
+    parser.add_argument(
+        "--quantization", default="none", choices=["none", "int8", "fp8"],
+        help="the experts' format for the memory check (model.quantization; default: 16-bit experts)",
+    )
     parser.set_defaults(run=run)
     return parser
 
@@ -77,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         )
     plan, report = plan_placement(load, args.workers, args.redundant, num_nodes=args.nodes)
     if model is not None:
-        check_memory(plan, model, budget, args.dtype, where=f"{args.output}: placement")
+        check_memory(plan, model, budget, args.dtype, where=f"{args.output}: placement",
+                     quantization=args.quantization)
     header = (
         f"# moe-runtime plan-placement --stats {args.stats} --workers {args.workers} --nodes {args.nodes} "
         f"--redundant {args.redundant}\n"
@@ -97,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print("expert copies per rank:", plan.experts_per_rank().sum(dim=0).tolist())
     if model is not None:
-        print("weight GiB per rank:", [round(b / 2**30, 2) for b in rank_bytes(plan, model, args.dtype)])
+        print("weight GiB per rank:", [round(b / 2**30, 2) for b in rank_bytes(plan, model, args.dtype, args.quantization)])
     return 0
 
 

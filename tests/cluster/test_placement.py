@@ -144,6 +144,20 @@ def test_memory_budget(mixtral):
         check_memory(plan, mixtral, budget=max(used) - 1)
 
 
+def test_memory_budget_with_8bit_experts(mixtral):
+    """int8 experts: one byte per weight plus an fp32 scale per row, so a Mixtral-8x7B placement on 4 ranks
+    that needs ~26 GiB a rank in bf16 fits in 16 GiB a rank; the error names the format."""
+    plan = build_placement(PlacementConfig(workers=4), 32, 8)
+    int8 = expert_bytes(mixtral, "auto", "int8")
+    assert int8 == 3 * 4096 * 14336 + 4 * (2 * 14336 + 4096)  # values + scales of w13 [2I, D] and w2 [D, I]
+    sixteen, eight = rank_bytes(plan, mixtral), rank_bytes(plan, mixtral, quantization="int8")
+    assert [a - b for a, b in zip(sixteen, eight, strict=True)] == [64 * (expert_bytes(mixtral, "auto") - int8)] * 4
+    assert max(sixteen) > 16 * 2**30 > max(eight)
+    check_memory(plan, mixtral, budget=16 * 2**30, quantization="int8")
+    with pytest.raises(ConfigError, match=rf"64 expert copies of {int8} bytes in int8 plus"):
+        check_memory(plan, mixtral, budget=max(eight) - 1, quantization="int8")
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_examples_load_and_fit(path, mixtral):
     cfg = load_config(path)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from moe_runtime.cluster import planner
 from moe_runtime.cluster.expert_load import rank_loads
 from moe_runtime.cluster.placement_config import placement_from_yaml
+from moe_runtime.cluster.placement_memory import rank_bytes
 from moe_runtime.cluster.planner import (
     balanced_packing,
     plan_placement,
@@ -332,6 +333,11 @@ def test_cli_memory_check(tmp_path, tiny_model_dir):
     assert load_config(tmp_path / "p.yaml").placement.memory_per_rank == 2**30
     with pytest.raises(ConfigError, match="memory_per_rank=1 "):
         _run([*argv, "--memory-per-rank", "1"])
+    plan = placement_from_yaml(tmp_path / "p.yaml", num_layers=num_layers, num_experts=num_experts)
+    sixteen = [*argv, "--memory-per-rank", str(max(rank_bytes(plan, model)) - 1)]
+    with pytest.raises(ConfigError, match="memory_per_rank="):
+        _run(sixteen)  # 16-bit experts do not fit one byte under their need
+    assert _run([*sixteen, "--quantization", "int8"]) == 0  # 8-bit ones do
 
 
 def test_cli_errors(tmp_path):
