@@ -168,6 +168,10 @@ class OffloadConfig(Section):
     prefetch_experts: int | None = Field(default=None, gt=0)  # guesses per layer; None: num_experts_per_tok
     miss: Literal["fetch", "host_compute", "auto"] = "auto"  # auto: per expert, by the calibrated cost model
     host_tier: Literal["pinned", "mmap"] = "pinned"
+    # mmap tier with 8-bit experts of a 16-bit checkpoint: where the spill file of every expert quantized
+    # once lives (offload/spill.py; one per checkpoint and scheme, ~half the experts' 16-bit bytes, built at
+    # the first start); None: ~/.cache/moe-runtime/quantized-experts
+    spill_dir: str | None = None
 
     @model_validator(mode="after")
     def _one_budget(self) -> OffloadConfig:

@@ -64,7 +64,7 @@ class OffloadedExpertsBuilder:
         reader = SafetensorsReader(model_dir, {n: f for n, f in location.items() if layout.is_expert_tensor(n)})
         assert all(n in reader.locations for n in layout.expert_names(cfg.moe_layers[-1], cfg.num_local_experts - 1))
         if self.offload.host_tier == "mmap":
-            tier = MmapTier(reader, cfg, dtype, self.quantization)
+            tier = MmapTier(reader, cfg, dtype, self.quantization, self.offload.spill_dir)
         else:
             tier = PinnedTier(reader, cfg, dtype, pin=device.type == "cuda", scheme=self.quantization)
             reader.close()

@@ -7,7 +7,9 @@ CPU-only host keeps only the device slots in memory. Both can also run experts o
 
 With quantized experts (`model.quantization`) both tiers hand out 8-bit experts with their scales
 (`kernels.quant.QuantizedWeight`): `PinnedTier` holds them quantized (half the host memory of bf16),
-`MmapTier` quantizes each expert as it reads the 16-bit checkpoint. Bytes moved are the quantized bytes.
+`MmapTier` reads them from a spill file that holds every expert quantized once (offload/spill.py; without
+one, where it cannot be written, it quantizes each expert as it reads the 16-bit checkpoint). Bytes moved
+are the quantized bytes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from moe_runtime.checkpoint.layout import layout_of
 from moe_runtime.checkpoint.reader import SafetensorsReader
 from moe_runtime.config import ModelConfig
 from moe_runtime.kernels.quant import new_weight, weight_bytes
+from moe_runtime.offload.spill import open_spill
 
 # E experts, I intermediate, D hidden, T tokens, n experts asked for
 
@@ -68,15 +71,23 @@ class PinnedTier:
 
 
 class MmapTier:
-    """Experts stay in the checkpoint files; each request reads them (through the page cache)."""
+    """Experts stay in storage; each request reads them (through the page cache): from the checkpoint files,
+    or, for 8-bit experts of a 16-bit checkpoint, from the quantized spill file (`spill_dir`: where it lives,
+    None: offload/spill.py's default)."""
 
     reads_storage = True
 
-    def __init__(self, reader: SafetensorsReader, cfg: ModelConfig, dtype: torch.dtype, scheme: str = "none"):
+    def __init__(self, reader: SafetensorsReader, cfg: ModelConfig, dtype: torch.dtype, scheme: str = "none",
+                 spill_dir: str | None = None):
         self.reader, self.dtype, self.layout, self.scheme = reader, dtype, layout_of(cfg), scheme
         self.E, self.I, self.D = cfg.num_local_experts, cfg.intermediate_size, cfg.hidden_size
+        first = self.layout.expert_names(cfg.moe_layers[0], 0).gate
+        sixteen_bit = reader.locations[first].dtype.itemsize > 1  # an FP8 checkpoint's experts are read as they are
+        self.spill = open_spill(reader, cfg, scheme, spill_dir) if scheme != "none" and sixteen_bit else None
 
     def _read(self, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor) -> int:
+        if self.spill is not None:
+            return self.spill.read_expert(layer, expert, w13, w2)
         return sum(self.layout.read_expert(self.reader.read_weight, layer, expert, w13, w2))  # bytes read
 
     def copy_into(self, layer: int, expert: int, w13: torch.Tensor, w2: torch.Tensor) -> int:
@@ -103,3 +114,5 @@ class MmapTier:
 
     def close(self) -> None:
         self.reader.close()
+        if self.spill is not None:
+            self.spill.close()

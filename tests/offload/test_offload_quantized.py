@@ -20,9 +20,10 @@ STEPS = 6
 
 @pytest.mark.parametrize("scheme", ("int8", "fp8"))
 @pytest.mark.parametrize("tier,miss", (("pinned", "fetch"), ("mmap", "fetch"), ("pinned", "host_compute")))
-def test_same_tokens_as_all_resident_quantized(tiny_model_dir, greedy, scheme, tier, miss):
+def test_same_tokens_as_all_resident_quantized(tiny_model_dir, greedy, scheme, tier, miss, tmp_path):
     want = greedy(load_model(tiny_model_dir, "bfloat16", "cpu", quantization=scheme), PROMPTS, STEPS)
-    offload = OffloadConfig(enabled=True, resident_experts_per_layer=2, miss=miss, prefetch=False, host_tier=tier)
+    offload = OffloadConfig(enabled=True, resident_experts_per_layer=2, miss=miss, prefetch=False, host_tier=tier,
+                            spill_dir=str(tmp_path))  # mmap: the quantized spill file (offload/spill.py)
     model, store = load_offloaded(tiny_model_dir, offload, dtype="bfloat16", device="cpu", quantization=scheme)
     try:
         assert greedy(model, PROMPTS, STEPS) == want
