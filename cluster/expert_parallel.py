@@ -36,8 +36,8 @@ from moe_runtime.cluster.placement import Placement
 from moe_runtime.cluster.rank_group import CudaEventClock, HostClock, RankGroup
 from moe_runtime.config import ModelConfig
 from moe_runtime.kernels import RoutingResult, fused_moe_fp32
-from moe_runtime.kernels.quant import SCHEMES, QuantizedWeight, keep_dtypes, new_weight, weight_bytes
-from moe_runtime.model.experts import Experts
+from moe_runtime.kernels.quant import QuantizedWeight, new_weight, weight_bytes
+from moe_runtime.model.experts import Experts, QuantizedStacks
 
 # T tokens, A activated (top-k), D hidden, I intermediate, S_r expert slots on this rank
 
@@ -125,10 +125,11 @@ class ShardedExperts(Experts):
         return weight_bytes(self.w13) + weight_bytes(self.w2)
 
 
-class QuantizedShardedExperts(ShardedExperts):
+class QuantizedShardedExperts(QuantizedStacks, ShardedExperts):
     """`ShardedExperts` in 8 bits (`model.quantization`): w13_data [S_r, 2I, D] and w2_data [S_r, D, I] int8
-    or float8_e4m3fn, w13_scale [S_r, 2I] and w2_scale [S_r, D] fp32, read as `QuantizedWeight`s (as
-    `QuantizedLocalExperts` holds all E), which the fused MoE kernels take where they take 16-bit stacks."""
+    or float8_e4m3fn, w13_scale [S_r, 2I] and w2_scale [S_r, D] fp32, read as `QuantizedWeight`s
+    (`QuantizedStacks`, as `QuantizedLocalExperts` holds all E), which the fused MoE kernels take where they
+    take 16-bit stacks."""
 
     def __init__(self, cfg: ModelConfig, placement: Placement, rank: int, layer: int, scheme: str,
                  group: RankGroup | None = None, backend: str = "auto"):
@@ -138,30 +139,12 @@ class QuantizedShardedExperts(ShardedExperts):
     def _set_stacks(self, w13: torch.Tensor | QuantizedWeight, w2: torch.Tensor | QuantizedWeight) -> None:
         if not isinstance(w13, QuantizedWeight):  # the base class's empty 16-bit stacks: their 8-bit form
             w13, w2 = (new_weight(tuple(w.shape), torch.float32, self.scheme, device=w.device) for w in (w13, w2))
-        self.w13_data = nn.Parameter(w13.data, requires_grad=False)
-        self.w13_scale = nn.Parameter(w13.scale, requires_grad=False)
-        self.w2_data = nn.Parameter(w2.data, requires_grad=False)
-        self.w2_scale = nn.Parameter(w2.scale, requires_grad=False)
+        QuantizedStacks._set_stacks(self, w13, w2)
 
     def _new_stacks(self, n: int) -> tuple[QuantizedWeight, QuantizedWeight]:
         device = self.w13_data.device
         return (new_weight((n, *self.w13_data.shape[1:]), torch.float32, self.scheme, device=device),
                 new_weight((n, *self.w2_data.shape[1:]), torch.float32, self.scheme, device=device))
-
-    @property
-    def w13(self) -> QuantizedWeight:  # type: ignore[override]
-        return QuantizedWeight(self.w13_data, self.w13_scale)
-
-    @property
-    def w2(self) -> QuantizedWeight:  # type: ignore[override]
-        return QuantizedWeight(self.w2_data, self.w2_scale)
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        qdtype = SCHEMES[self.scheme]  # the values stay 8-bit and the scales fp32 through `model.to(dtype)`
-        keep_dtypes(self, {"w13_data": qdtype, "w2_data": qdtype, "w13_scale": torch.float32,
-                           "w2_scale": torch.float32})
-        return self
 
 
 class ShardedExpertsBuilder:

@@ -21,7 +21,7 @@ from torch import nn
 from moe_runtime.config import ModelConfig
 from moe_runtime.kernels import RoutingResult, moe_kernel
 from moe_runtime.kernels.cpu.dispatch import RowPlan
-from moe_runtime.kernels.quant import SCHEMES, QuantizedWeight, keep_dtypes
+from moe_runtime.kernels.quant import SCHEMES, QuantizedWeight, keep_dtypes, new_weight
 
 # T tokens, A activated experts (top-k), E experts, S expert slots held here, D hidden, I intermediate
 
@@ -96,7 +96,38 @@ class LocalExperts(Experts):
         return list(range(self.w13.shape[0]))
 
 
-class QuantizedLocalExperts(LocalExperts):
+class QuantizedStacks:
+    """Expert stacks in 8 bits for an `Experts` module: the parameters w13_data [S, 2I, D] and w2_data [S, D, I]
+    (int8 or float8_e4m3fn, `scheme`) with w13_scale [S, 2I] and w2_scale [S, D] fp32, read as the
+    `QuantizedWeight`s `w13` and `w2` (so `w13[slot]` is one expert's, as for 16 bits), and kept in those
+    dtypes through `model.to(dtype)`. Mixed into `QuantizedLocalExperts` and the cluster's
+    `QuantizedShardedExperts`."""
+
+    scheme: str
+
+    def _set_stacks(self, w13: QuantizedWeight, w2: QuantizedWeight) -> None:
+        self.w13_data = nn.Parameter(w13.data, requires_grad=False)
+        self.w13_scale = nn.Parameter(w13.scale, requires_grad=False)
+        self.w2_data = nn.Parameter(w2.data, requires_grad=False)
+        self.w2_scale = nn.Parameter(w2.scale, requires_grad=False)
+
+    @property
+    def w13(self) -> QuantizedWeight:
+        return QuantizedWeight(self.w13_data, self.w13_scale)
+
+    @property
+    def w2(self) -> QuantizedWeight:
+        return QuantizedWeight(self.w2_data, self.w2_scale)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        qdtype = SCHEMES[self.scheme]  # the values stay 8-bit and the scales fp32 through `model.to(dtype)`
+        keep_dtypes(self, {"w13_data": qdtype, "w2_data": qdtype, "w13_scale": torch.float32,
+                           "w2_scale": torch.float32})
+        return self
+
+
+class QuantizedLocalExperts(QuantizedStacks, LocalExperts):
     """All E experts of the layer in this process in 8 bits (`model.quantization`: int8 or fp8), each
     weight row with its fp32 scale beside it (kernels/quant.py), run by the same fused MoE kernel, which
     takes the `QuantizedWeight`s where it takes 16-bit stacks.
@@ -108,29 +139,10 @@ class QuantizedLocalExperts(LocalExperts):
     def __init__(self, cfg: ModelConfig, scheme: str, backend: str = "auto", plan: RowPlan | None = None):
         Experts.__init__(self, cfg.num_local_experts)
         E, D, I = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
-        qdtype = SCHEMES[scheme]
         self.scheme = scheme
-        self.w13_data = nn.Parameter(torch.empty(E, 2 * I, D, dtype=qdtype), requires_grad=False)
-        self.w13_scale = nn.Parameter(torch.empty(E, 2 * I), requires_grad=False)
-        self.w2_data = nn.Parameter(torch.empty(E, D, I, dtype=qdtype), requires_grad=False)
-        self.w2_scale = nn.Parameter(torch.empty(E, D), requires_grad=False)
+        self._set_stacks(new_weight((E, 2 * I, D), torch.float32, scheme), new_weight((E, D, I), torch.float32, scheme))
         self.backend = backend
         self.moe = moe_kernel(backend, plan)
-
-    @property
-    def w13(self) -> QuantizedWeight:  # type: ignore[override]
-        return QuantizedWeight(self.w13_data, self.w13_scale)
-
-    @property
-    def w2(self) -> QuantizedWeight:  # type: ignore[override]
-        return QuantizedWeight(self.w2_data, self.w2_scale)
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        qdtype = SCHEMES[self.scheme]  # the values stay 8-bit and the scales fp32 through `model.to(dtype)`
-        keep_dtypes(self, {"w13_data": qdtype, "w2_data": qdtype, "w13_scale": torch.float32,
-                           "w2_scale": torch.float32})
-        return self
 
 
 class LocalExpertsBuilder:
