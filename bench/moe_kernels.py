@@ -16,9 +16,11 @@ processes hits them alike).
 
 Quantized experts (`--quant none,int8,fp8`, issue 20): for M <= `--quant-max-m` the same inputs (hidden
 states, routing) also run with the experts quantized per row from the same 16-bit weights (`kernels.quant`;
-on CUDA the Triton w8a16 kernels, eager and as a graph; no baselines). Their rows count the quantized bytes
-(8-bit values plus fp32 scales: `quant.expert_nbytes`), so "% HBM roofline" is of the bytes they move, and a
-second table puts them beside the 16-bit kernel at each M: time, speedup, % of the quantized-bytes roofline.
+on CUDA the Triton kernels, eager and as a graph; no baselines): int8 as w8a16, fp8 twice, as w8a16
+(`fp8_w8a16`) and as w8a8 (`fp8_w8a8`: activations quantized per token to fp8, fp8 tensor cores; what the
+engine runs on compute capability >= 8.9). Their rows count the quantized bytes (8-bit values plus fp32
+scales: `quant.expert_nbytes`), so "% HBM roofline" is of the bytes they move, and a second table puts them
+beside the 16-bit kernel at each M: time, speedup, % of the quantized-bytes roofline.
 """
 
 from __future__ import annotations
@@ -113,10 +115,26 @@ def heuristic_tiles(
 
 
 @dataclass(frozen=True)
+class QuantFormat:
+    scheme: str  # how the experts are stored: "none" or a key of quant.SCHEMES
+    label: str  # the tables' "weights" cell
+    activations: str = "16bit"  # CUDA: `activations` of the Triton MoE ("fp8": w8a8)
+
+
+def quant_formats(scheme: str, device: torch.device) -> list[QuantFormat]:
+    """What `--quant scheme` times: fp8 experts on CUDA twice, w8a16 and w8a8 (the kernels refuse fp8 below
+    compute capability 8.9, and those rows are skipped); anything else once (the CPU backends have no
+    w8a8)."""
+    if scheme == "fp8" and device.type == "cuda":
+        return [QuantFormat("fp8", "fp8_w8a16"), QuantFormat("fp8", "fp8_w8a8", activations="fp8")]
+    return [QuantFormat(scheme, scheme)]
+
+
+@dataclass(frozen=True)
 class Row:
     shape: str
     dtype: str  # activations
-    weights: str  # the experts' format: dtype for 16-bit weights, else the quantization scheme
+    weights: str  # the experts' format: dtype for 16-bit weights, else a QuantFormat's label
     M: int
     times_ms: dict[str, float]  # method -> time
     flops: float
@@ -191,8 +209,9 @@ class Timing:
 
 
 def bench_one(shape_name: str, dtype_name: str, M: int, device: torch.device, timing: Timing, weights,
-              quant: str = "none") -> Row:
-    """One row: every method at M tokens. weights: (w13, w2) 16-bit, or QuantizedWeights of `quant`."""
+              fmt: QuantFormat = QuantFormat("none", "none")) -> Row:
+    """One row: every method at M tokens. weights: (w13, w2) 16-bit, or QuantizedWeights of `fmt.scheme`."""
+    quant = fmt.scheme
     s = SHAPES[shape_name]
     dtype = DTYPES[dtype_name]
     w13, w2 = weights
@@ -201,11 +220,11 @@ def bench_one(shape_name: str, dtype_name: str, M: int, device: torch.device, ti
     routing = route(torch.randn(M, s["E"], generator=g).to(device), s["k"])
     active = int(torch.unique(routing.ids).numel())
     elem = hidden.element_size()
-    row = dict(shape=shape_name, dtype=dtype_name, weights=dtype_name if quant == "none" else quant, M=M,
+    row = dict(shape=shape_name, dtype=dtype_name, weights=dtype_name if quant == "none" else fmt.label, M=M,
                flops=6.0 * M * s["k"] * s["H"] * s["I"],
                bytes=float(active * expert_nbytes(s["H"], s["I"], dtype, quant) + 2 * M * s["H"] * elem))
     if quant != "none":
-        return Row(times_ms=time_quantized(hidden, w13, w2, routing, timing), **row)
+        return Row(times_ms=time_quantized(hidden, w13, w2, routing, timing, fmt.activations), **row)
     fns: dict[str, Callable[[], object]] = {
         "ours": lambda: fused_moe(hidden, w13, w2, routing),
         "naive": lambda: naive_loop(hidden, w13, w2, routing),
@@ -228,15 +247,22 @@ def bench_one(shape_name: str, dtype_name: str, M: int, device: torch.device, ti
     return Row(times_ms=times, **row)
 
 
-def time_quantized(hidden: torch.Tensor, q13, q2, routing: RoutingResult, timing: Timing) -> dict[str, float]:
-    """Ours on quantized experts: the engine's backend for them (CUDA: triton's w8a16 kernels, eager and as
-    a graph; CPU: the `cpu` backend when it built, else torch), no baselines."""
+def time_quantized(hidden: torch.Tensor, q13, q2, routing: RoutingResult, timing: Timing,
+                   activations: str = "16bit") -> dict[str, float]:
+    """Ours on quantized experts: the engine's kernels for them (CUDA: the Triton MoE with `activations`,
+    "16bit" = w8a16, "fp8" = w8a8, eager and as a graph; CPU: the `cpu` backend when it built, else torch),
+    no baselines."""
     if hidden.is_cuda:
-        ours = {"ours": lambda: fused_moe(hidden, q13, q2, routing)}
+        from moe_runtime.kernels.triton.fused_moe import fused_moe_triton_fp32
+
+        def run():
+            return fused_moe_triton_fp32(hidden, q13, q2, routing, activations=activations).to(hidden.dtype)
+
+        ours = {"ours": run}
         try:
             ours["ours"]()
         except (RuntimeError, ValueError) as err:  # e.g. fp8 below compute capability 8.9
-            print(f"  {q13.dtype}: skipped ({str(err).splitlines()[0][:100]})")
+            print(f"  {q13.dtype}, activations={activations}: skipped ({str(err).splitlines()[0][:100]})")
             return {}
         return time_cuda(with_graphs(ours, ("ours",)), timing.repeats)
     from moe_runtime.kernels import cpu
@@ -290,7 +316,7 @@ def format_quant_table(rows: list[Row], peak_bw: float | None) -> str:
     """Quantized experts beside the 16-bit kernel, per (shape, M): each format's time in the same mode as
     the 16-bit one (graph replays on CUDA), the 16-bit time over it, and % of the roofline of the bytes it
     moves (8-bit values + scales of the active experts + activations). "" without quantized rows."""
-    schemes = list(dict.fromkeys(r.weights for r in rows if r.weights in SCHEMES))
+    schemes = list(dict.fromkeys(r.weights for r in rows if r.weights != r.dtype))  # quantized rows' labels
     if not schemes:
         return ""
     by_key = {(r.shape, r.M, r.weights): r for r in rows}
@@ -299,7 +325,7 @@ def format_quant_table(rows: list[Row], peak_bw: float | None) -> str:
         head += [f"{q} ms", f"{q} speedup", f"{q} % roofline"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        if r.weights in SCHEMES or not any((r.shape, r.M, q) in by_key for q in schemes):
+        if r.weights != r.dtype or not any((r.shape, r.M, q) in by_key for q in schemes):
             continue
         base_mode = best_mode(r)
         cells = [r.shape, str(r.M), f"{r.times_ms[base_mode]:.3f} ({base_mode})" if base_mode else "-"]
@@ -366,11 +392,12 @@ def main() -> None:
             for q in quants:
                 if q != "none" and M > args.quant_max_m:
                     continue
-                timing = Timing(args.repeats, args.clock)
-                row = bench_one(shape_name, args.dtype, M, device, timing, weights[q], q)
-                rows.append(row)
-                line = format_table([row], peak_bw).splitlines()[2:]
-                print(line[0] if line else f"  {shape_name} M={M} {q}: not measured", flush=True)
+                for fmt in quant_formats(q, device):
+                    timing = Timing(args.repeats, args.clock)
+                    row = bench_one(shape_name, args.dtype, M, device, timing, weights[q], fmt)
+                    rows.append(row)
+                    line = format_table([row], peak_bw).splitlines()[2:]
+                    print(line[0] if line else f"  {shape_name} M={M} {fmt.label}: not measured", flush=True)
         del w13, w2, weights
     table = format_table(rows, peak_bw)
     quant_table = format_quant_table(rows, peak_bw)

@@ -4,6 +4,7 @@
         w[s, n, k] ~= data[s, n, k] * scale[s, n]    (symmetric: no zero point)
     quantize(w[S, N, K] 16/32-bit, scheme) -> QuantizedWeight        scheme: "int8" | "fp8"
     QuantizedWeight.dequantize(dtype) -> [S, N, K] in dtype              (the reference's weights)
+    QuantizedActivations(data[M, K] float8_e4m3fn, scale[M] float32)      (w8a8: one scale per token)
 
 A `QuantizedWeight` goes where a 16-bit w13 [S, 2I, H] or w2 [S, H, I] goes: every MoE backend takes either
 (`kernels.fused_moe`), so the model and the expert store pass weights without knowing their format. One
@@ -86,6 +87,51 @@ class QuantizedWeight:
         """data * scale computed in fp32, rounded once to `dtype`: the weights the quantized model computes
         with, by definition (`reference.fused_moe_reference_fp32` on these is the quantized MoE's oracle)."""
         return (self.data.float() * self.scale.unsqueeze(-1)).to(dtype)
+
+
+# Rows of activations whose max |x| is below this quantize to zeros (w8a8): 448 / max would overflow fp32
+# near 2^-120, and such a row is zero next to any weight it meets.
+MIN_ACT_AMAX = 2.0**-110
+
+
+@dataclass(frozen=True)
+class QuantizedActivations:
+    """Rows of activations in float8_e4m3fn with one fp32 scale per row (per token): the fp8 operand of the
+    w8a8 grouped GEMMs, made by `kernels.triton.quant_act.quantize_activations` and its torch twin
+    `reference.quantize_activations_reference`.
+
+    data:       [M, K] float8_e4m3fn
+    scale:      [M] float32, max_k |x[m, k]| / 448; 0 for a row of zeros (its data is 0: no NaN anywhere)
+    orig_dtype: the dtype the rows were quantized from (fp32 / fp16 / bf16); a GEMM returns results in it
+
+        x[m, k] ~= data[m, k] * scale[m]
+    e4m3 keeps 3 mantissa bits: the error is at most 2^-4 of |x| where |x| >= 2^-6 * scale[m], and at most
+    2^-10 * scale[m] below (e4m3's subnormals).
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    orig_dtype: torch.dtype
+
+    def __post_init__(self):
+        if self.data.dtype != torch.float8_e4m3fn or self.data.dim() != 2:
+            raise ValueError(f"activation data must be float8_e4m3fn [M, K], got {self.data.dtype} "
+                             f"{tuple(self.data.shape)}")
+        if self.scale.dtype != torch.float32 or tuple(self.scale.shape) != tuple(self.data.shape[:1]):
+            raise ValueError(f"activation scale must be float32 [{self.data.shape[0]}] (one per row), got "
+                             f"{self.scale.dtype} {tuple(self.scale.shape)}")
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def dequantize(self) -> torch.Tensor:
+        """data * scale in fp32, [M, K]: the activations a w8a8 GEMM multiplies, by definition."""
+        return self.data.float() * self.scale.unsqueeze(-1)
 
 
 def is_quantized(w: object) -> bool:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moe_runtime.kernels.quant import QuantizedWeight
+from moe_runtime.kernels.quant import MIN_ACT_AMAX, QMAX, QuantizedActivations, QuantizedWeight
 
 
 @dataclass(frozen=True)
@@ -197,3 +197,65 @@ def grouped_gemm2_reference(
         p = pair[slot == s]
         out[p] = F.linear(inter[p].float(), w2[s].float()) * flat_w[p, None]
     return out.view(T, k, H)
+
+
+def quantize_activations_reference(x: torch.Tensor) -> QuantizedActivations:
+    """Per-row (per-token) fp8 quantization: scale = max|x[m, :]| / 448, data = e4m3(x * (448 / max|x[m, :]|)).
+
+    x: [M, K] fp32 / fp16 / bf16. Returns `QuantizedActivations` (data [M, K] float8_e4m3fn, scale [M] fp32,
+    orig_dtype x.dtype). The arithmetic, which `kernels.triton.quant_act` repeats bit for bit: x widened to
+    fp32, the row max (exact), 448 / max and max / 448 IEEE-rounded, one fp32 multiply, clamp to [-448, 448],
+    one rounding to e4m3 (nearest, ties to even). A row of zeros (max under `MIN_ACT_AMAX`) gets data 0 and
+    scale max / 448 (0 for zeros), so nothing divides by zero.
+
+    Example (row 0's max 2 -> 448; 0.3 * 224 = 67.2 lies between the e4m3 values 64 and 72):
+        >>> q = quantize_activations_reference(torch.tensor([[1.0, -2.0, 0.3], [0.0, 0.0, 0.0]]))
+        >>> q.data.float().tolist(), q.scale.tolist()
+        ([[224.0, -448.0, 64.0], [0.0, 0.0, 0.0]], [0.004464285913854837, 0.0])
+    """
+    qmax = QMAX[torch.float8_e4m3fn]
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)  # [M]
+    # tensor / tensor: torch computes `number / tensor` (and, on CUDA, `tensor / number`) as a reciprocal
+    # and a multiply, two roundings instead of one
+    fp8_max = torch.full_like(amax, qmax)  # [M]
+    inv = torch.where(amax >= MIN_ACT_AMAX, fp8_max / amax.clamp_min(MIN_ACT_AMAX), 0.0)  # [M]
+    data = (xf * inv[:, None]).clamp(-qmax, qmax).to(torch.float8_e4m3fn)  # [M, K], rounded once
+    return QuantizedActivations(data=data, scale=amax / fp8_max, orig_dtype=x.dtype)
+
+
+def fused_moe_reference_w8a8_fp32(
+    hidden: torch.Tensor,
+    w13: QuantizedWeight,
+    w2: QuantizedWeight,
+    routing: RoutingResult,
+    slot_map: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """What fp8 experts compute with fp8 activations (w8a8): `fused_moe_reference_fp32`'s contract, with both
+    GEMMs' activations quantized per row.
+
+    hidden [T, H]; w13 [S, 2I, H], w2 [S, H, I] float8_e4m3fn QuantizedWeights; routing ids [T, k]; slot_map
+    [E] or None (-1 = not here). Returns [T, H] float32, not rounded. Per (token, k) pair on slot s:
+        x   = dequantize(quantize(hidden[t]))                             per token, fp32
+        i   = silu(x @ w1[s]^T) * (x @ w3[s]^T), in fp32, rounded to hidden's dtype   (GEMM 1's output)
+        y   = weight[t, k] * dequantize(quantize(i)) @ w2[s]^T           per pair row, fp32
+    with the weights dequantized in fp32 (data * scale, not rounded to 16 bits), and the k rows of a token
+    summed in fp32 in k order. The Triton w8a8 kernels differ from this only in fp32 summation order (and
+    where that order moves GEMM 1's rounded output across an e4m3 rounding boundary).
+    """
+    if not (isinstance(w13, QuantizedWeight) and isinstance(w2, QuantizedWeight)
+            and w13.dtype == w2.dtype == torch.float8_e4m3fn):
+        raise ValueError("w8a8 needs float8_e4m3fn QuantizedWeights for w13 and w2")
+    T, H = hidden.shape
+    x = quantize_activations_reference(hidden).dequantize()  # [T, H] fp32
+    w13f, w2f = w13.dequantize(torch.float32), w2.dequantize(torch.float32)  # [S, 2I, H], [S, H, I]
+    ids = routing.ids.long()  # [T, k]
+    slots = ids if slot_map is None else slot_map.to(ids.device).long()[ids]  # [T, k], -1 = not here
+    pairs = torch.zeros(T, ids.shape[1], H, dtype=torch.float32, device=hidden.device)  # [T, k, H]
+    for s in torch.unique(slots[slots >= 0]).tolist():
+        token_idx, kpos = torch.where(slots == s)
+        gate, up = F.linear(x[token_idx], w13f[s]).chunk(2, dim=-1)  # [n, I] each
+        inter = (F.silu(gate) * up).to(hidden.dtype)  # [n, I], rounded as GEMM 1 stores it
+        y = F.linear(quantize_activations_reference(inter).dequantize(), w2f[s])  # [n, H]
+        pairs[token_idx, kpos] = y * routing.weights[token_idx, kpos, None]
+    return pairs.sum(dim=1)  # [T, H] fp32

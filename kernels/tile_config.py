@@ -31,7 +31,8 @@ TUNED_DIR = Path(__file__).parent / "tuned"
 # commit the kernels/tuned/E=...,N=...,device_name=...,dtype=bf16.json it writes.
 
 # MoeShape.dtype -> the file name's dtype: the activations' for 16/32-bit experts; for 8-bit experts the
-# weight format (kernels/triton/fused_moe.py on QuantizedWeights: 8-bit weights, 16-bit activations)
+# weight format (kernels/triton/fused_moe.py on QuantizedWeights). fp8 experts running w8a8 (fp8 activations,
+# sm_89+) look up the fp8_w8a16 table too: no table of either is tuned yet, and a w8a8 one needs its own key.
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
                 torch.int8: "int8_w8a16", torch.float8_e4m3fn: "fp8_w8a16"}
 

@@ -9,9 +9,17 @@ CUDA graph; `kernels.fused_moe` adds one cast of the fp32 result. Reference:
 grouped GEMMs widen their tiles in registers and apply the scales after the K loop (w8a16), so their decode
 steps are captured like 16-bit ones. Their tiles come from the table of the weight format
 (`dtype=int8_w8a16` / `fp8_w8a16` in `kernels/tuned/`), else the heuristic.
+
+fp8 experts with `activations="fp8"` (w8a8; the `triton` backend picks it on GPUs of compute capability
+>= 8.9, `activations_for`) quantize the activations per token (`quant_act.py`) before each grouped GEMM:
+the hidden states before GEMM 1 and GEMM 1's output, per pair row, before GEMM 2. Both GEMMs then multiply
+fp8 by fp8 on tensor cores and scale by the token's and the weight row's scales. Two more launches (six);
+grids still depend only on shapes. Tiles: the fp8 (w8a16) table, else the heuristic.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -22,6 +30,21 @@ from moe_runtime.kernels.triton.align import align
 from moe_runtime.kernels.triton.combine import combine
 from moe_runtime.kernels.triton.grouped_gemm1 import grouped_gemm1
 from moe_runtime.kernels.triton.grouped_gemm2 import grouped_gemm2
+from moe_runtime.kernels.triton.quant_act import quantize_activations
+
+# `activations` of `fused_moe_triton_fp32`: what fp8 experts multiply their weights with.
+ACTIVATIONS = ("16bit", "fp8")
+
+
+@functools.cache
+def activations_for(device: torch.device, weight_dtype: torch.dtype) -> str:
+    """The `activations` the `triton` backend runs experts stored in `weight_dtype` with on `device`: "fp8"
+    (w8a8) for float8_e4m3fn experts on a GPU with fp8 tensor cores (compute capability >= 8.9), else
+    "16bit" (8-bit experts' tiles widened in registers: w8a16). A property of the device and the weights'
+    format, worked out once per pair (the experts are built before their device is known, on meta)."""
+    if device.type != "cuda" or weight_dtype != torch.float8_e4m3fn:
+        return "16bit"
+    return "fp8" if torch.cuda.get_device_capability(device) >= (8, 9) else "16bit"
 
 
 def fused_moe_triton_fp32(
@@ -31,6 +54,8 @@ def fused_moe_triton_fp32(
     routing: RoutingResult,
     slot_map: torch.Tensor | None = None,
     config: TileConfig | None = None,
+    *,
+    activations: str = "16bit",
 ) -> torch.Tensor:
     """Same contract as `reference.fused_moe_reference_fp32`; config=None looks up the tuned table.
 
@@ -38,6 +63,9 @@ def fused_moe_triton_fp32(
     of one 8-bit format; routing ids [T, k] in [0, E); slot_map: [E] or None.
     Returns [T, H] float32 (fp32 accumulation inside each GEMM, the k rows of each token summed in fp32 by
     the combine, not rounded). `config` fixes the tiles (bench/tune_fused_moe.py times candidates with it).
+    activations: "16bit" (16-bit experts, and 8-bit ones as w8a16), or "fp8" for float8_e4m3fn experts:
+    w8a8, the contract of `reference.fused_moe_reference_w8a8_fp32` instead (GPU: compute capability
+    >= 8.9). The `triton` backend chooses it with `activations_for`.
     """
     T, H = hidden.shape
     S, two_i, _ = w13.shape
@@ -49,6 +77,12 @@ def fused_moe_triton_fp32(
                         f"{type(w2).__name__}")
     if quantized and w2.dtype != w13.dtype:
         raise ValueError(f"w13 ({w13.dtype}) and w2 ({w2.dtype}) must hold the same 8-bit format")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations={activations!r} is not known; allowed: {list(ACTIVATIONS)}")
+    fp8_activations = activations == "fp8"
+    if fp8_activations and w13.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"activations='fp8' (w8a8) needs float8_e4m3fn QuantizedWeights, got {w13.dtype}; "
+                         "int8 and 16-bit experts run with activations='16bit'")
     if T == 0:
         return torch.zeros(T, H, dtype=torch.float32, device=hidden.device)
     k = routing.top_k
@@ -60,6 +94,9 @@ def fused_moe_triton_fp32(
         config = tile_config_for(T, k, shape)
     slots = routing.slots(slot_map)  # [T, k]
     aligned = align(slots, S, config.block_m)
-    inter = grouped_gemm1(hidden, w13, aligned, config)  # [T*k, I]
+    x = quantize_activations(hidden) if fp8_activations else hidden  # [T, H], fp8 with scales [T]
+    inter = grouped_gemm1(x, w13, aligned, config)  # [T*k, I] in hidden's dtype
+    if fp8_activations:
+        inter = quantize_activations(inter)  # per pair row; rows of dropped pairs hold garbage, never read
     rows = grouped_gemm2(inter, w2, aligned, routing.weights, config, zero_dropped=False)  # [T, k, H] fp32
     return combine(rows, slots, torch.float32)  # [T, H]: dropped pairs skipped, k rows summed in fp32

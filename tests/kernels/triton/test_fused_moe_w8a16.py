@@ -18,10 +18,11 @@ from moe_runtime.kernels.quant import QuantizedWeight, quantize
 from moe_runtime.kernels.reference import (
     align_reference,
     fused_moe_reference_fp32,
+    fused_moe_reference_w8a8_fp32,
     grouped_gemm1_reference,
     grouped_gemm2_reference,
 )
-from moe_runtime.kernels.triton.fused_moe import fused_moe_triton_fp32
+from moe_runtime.kernels.triton.fused_moe import activations_for, fused_moe_triton_fp32
 from moe_runtime.kernels.triton.grouped_gemm1 import grouped_gemm1
 from moe_runtime.kernels.triton.grouped_gemm2 import grouped_gemm2
 
@@ -52,6 +53,14 @@ def quantized_inputs(case: MoeCase, dtype: torch.dtype, scheme: str):
 
 def fp32_reference(x, q13: QuantizedWeight, q2: QuantizedWeight) -> torch.Tensor:
     return fused_moe_reference_fp32(x.hidden.float(), q13, q2, x.routing, x.slot_map)
+
+
+def backend_reference(hidden, q13: QuantizedWeight, q2: QuantizedWeight, routing, slot_map=None) -> torch.Tensor:
+    """What the `triton` backend computes for these experts on hidden's device: w8a8 (fp8 activations, its
+    own reference) where it picks them (fp8 experts on compute capability >= 8.9), else w8a16."""
+    if activations_for(hidden.device, q13.dtype) == "fp8":
+        return fused_moe_reference_w8a8_fp32(hidden, q13, q2, routing, slot_map)
+    return fused_moe_reference_fp32(hidden.float(), q13, q2, routing, slot_map)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -93,8 +102,11 @@ def test_triton_backend_runs_8bit_experts_in_its_grouped_gemms(scheme):
     """`moe_backend: triton` with QuantizedWeights is this pipeline (tuned or heuristic tiles), rounded once."""
     x, q13, q2 = quantized_inputs(CASES[2], torch.float16, scheme)
     partial = fused_moe_fp32(x.hidden, q13, q2, x.routing, slot_map=x.slot_map, backend="triton")
-    assert torch.equal(partial, fused_moe_triton_fp32(x.hidden, q13, q2, x.routing, x.slot_map))
-    torch.testing.assert_close(partial, fp32_reference(x, q13, q2), atol=ATOL[torch.float16], rtol=0)
+    activations = activations_for(x.hidden.device, q13.dtype)  # w8a8 for fp8 experts on sm_89+, else w8a16
+    assert torch.equal(partial, fused_moe_triton_fp32(x.hidden, q13, q2, x.routing, x.slot_map,
+                                                      activations=activations))
+    want = backend_reference(x.hidden, q13, q2, x.routing, x.slot_map)
+    torch.testing.assert_close(partial, want, atol=ATOL[torch.float16], rtol=0)
     rounded = fused_moe(x.hidden, q13, q2, x.routing, slot_map=x.slot_map, backend="triton")
     assert torch.equal(rounded, partial.half())
 
@@ -150,7 +162,8 @@ def test_cases_bf16_gpu(case, scheme):
     needs_fp8(scheme)
     x, q13, q2 = quantized_inputs(case, torch.bfloat16, scheme)
     got = fused_moe(x.hidden, q13, q2, x.routing, slot_map=x.slot_map, backend="triton")
-    torch.testing.assert_close(got.float(), fp32_reference(x, q13, q2), atol=2e-2, rtol=0)
+    want = backend_reference(x.hidden, q13, q2, x.routing, x.slot_map)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=0)
 
 
 @pytest.mark.gpu
@@ -163,7 +176,7 @@ def test_mixtral_shapes_bf16_gpu(T, scheme):
     hidden, q13, q2, logits = mixtral_quantized(T, scheme)
     routing = route(logits, MIXTRAL["k"])
     got = fused_moe(hidden, q13, q2, routing)  # auto = triton on CUDA
-    want = fused_moe_reference_fp32(hidden.float(), q13, q2, routing)
+    want = backend_reference(hidden, q13, q2, routing)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=0)
 
 
@@ -186,5 +199,5 @@ def test_cuda_graph_capture_and_replay_gpu(T, scheme):
     static_hidden.copy_(new_hidden)
     static_logits.copy_(new_logits)
     graph.replay()
-    want = fused_moe_reference_fp32(new_hidden.float(), q13, q2, route(new_logits, 2))
+    want = backend_reference(new_hidden, q13, q2, route(new_logits, 2))
     torch.testing.assert_close(static_out.float(), want, atol=2e-2, rtol=0)
