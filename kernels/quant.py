@@ -154,7 +154,18 @@ def keep_dtypes(module: torch.nn.Module, dtypes: dict[str, torch.dtype]) -> None
 @torch.no_grad()
 def quantize_into(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> None:
     """Quantize w [..., N, K] (any float dtype) per row into caller-owned data (int8 or float8_e4m3fn, the
-    same shape) and scale [..., N] float32. The loader uses it to fill an expert slot in place."""
+    same shape) and scale [..., N] float32. The loader uses it to fill an expert slot in place. On CPU
+    tensors the native kernels do it in one pass (kernels/cpu/quant.cpp, the same bits); `quantize_into_torch`
+    is the definition."""
+    from moe_runtime.kernels import cpu
+
+    if not cpu.quantize_into(w, data, scale):
+        quantize_into_torch(w, data, scale)
+
+
+def quantize_into_torch(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> None:
+    """`quantize_into` in torch's ops: per row, scale = amax |w| / qmax (1 for a zero row), data = w / scale
+    rounded to nearest-even (int8) or to e4m3, clamped to +-qmax."""
     qmax = QMAX[data.dtype]
     wf = w.to(device=data.device, dtype=torch.float32)
     absmax = wf.abs().amax(dim=-1)  # [..., N]

@@ -53,6 +53,7 @@ __all__ = [
     "attention_decode",
     "rms_norm",
     "dequantize",
+    "quantize_into",
     "extension",
 ]
 
@@ -254,6 +255,18 @@ def dequantize(w: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     if w.dtype != torch.int8 or not w.data.is_contiguous() or not available():
         return w.dequantize(dtype)
     return extension().dequantize(w.data, w.scale.contiguous(), dtype)
+
+
+def quantize_into(w: torch.Tensor, data: torch.Tensor, scale: torch.Tensor) -> bool:
+    """`kernels.quant.quantize_into` (the same bits) in one native pass over contiguous CPU tensors: w
+    [..., N, K] bf16 / fp16 / fp32 into int8 or float8_e4m3fn `data` and fp32 row scales `scale` [..., N].
+    Returns False, doing nothing, where the native kernels cannot (then torch's ops do it)."""
+    native = (available() and w.device.type == data.device.type == scale.device.type == "cpu"
+              and w.dtype in (torch.bfloat16, torch.float16, torch.float32)
+              and w.is_contiguous() and data.is_contiguous() and scale.is_contiguous())
+    if native:
+        extension().quantize_into(w, data, scale)
+    return native
 
 
 def rms_norm(

@@ -28,6 +28,7 @@ at::Tensor attention_decode(const at::Tensor& x, const at::Tensor& w_qkv, const 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, std::optional<at::Tensor> residual,
                     bool simd);
 at::Tensor dequantize(const at::Tensor& data, const at::Tensor& scale, at::ScalarType dtype, bool simd);
+void quantize_into(const at::Tensor& w, at::Tensor& data, at::Tensor& scale, bool simd);
 
 namespace {
 
@@ -108,6 +109,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("v_cache"), py::arg("slot_mapping"), py::arg("block_tables"), py::arg("context_lens"),
         py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("sliding_window"), py::arg("simd") = true,
         py::arg("s_qkv") = py::none(), py::arg("s_o") = py::none());
+  m.def("quantize_into", &quantize_into, "w [..., N, K] 16-bit or fp32 -> int8 / float8_e4m3fn data with fp32 row "
+        "scales, in place", py::arg("w"), py::arg("data"), py::arg("scale"), py::arg("simd") = true);
   m.def("dequantize", &dequantize, "int8 [..., N, K] times fp32 row scales [..., N], rounded once to dtype",
         py::arg("data"), py::arg("scale"), py::arg("dtype"), py::arg("simd") = true);
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally after residual += x", py::arg("x"), py::arg("w"), py::arg("eps"),

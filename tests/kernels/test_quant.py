@@ -18,7 +18,14 @@ from moe_cases import CASES, make_inputs
 from moe_runtime.kernels import cpu, fused_moe_fp32
 from moe_runtime.kernels.cpu.dispatch import EXPERT_CHOICES, RowPlan, plan_expert
 from moe_runtime.kernels.cpu.moe import CpuMoe
-from moe_runtime.kernels.quant import QMAX, QuantizedWeight, quantize
+from moe_runtime.kernels.quant import (
+    QMAX,
+    SCHEMES,
+    QuantizedWeight,
+    quantize,
+    quantize_into,
+    quantize_into_torch,
+)
 from moe_runtime.kernels.reference import RoutingResult, fused_moe_reference_fp32
 from moe_runtime.kernels.torch_moe import UPCAST_MIN_ROWS
 
@@ -34,6 +41,46 @@ def quantized_inputs(case, dtype, scheme="int8"):
 # ---------------------------------------------------------------------------------------------------------
 # The quantizer
 # ---------------------------------------------------------------------------------------------------------
+@native
+@pytest.mark.parametrize("scheme", ("int8", "fp8"))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16, torch.float32))
+@pytest.mark.parametrize("shape", ((300, 1031), (3, 5, 37), (2, 7), (4, 8)))
+def test_the_native_quantizer_gives_torchs_bits(scheme, dtype, shape):
+    """kernels/cpu/quant.cpp against `quantize_into_torch` (the definition): the same values and scales,
+    bit for bit, for rows of mixed magnitudes, an all-zero row, K with and without a tail of 8."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(shape, generator=g) * torch.rand((*shape[:-1], 1), generator=g) * 30
+    w.view(-1, shape[-1])[1] = 0
+    w = w.to(dtype)
+    qdtype = SCHEMES[scheme]
+    ours, torchs = (torch.empty(shape, dtype=qdtype) for _ in range(2))
+    s_ours, s_torch = (torch.empty(shape[:-1]) for _ in range(2))
+    assert cpu.quantize_into(w, ours, s_ours)
+    quantize_into_torch(w, torchs, s_torch)
+    assert torch.equal(ours.view(torch.uint8), torchs.view(torch.uint8)) and torch.equal(s_ours, s_torch)
+    assert torch.equal(s_ours.view(-1)[1], torch.tensor(1.0))  # a zero row: scale 1, values 0
+
+
+def test_the_quantizer_takes_torchs_ops_where_the_native_one_cannot():
+    w = torch.randn(8, 16)[:, ::2]  # not contiguous
+    data, scale = torch.empty(8, 8, dtype=torch.int8), torch.empty(8)
+    assert not cpu.quantize_into(w, data, scale)
+    quantize_into(w, data, scale)  # through torch's ops
+    ref = quantize(w.contiguous(), "int8")
+    assert torch.equal(data, ref.data) and torch.equal(scale, ref.scale)
+
+
+@native
+def test_the_native_quantizer_names_what_it_refuses():
+    ext = cpu.extension()
+    with pytest.raises(RuntimeError, match="w must be bfloat16, float16 or float32, got Double"):
+        ext.quantize_into(torch.zeros(2, 4, dtype=torch.float64), torch.empty(2, 4, dtype=torch.int8), torch.empty(2))
+    with pytest.raises(RuntimeError, match="data must be contiguous int8 or float8_e4m3fn"):
+        ext.quantize_into(torch.zeros(2, 4), torch.empty(2, 4, dtype=torch.int16), torch.empty(2))
+    with pytest.raises(RuntimeError, match=r"scale must be contiguous float32 \[2\]"):
+        ext.quantize_into(torch.zeros(2, 4), torch.empty(2, 4, dtype=torch.int8), torch.empty(3))
+
+
 @pytest.mark.parametrize("scheme", ("int8", "fp8"))
 def test_round_trip_error_is_bounded_per_row(scheme):
     w = torch.randn(3, 40, 72, generator=torch.Generator().manual_seed(0))
