@@ -15,6 +15,13 @@ rows, chunked fp32 from there).
 On a CPU with AVX512-BF16 (and bf16 weights) "ours" runs the `vdpbf16ps` tiles (kernels/cpu/dot_bf16.h) at
 every row count and a column "ours AVX2" the AVX2 tiles, with their ratio: what the engine's measured plan
 (`moe-runtime info`: "native bf16 tiles") chooses between.
+
+    .venv/bin/python bench/cpu_linear.py --quantization int8 --threads 2 --rows 1,4,16
+
+int8 weights (kernels/quant.py, quantized from the same bf16 weights): "ours int8" runs the native int8
+GEMM, with the `vdpbf16ps` tiles at every row count where the CPU has AVX512-BF16 ("native int8 tiles"),
+beside the same int8 weights on the AVX2 tiles and the bf16 weights on ours (its tiles too) and on torch
+(the torch backend's expert for `expert` rows), each with its ratio to ours int8; GB/s counts int8 bytes.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_runtime.kernels import cpu
+from moe_runtime.kernels.quant import quantize
 from moe_runtime.kernels.torch_moe import _expert_mlp
 
 # name, N, K: mini's (hidden 1024, intermediate 3584, 16 heads x 64, 4 kv heads, vocab 32000)
@@ -82,6 +90,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--inner", type=int, default=5)
     ap.add_argument("--shapes", default=",".join(s[0] for s in SHAPES) + ",expert")
+    ap.add_argument("--quantization", default="none", choices=["none", "int8"],
+                    help="int8: int8 weights on ours (tiles and AVX2) against bf16 (module docstring)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not cpu.available():
@@ -96,6 +106,8 @@ def main() -> None:
     )
     global TILES
     TILES = dtype == torch.bfloat16 and cpu.has_avx512_bf16()
+    if args.quantization == "int8":
+        return int8_tables(args, dtype, bandwidth)
     if TILES:
         print("(this CPU has AVX512-BF16: ours = the vdpbf16ps tiles, ours AVX2 = the AVX2 tiles)\n")
     print(
@@ -150,13 +162,55 @@ def main() -> None:
             _row("expert", M, t, 3 * H * I * 2, bandwidth)
 
 
+def int8_tables(args, dtype: torch.dtype, bandwidth: float) -> None:
+    """The `--quantization int8` table: ours on int8 weights (tiles, AVX2) vs bf16 weights (ours, torch)."""
+    if TILES:
+        print("(this CPU has AVX512-BF16: ours int8 = the vdpbf16ps tiles on int8 weights, int8 AVX2 = the AVX2 "
+              "tiles on them, ours bf16 = the vdpbf16ps tiles on bf16 weights)\n")
+    print("| shape | M | ours int8 ms | int8 AVX2 ms | vs int8 AVX2 | ours bf16 ms | vs ours bf16 | torch bf16 ms "
+          "| vs torch bf16 | int8 GB/s | % of read |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    gen, wanted = torch.Generator().manual_seed(0), args.shapes.split(",")
+    groups = [(name, ((N, K),)) for name, N, K in SHAPES if name in wanted]
+    if "expert" in wanted:
+        groups.append(("expert", ((2 * 3584, 1024), (1024, 3584))))  # mini's w13, w2
+    for name, shapes in groups:
+        n_copies = max(1, COPIES_BYTES // sum(N * K * 2 for N, K in shapes))
+        ws = [tuple((torch.randn(N, K, generator=gen) / 10).to(dtype) for N, K in shapes) for _ in range(n_copies)]
+        qs = [tuple(quantize(w.float(), "int8") for w in group) for group in ws]
+        ours = cpu.expert_mlp if name == "expert" else cpu.linear
+        torch_fn = _expert_mlp if name == "expert" else F.linear
+        for M in map(int, args.rows.split(",")):
+            x = (torch.randn(M, shapes[0][1], generator=gen) / 10).to(dtype)
+            q_ours, q_avx2, w_ours, w_torch = _cycle(qs), _cycle(qs), _cycle(ws), _cycle(ws)
+            t = compare(
+                {
+                    "ours": _tiles(1, lambda x=x, q=q_ours, f=ours: f(x, *q())),
+                    "avx2": _tiles(0, lambda x=x, q=q_avx2, f=ours: f(x, *q())),
+                    "bf16": _tiles(1, lambda x=x, w=w_ours, f=ours: f(x, *w())),
+                    "torch": lambda x=x, w=w_torch, f=torch_fn: f(x, *w()),
+                },
+                args.repeats,
+                args.inner,
+            )
+            gbs = sum(q.nbytes() for q in qs[0]) / t["ours"]
+            print(
+                f"| {name} | {M} | {t['ours'] * 1e3:.3f} | {t['avx2'] * 1e3:.3f} | {t['avx2'] / t['ours']:.2f}x "
+                f"| {t['bf16'] * 1e3:.3f} | {t['bf16'] / t['ours']:.2f}x | {t['torch'] * 1e3:.3f} "
+                f"| {t['torch'] / t['ours']:.2f}x | {gbs / 1e9:.1f} | {100 * gbs / bandwidth:.0f}% |",
+                flush=True,
+            )
+
+
 TILES = False  # whether "ours" runs the AVX512-BF16 tiles, with an AVX2 column beside it (set in main)
 
 
 def _tiles(rows: int, fn):
-    """fn with the native GEMM's AVX512-BF16 tiles from `rows` rows (0: AVX2 tiles only), where the CPU has them."""
+    """fn with the native GEMM's AVX512-BF16 tiles from `rows` rows (0: AVX2 tiles only) for bf16 and int8
+    weights alike, where the CPU has them."""
     def call():
         cpu.dot_bf16_rows(rows)
+        cpu.dot_int8_rows(rows)
         return fn()
 
     return call if TILES else fn

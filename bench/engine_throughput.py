@@ -34,7 +34,8 @@ their ratio (the issue's target: int8 decode at batch 1 >= 1.7x bf16). Bytes per
 
 The native GEMM tiles: on a CPU with AVX512-BF16 the engine's plan picks, per row count, the AVX2 tiles or
 the `vdpbf16ps` ones (kernels/cpu/dot_bf16.h). `--tiles-baseline` runs the same engine a second time per
-round with the AVX2 tiles only, taking turns, and a table gives both and their ratio.
+round with the AVX2 tiles only (for bf16 and int8 weights), taking turns, and a table gives both and their
+ratio.
 """
 
 from __future__ import annotations
@@ -209,9 +210,9 @@ def main() -> None:
         run_ours(base, warm, 4)
     if hf is not None:
         run_hf(hf, warm, 4)
-    measured_tiles = cpu.dot_bf16_rows(0)  # what the engine's plan set (0: AVX2 tiles only)
-    cpu.dot_bf16_rows(measured_tiles)
-    tiles = args.tiles_baseline and measured_tiles > 0
+    measured_tiles = cpu.dot_bf16_rows(0), cpu.dot_int8_rows(0)  # what the plans set (0: AVX2 tiles only)
+    cpu.dot_bf16_rows(measured_tiles[0]), cpu.dot_int8_rows(measured_tiles[1])
+    tiles = args.tiles_baseline and max(measured_tiles) > 0
     if args.tiles_baseline and not tiles:
         print("--tiles-baseline: the plan runs the AVX2 tiles only on this CPU; nothing to compare", file=sys.stderr)
     rows, quant_rows, tile_rows = [], [], []
@@ -229,9 +230,9 @@ def main() -> None:
                 _progress(f"batch {batch} round {r + 1}: ours, 16-bit experts", sixteen[-1])
             if tiles:
                 gc.collect()
-                cpu.dot_bf16_rows(0)
+                cpu.dot_bf16_rows(0), cpu.dot_int8_rows(0)
                 avx2.append(run_ours(engine, make_prompts(batch, args.prompt_len, vocab, next(seeds)), args.new_tokens))
-                cpu.dot_bf16_rows(measured_tiles)
+                cpu.dot_bf16_rows(measured_tiles[0]), cpu.dot_int8_rows(measured_tiles[1])
                 _progress(f"batch {batch} round {r + 1}: ours, AVX2 tiles", avx2[-1])
             if hf is not None:
                 gc.collect()
@@ -248,7 +249,8 @@ def main() -> None:
         _print_versus(quant_rows, label, "16-bit", "quantized vs 16-bit weights, same engine config", args)
     if tiles:
         _print_versus(tile_rows, "measured tiles", "AVX2 tiles",
-                      f"the measured native tiles (vdpbf16ps from {measured_tiles} rows) vs AVX2 only, same engine",
+                      f"the measured native tiles (vdpbf16ps from {measured_tiles[0]} rows for bf16 weights, "
+                      f"{measured_tiles[1]} for int8; 0: never) vs AVX2 only, same engine",
                       args)
 
 

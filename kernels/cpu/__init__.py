@@ -9,7 +9,9 @@
     rms_norm(x[T, D], w[D], eps, residual=None) -> [T, D]                              rms_norm.cpp
 
 All share the GEMM core in gemv.h (small_m_tiles.h for two or more rows, vec.h for the AVX2 basics;
-numerics.h for rounding and SiLU).
+numerics.h for rounding and SiLU). On AVX512-BF16 CPUs, GEMMs of bf16 or int8 weights with bf16-valued x
+take `vdpbf16ps` tiles (dot_bf16.h) from row counts measured on the machine (`dot_bf16_rows`,
+`dot_int8_rows`; dispatch.py).
 
 `linear`, `attention_decode` and the MoE ops also take int8 weights (`kernels.quant.QuantizedWeight`s
 with int8 data: the values widened in registers, fp32 accumulation, each output column times its row's
@@ -45,6 +47,7 @@ __all__ = [
     "available",
     "has_avx512_bf16",
     "dot_bf16_rows",
+    "dot_int8_rows",
     "linear",
     "linear_fp32",
     "expert_mlp",
@@ -122,6 +125,16 @@ def dot_bf16_rows(rows: int) -> int:
     if not has_avx512_bf16():
         return 0
     return extension().set_dot_bf16_min_rows(rows)
+
+
+def dot_int8_rows(rows: int) -> int:
+    """`dot_bf16_rows` for the GEMMs of int8 weights (`QuantizedWeight`s), a switch point of their own: the
+    same AVX512-BF16 tiles, each 32 int8 values widened to bf16 in registers (exact), against bf16 x; the row
+    scale applied after the sum as on the AVX2 path. Measured by dispatch.py `plan_dot_int8`; returns the
+    previous value; a no-op without those kernels."""
+    if not has_avx512_bf16():
+        return 0
+    return extension().set_dot_int8_min_rows(rows)
 
 
 def linear_fp32(x: torch.Tensor, w: torch.Tensor | QuantizedWeight) -> torch.Tensor:

@@ -17,7 +17,9 @@ A `RowPlan` answers "which implementation for n rows": the first bucket bound >=
 The native kernels' GEMMs of bf16 weights have two tile kinds, chosen the same way: the AVX2 ones (each
 weight widened to fp32, then FMA) and, on CPUs with AVX512-BF16, `vdpbf16ps` tiles (kernels/cpu/dot_bf16.h)
 that multiply bf16 pairs without widening. Which wins from how many rows is timed first (`plan_dot_bf16`),
-since every other native timing depends on it.
+since every other native timing depends on it. GEMMs of int8 weights take the same two kinds (the int8
+values widened to bf16 in registers for the `vdpbf16ps` ones) from a switch point of their own, timed on
+the model's int8 expert shapes (`plan_dot_int8`): the widening costs differ, so do the row counts where they win.
 """
 
 from __future__ import annotations
@@ -38,12 +40,12 @@ log = logging.getLogger(__name__)
 
 LINEAR_CHOICES = ("native", "bf16", "fp32")
 EXPERT_CHOICES = ("native", "bf16", "fp32")
-DOT_CHOICES = ("avx2", "bf16dp")  # the native GEMM tiles for bf16 weights (kernels/cpu/dot_bf16.h)
+DOT_CHOICES = ("avx2", "bf16dp")  # the native GEMM tiles for bf16 or int8 weights (kernels/cpu/dot_bf16.h)
 NATIVE_MAX_ROWS = 64  # the native kernels take at most this many rows (kernels/cpu/small_m_tiles.h)
 # A measurement's weights: copies cycled through, at least this many bytes in all, so that small-row GEMMs
 # read them from memory (as in a decode step, which streams every weight once) and not from the caches.
 COLD_BYTES = 96 << 20
-FORMAT = 2  # bump when the cached JSON's meaning changes (2: `dot`, measured on AVX512-BF16 CPUs)
+FORMAT = 3  # bump when the cached JSON's meaning changes (2: `dot` on AVX512-BF16 CPUs; 3: `dot_int8`, `_apart`)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ class CpuPlan:
     decode: RowPlan | None = None  # a whole decode step: "native" calls or "eager" ops, over sequences
     # The native GEMM tiles for bf16 weights, over rows of x (AVX512-BF16 CPUs, bf16 models; else None)
     dot: RowPlan | None = None
+    # The same for int8 weights (bf16 models with int8 experts or dense projections; else None)
+    dot_int8: RowPlan | None = None
     # Prompt tokens per step (`engine.prefill_chunk: auto`), measured on the loaded model; None (and in plan
     # files written before it existed): measured at the next engine start.
     prefill: ChunkPlan | None = None
@@ -106,7 +110,8 @@ class CpuPlan:
     def describe(self) -> str:
         """One line per op: which implementation runs up to how many rows."""
         lines = [f"machine: {self.machine}"]
-        for name, plan in [("native bf16 tiles", self.dot), *(("linear " + k, p) for k, p in self.linear.items()),
+        for name, plan in [("native bf16 tiles", self.dot), ("native int8 tiles", self.dot_int8),
+                           *(("linear " + k, p) for k, p in self.linear.items()),
                            ("expert", self.expert), ("decode step", self.decode)]:
             if plan is not None:
                 lines.append(f"{name}: " + ", ".join(ranges(plan)))
@@ -220,14 +225,31 @@ def pick(times: dict[str, float], previous: str | None) -> str:
 
 
 class _Cycle:
-    """Calls fn(weights) with the next of several weight copies each time."""
+    """Calls fn(weights) with the next of several weight copies each time, from copy `start` + 1 on."""
 
-    def __init__(self, copies: list, fn: Callable):
-        self.copies, self.fn, self.i = copies, fn, 0
+    def __init__(self, copies: list, fn: Callable, start: int = 0):
+        self.copies, self.fn, self.i = copies, fn, start
 
     def __call__(self):
         self.i = (self.i + 1) % len(self.copies)
         return self.fn(self.copies[self.i])
+
+
+def _apart(cands: dict[str, tuple[list, Callable]]) -> dict[str, _Cycle]:
+    """One `_Cycle` per candidate (name -> (copies, fn)), those that cycle through the same copies starting
+    evenly apart. Candidates take turns (`best_times`), and one that reads the copy another has just read
+    finds part of it in the last-level cache: one int8 expert of mini is 11 MB of the Zen 4 EPYC's 32 MB L3,
+    and with both on the same copy the tile plan at 1 row went to whichever candidate ran second, by ~20%,
+    in either order (2 threads, 2026-12-05)."""
+    sharing: dict[int, list[str]] = {}
+    for name, (copies, _) in cands.items():
+        sharing.setdefault(id(copies), []).append(name)
+    out = {}
+    for names in sharing.values():
+        for j, name in enumerate(names):
+            copies, fn = cands[name]
+            out[name] = _Cycle(copies, fn, start=j * len(copies) // len(names))
+    return {name: out[name] for name in cands}
 
 
 def plan_linear(n: int, k: int, dtype: torch.dtype, max_rows: int, native: bool, weights: str = "none") -> RowPlan:
@@ -249,11 +271,11 @@ def plan_linear(n: int, k: int, dtype: torch.dtype, max_rows: int, native: bool,
     choices = []
     for rows in buckets(max_rows):
         x = torch.randn(rows, k).to(dtype)
-        cands = {"bf16": _Cycle(copies, lambda w, x=x: F.linear(x, as_(w, x.dtype))),
-                 "fp32": _Cycle(wide, lambda w, x=x: F.linear(x.float(), as_(w, torch.float32)))}
+        cands = {"bf16": (copies, lambda w, x=x: F.linear(x, as_(w, x.dtype))),
+                 "fp32": (wide, lambda w, x=x: F.linear(x.float(), as_(w, torch.float32)))}
         if native and rows <= NATIVE_MAX_ROWS:
-            cands["native"] = _Cycle(copies, lambda w, x=x: cpu.linear(x, w))
-        choices.append(pick(best_times(cands), choices[-1] if choices else None))
+            cands["native"] = (copies, lambda w, x=x: cpu.linear(x, w))
+        choices.append(pick(best_times(_apart(cands)), choices[-1] if choices else None))
     return RowPlan(buckets(max_rows), tuple(choices))
 
 
@@ -265,20 +287,43 @@ def plan_dot_bf16(hidden: int, inter: int, max_rows: int) -> RowPlan:
 
     pairs = list(zip(_cold_copies((2 * inter, hidden), torch.bfloat16),
                      _cold_copies((hidden, inter), torch.bfloat16), strict=False))
-    before = cpu.dot_bf16_rows(0)
+    return _plan_tiles(pairs, cpu.dot_bf16_rows, max_rows)
+
+
+def plan_dot_int8(shapes: list[tuple[int, int]], max_rows: int) -> RowPlan:
+    """`plan_dot_bf16` for GEMMs of int8 weights (their own switch point, `cpu.dot_int8_rows`), on int8
+    weights of `shapes` [(N, K), ...] run one after the other with bf16 x (the engine passes one int8
+    expert's w13 and w2). Needs `cpu.has_avx512_bf16()`; leaves the tiles as it found them."""
+    from moe_runtime.kernels import cpu
+    from moe_runtime.kernels.quant import quantize
+
+    # as many int8 copies as bf16 ones would be, so twice the bytes-per-copy margin over the caches
+    groups = list(zip(*([quantize(w, "int8") for w in _cold_copies(s, torch.bfloat16)] for s in shapes),
+                      strict=False))
+    return _plan_tiles(groups, cpu.dot_int8_rows, max_rows)
+
+
+def _plan_tiles(groups: list[tuple], set_rows: Callable[[int], int], max_rows: int) -> RowPlan:
+    """Per bucket of rows, the faster of the AVX2 tiles and the `vdpbf16ps` ones (`set_rows`: the switch
+    point of these weights' type, put back as found) on a group of weights [N, K] (copies cycled through,
+    `_apart`), each multiplied by bf16 x [rows, K] in turn."""
+    from moe_runtime.kernels import cpu
+
+    before = set_rows(0)
     try:
         choices = []
         for rows in buckets(min(max_rows, NATIVE_MAX_ROWS)):
-            x, h = torch.randn(rows, hidden).bfloat16(), torch.randn(rows, inter).bfloat16()
+            xs = [torch.randn(rows, w.shape[1]).bfloat16() for w in groups[0]]
 
-            def run(p, threshold: int, x=x, h=h):
-                cpu.dot_bf16_rows(threshold)
-                cpu.linear(x, p[0]), cpu.linear(h, p[1])
+            def run(ws, threshold: int, xs=xs):
+                set_rows(threshold)
+                for x, w in zip(xs, ws, strict=True):
+                    cpu.linear(x, w)
 
-            cands = {"avx2": _Cycle(pairs, lambda p: run(p, 0)), "bf16dp": _Cycle(pairs, lambda p: run(p, 1))}
-            choices.append(pick(best_times(cands), choices[-1] if choices else None))
+            cands = {"avx2": (groups, lambda ws: run(ws, 0)), "bf16dp": (groups, lambda ws: run(ws, 1))}
+            choices.append(pick(best_times(_apart(cands)), choices[-1] if choices else None))
     finally:
-        cpu.dot_bf16_rows(before)
+        set_rows(before)
     return RowPlan(buckets(min(max_rows, NATIVE_MAX_ROWS)), tuple(choices))
 
 
@@ -301,11 +346,11 @@ def plan_expert(hidden: int, inter: int, dtype: torch.dtype, max_rows: int, nati
     choices = []
     for rows in buckets(max_rows):
         x = torch.randn(rows, hidden).to(dtype) / 4
-        cands = {"bf16": _Cycle(pairs, lambda p, x=x: sixteen(x, *p)),
-                 "fp32": _Cycle(pairs, lambda p, x=x: expert_mlp_fp32(x, *p))}
+        cands = {"bf16": (pairs, lambda p, x=x: sixteen(x, *p)),
+                 "fp32": (pairs, lambda p, x=x: expert_mlp_fp32(x, *p))}
         if native and rows <= NATIVE_MAX_ROWS:
-            cands["native"] = _Cycle(pairs, lambda p, x=x: cpu.expert_mlp(x, *p))
-        choices.append(pick(best_times(cands), choices[-1] if choices else None))
+            cands["native"] = (pairs, lambda p, x=x: cpu.expert_mlp(x, *p))
+        choices.append(pick(best_times(_apart(cands)), choices[-1] if choices else None))
     return RowPlan(buckets(max_rows), tuple(choices))
 
 
@@ -323,7 +368,7 @@ def load_plan(path: Path) -> CpuPlan | None:
         data = json.loads(path.read_text())
         rows = {k: RowPlan(tuple(v["bounds"]), tuple(v["choices"])) for k, v in data["linear"].items()}
         opt = {k: RowPlan(tuple(data[k]["bounds"]), tuple(data[k]["choices"])) if data.get(k) else None
-               for k in ("expert", "decode", "dot")}
+               for k in ("expert", "decode", "dot", "dot_int8")}
         chunk = data.get("prefill")  # absent from plans cached before it was measured
         prefill = None if not chunk else ChunkPlan(int(chunk["chunk"]), int(chunk["limit"]), tuple(chunk["sizes"]),
                                                    tuple(float(t) for t in chunk["tokens_per_s"]))

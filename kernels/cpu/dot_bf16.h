@@ -1,18 +1,25 @@
-// Small-M GEMM tiles on AVX512-BF16 (`vdpbf16ps`): y[M, n0:n1] = x[M, K] @ W[n0:n1, K]^T with bf16 x and W,
-// fp32 accumulation, on raw pointers. `gemm` in gemv.h takes this path when the CPU has AVX512-BF16 (Zen 4,
-// Sapphire Rapids and later), x has at least `dot_bf16_min_rows()` rows (0, the default: never) and every
-// x value is a bf16 value (the 16-bit activations of the model's ops are; fp32 ones are not, and keep the
-// AVX2 tiles: rounding them here would add a rounding point the model does not have).
+// Small-M GEMM tiles on AVX512-BF16 (`vdpbf16ps`): y[M, n0:n1] = x[M, K] @ W[n0:n1, K]^T with bf16 x, bf16 or
+// int8 W, fp32 accumulation, on raw pointers. `gemm` in gemv.h takes this path when the CPU has AVX512-BF16
+// (Zen 4, Sapphire Rapids and later), x has at least the weight type's switch point of rows
+// (`dot_bf16_min_rows()` / `dot_int8_min_rows()`; 0, the default: never) and every x value is a bf16 value
+// (the 16-bit activations of the model's ops are; fp32 ones are not, and keep the AVX2 tiles: rounding them
+// here would add a rounding point the model does not have).
 //
-// The row count from which these tiles beat the AVX2 ones is measured on the machine, not assumed
-// (kernels/cpu/dispatch.py `plan_dot_bf16`, cached with the CPU plan, set by engine/parts.py): on a 2-vCPU
-// Zen 4 EPYC, one thread, they tie at 2 rows, lose at 4 on K = 1024 (0.8x) and win from 8 (1.3-1.8x).
+// The row counts from which these tiles beat the AVX2 ones are measured on the machine, not assumed
+// (kernels/cpu/dispatch.py `plan_dot_bf16` / `plan_dot_int8`, cached with the CPU plan, set by
+// engine/parts.py): on a 2-vCPU Zen 4 EPYC, one thread, bf16 tiles tie at 2 rows, lose at 4 on K = 1024
+// (0.8x) and win from 8 (1.3-1.8x); int8 tiles, two threads, mini's shapes, lose at 1 row (0.7-0.9x: the
+// AVX2 GEMV reads half the bytes and is bound by memory), tie at 2 and win from 4 (1.2-1.9x;
+// bench/cpu_linear.py --quantization int8).
 //
-// Why: from a few rows on, the AVX2 tiles are bound by arithmetic, not memory: each bf16 weight is widened
-// to fp32 (an AND or a shift) before an 8-lane FMA. `vdpbf16ps` multiplies 32 bf16 pairs and adds them
-// into 16 fp32 lanes in one instruction, with no widening: 4x the multiply-adds per instruction. Each
-// pair of products is exact in fp32 and added with round-to-nearest (denormals flushed): the same sums as
-// the FMA chain up to summation order (and denormals, far below a bf16 ulp of any output here).
+// Why: from a few rows on, the AVX2 tiles are bound by arithmetic, not memory: each weight is widened to
+// fp32 (bf16: an AND or a shift; int8: a sign extension and a conversion) before an 8-lane FMA. `vdpbf16ps`
+// multiplies 32 bf16 pairs and adds them into 16 fp32 lanes in one instruction: 4x the multiply-adds per
+// instruction. Each pair of products is exact in fp32 and added with round-to-nearest (denormals flushed):
+// the same sums as the FMA chain up to summation order (and denormals, far below a bf16 ulp of any output
+// here). int8 weights (kernels/quant.py) are widened to bf16 in registers, once per tile for all its x rows
+// (`DotWeights<int8_t>`): -128..127 are bf16 values, so their products with bf16 x are the AVX2 path's
+// exact products too; the row scale is applied after the sum, as there (`scale_columns`).
 //
 // Layout: x is copied once per call into bf16 rows of Kp elements (K rounded up to 32, zero padded), so
 // every step is a whole 64-byte load; W rows are read with a mask on the K % 32 tail. Tiles of up to 4
@@ -38,8 +45,14 @@ inline bool cpu_has_avx512_bf16() {
   return ok;
 }
 
-// The fewest rows of x that take these tiles (0: none), for the whole process: set from the measured plan.
+// The fewest rows of x that take these tiles (0: none), for the whole process, one per weight type: set
+// from the measured plan.
 inline std::atomic<int64_t>& dot_bf16_min_rows() {
+  static std::atomic<int64_t> rows{0};
+  return rows;
+}
+
+inline std::atomic<int64_t>& dot_int8_min_rows() {
   static std::atomic<int64_t> rows{0};
   return rows;
 }
@@ -71,12 +84,54 @@ inline std::vector<uint16_t> to_bf16_rows(const float* x, int64_t ldx, int64_t M
   return out;
 }
 
+// How the tiles read weights: 32 of them, w[k..k+31], as one vector of 32 bf16 values in k order (x's
+// order), whole (`load`) or the first n < 32 of them with zeros after (`load_tail`, reading nothing past
+// the row), and which switch point is theirs. Weight types without tiles (fp16: its values are not bf16
+// values) keep the primary template.
+template <typename W>
+struct DotWeights {
+  static constexpr bool kTiles = false;
+};
+
+template <>
+struct DotWeights<c10::BFloat16> {
+  static constexpr bool kTiles = true;
+  static constexpr bool kWidened = false;  // loaded as they are
+  static std::atomic<int64_t>& min_rows() { return dot_bf16_min_rows(); }
+  BF16DP_FN static inline __m512i load(const c10::BFloat16* p) { return _mm512_loadu_si512(p); }
+  BF16DP_FN static inline __m512i load_tail(const c10::BFloat16* p, int64_t n) {
+    return _mm512_maskz_loadu_epi16((__mmask32{1} << n) - 1, p);
+  }
+};
+
+// int8: 32 bytes sign-extended to 32-bit, converted to fp32 (exact) and packed to bf16 (exact: |w| <= 128
+// needs 8 significant bits). `vcvtne2ps2bf16` puts its second operand's 16 values in words 0-15 and its
+// first's in words 16-31, with no interleaving across 128-bit lanes: k order, as x's rows.
+template <>
+struct DotWeights<int8_t> {
+  static constexpr bool kTiles = true;
+  static constexpr bool kWidened = true;  // converted in registers (5 instructions per 32 weights)
+  static std::atomic<int64_t>& min_rows() { return dot_int8_min_rows(); }
+  BF16DP_FN static inline __m512i widen(__m256i b) {
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));      // w[k..k+15]
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));  // w[k+16..]
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+  }
+  BF16DP_FN static inline __m512i load(const int8_t* p) {
+    return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  BF16DP_FN static inline __m512i load_tail(const int8_t* p, int64_t n) {  // a 512-bit masked load: AVX512-BW
+    return widen(_mm512_castsi512_si256(_mm512_maskz_loadu_epi8((__mmask64{1} << n) - 1, p)));
+  }
+};
+
 // One tile: MB rows of x (bf16, row stride Kp) times NB rows of W (`wsj` elements apart); output column j
-// of row i goes to y[i * ldy + j * ycs]. `pf`: where the next tile's rows start relative to these
-// (prefetched one cache line per row ahead of the loads).
-template <int MB, int NB>
-BF16DP_FN inline void dot_tile(const uint16_t* x, int64_t Kp, const c10::BFloat16* w, int64_t wsj, float* y,
-                               int64_t ldy, int64_t ycs, int64_t K, int64_t pf) {
+// of row i goes to y[i * ldy + j * ycs]. `pf`: where the next tile's rows start relative to these, in
+// elements (prefetched one cache line per row ahead of the loads: every step for bf16's 64 bytes, every
+// other one for int8's 32).
+template <int MB, int NB, typename W>
+BF16DP_FN inline void dot_tile(const uint16_t* x, int64_t Kp, const W* w, int64_t wsj, float* y, int64_t ldy,
+                               int64_t ycs, int64_t K, int64_t pf) {
   __m512 acc[MB][NB];
 #pragma GCC unroll 4
   for (int i = 0; i < MB; ++i)
@@ -89,18 +144,18 @@ BF16DP_FN inline void dot_tile(const uint16_t* x, int64_t Kp, const c10::BFloat1
     for (int i = 0; i < MB; ++i) xv[i] = _mm512_loadu_si512(x + i * Kp + k);
 #pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + j * wsj + pf + k), _MM_HINT_T0);
-      const __m512i wv = _mm512_loadu_si512(w + j * wsj + k);
+      if (sizeof(W) == 2 || (k & 63) == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(w + j * wsj + pf + k), _MM_HINT_T0);
+      const __m512i wv = DotWeights<W>::load(w + j * wsj + k);
 #pragma GCC unroll 4
       for (int i = 0; i < MB; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)xv[i], (__m512bh)wv);
     }
   }
   if (whole < K) {  // the K % 32 tail: W masked (never read past its row), x already zero padded
-    const __mmask32 mask = (__mmask32{1} << (K - whole)) - 1;
     __m512i xv[MB];
     for (int i = 0; i < MB; ++i) xv[i] = _mm512_loadu_si512(x + i * Kp + whole);
     for (int j = 0; j < NB; ++j) {
-      const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + j * wsj + whole);
+      const __m512i wv = DotWeights<W>::load_tail(w + j * wsj + whole, K - whole);
       for (int i = 0; i < MB; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)xv[i], (__m512bh)wv);
     }
   }
@@ -109,9 +164,9 @@ BF16DP_FN inline void dot_tile(const uint16_t* x, int64_t Kp, const c10::BFloat1
 }
 
 // NB weight rows against every x row, in tiles of 4 x rows (then 3, 2 or 1).
-template <int NB>
-BF16DP_FN inline void dot_rows(const uint16_t* x, int64_t Kp, const c10::BFloat16* w, int64_t wsj, float* y,
-                               int64_t ldy, int64_t ycs, int64_t M, int64_t K, int64_t pf) {
+template <int NB, typename W>
+BF16DP_FN inline void dot_rows(const uint16_t* x, int64_t Kp, const W* w, int64_t wsj, float* y, int64_t ldy,
+                               int64_t ycs, int64_t M, int64_t K, int64_t pf) {
   int64_t m = 0;
   for (; m + 4 <= M; m += 4) dot_tile<4, NB>(x + m * Kp, Kp, w, wsj, y + m * ldy, ldy, ycs, K, pf);
   switch (M - m) {
@@ -122,13 +177,54 @@ BF16DP_FN inline void dot_rows(const uint16_t* x, int64_t Kp, const c10::BFloat1
   }
 }
 
-// y[m * ldy + n] for m < M, n0 <= n < n1. A tile takes row i of each of 4 equal slices of [n0, n1), so the
-// weights stream from 4 places at once (one core's prefetchers follow several sequential streams in
-// parallel; neighbouring rows are one stream), as the AVX2 tiles do (`m_blocks_streams`); rows left over
-// go one at a time.
-BF16DP_FN inline void rows_bf16dp(const uint16_t* x, int64_t Kp, const c10::BFloat16* w, int64_t ldw, float* y,
-                                  int64_t ldy, int64_t M, int64_t n0, int64_t n1, int64_t K) {
+// NB rows of W (`wsj` elements apart) as bf16 rows of Kp elements at out + j * Kp, zero padded, read along k
+// together as the tiles read them (NB streams, `pf` as in `dot_tile`).
+template <int NB, typename W>
+BF16DP_FN inline void widen_rows(const W* w, int64_t wsj, uint16_t* out, int64_t Kp, int64_t K, int64_t pf) {
+  const int64_t whole = K / 32 * 32;
+  for (int64_t k = 0; k < whole; k += 32) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) {
+      if (sizeof(W) == 2 || (k & 63) == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(w + j * wsj + pf + k), _MM_HINT_T0);
+      _mm512_storeu_si512(out + j * Kp + k, DotWeights<W>::load(w + j * wsj + k));
+    }
+  }
+  if (whole < K)
+    for (int j = 0; j < NB; ++j)
+      _mm512_storeu_si512(out + j * Kp + whole, DotWeights<W>::load_tail(w + j * wsj + whole, K - whole));
+}
+
+// y[m * ldy + n] for m < M, n0 <= n < n1 (W: bf16 or int8, `DotWeights`). A tile takes row i of each of 4
+// equal slices of [n0, n1), so the weights stream from 4 places at once (one core's prefetchers follow
+// several sequential streams in parallel; neighbouring rows are one stream), as the AVX2 tiles do
+// (`m_blocks_streams`); rows left over go one at a time.
+//
+// Weights the tiles widen (int8) and more than one tile of x rows (M > 4): each tile would widen every weight
+// vector again, and the widening, not the `vdpbf16ps`, bounds the time. So each group of weight rows is
+// widened once into a bf16 scratch of 4 * Kp elements (L1/L2) and the bf16 tiles run over it: the same bf16
+// values in the same order, so the same sums bit for bit (Zen 4 EPYC, two threads, mini's w13 at 32 rows:
+// 2.34 ms widened per tile, 1.75 ms widened once; the bf16 tiles 1.6 ms).
+template <typename W>
+BF16DP_FN inline void rows_bf16dp(const uint16_t* x, int64_t Kp, const W* w, int64_t ldw, float* y, int64_t ldy,
+                                  int64_t M, int64_t n0, int64_t n1, int64_t K) {
+  static_assert(DotWeights<W>::kTiles, "vdpbf16ps tiles take bf16 or int8 weights");
   const int64_t per = (n1 - n0) / 4;
+  if constexpr (DotWeights<W>::kWidened) {
+    if (M > 4) {
+      std::vector<uint16_t> wb(4 * Kp);
+      const auto* b = reinterpret_cast<const c10::BFloat16*>(wb.data());
+      for (int64_t i = 0; i < per; ++i) {
+        widen_rows<4>(w + (n0 + i) * ldw, per * ldw, wb.data(), Kp, K, ldw);
+        dot_rows<4>(x, Kp, b, Kp, y + n0 + i, ldy, per, M, K, 0);
+      }
+      for (int64_t n = n0 + 4 * per; n < n1; ++n) {
+        widen_rows<1>(w + n * ldw, ldw, wb.data(), Kp, K, ldw);
+        dot_rows<1>(x, Kp, b, Kp, y + n, ldy, 1, M, K, 0);
+      }
+      return;
+    }
+  }
   for (int64_t i = 0; i < per; ++i)
     dot_rows<4>(x, Kp, w + (n0 + i) * ldw, per * ldw, y + n0 + i, ldy, per, M, K, ldw);
   for (int64_t n = n0 + 4 * per; n < n1; ++n) dot_rows<1>(x, Kp, w + n * ldw, ldw, y + n, ldy, 1, M, K, ldw);

@@ -10,7 +10,8 @@
 // Layout: x rows have unit stride along K (any row stride); W is [N, K] with unit stride along K (expert
 // slices w13[s], w2[s] of the stacked tensors qualify). Threads split N (at::parallel_for, OpenMP).
 // This file: the scalar fallback, the GEMV (one row of x) and `gemm`, which picks; two or more rows of x
-// go through small_m_tiles.h, or dot_bf16.h on AVX512-BF16 CPUs (bf16 W and x); the AVX2 basics are in vec.h.
+// go through small_m_tiles.h, or dot_bf16.h on AVX512-BF16 CPUs (bf16 x, bf16 or int8 W); the AVX2 basics
+// are in vec.h.
 
 #pragma once
 
@@ -21,7 +22,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 #include "dot_bf16.h"
@@ -123,9 +123,10 @@ template <typename W>
 void gemm(const float* x, int64_t ldx, const W* w, int64_t ldw, float* y, int64_t ldy, int64_t M, int64_t N,
           int64_t K, bool simd) {
   if (M <= 0 || N <= 0) return;
-  if constexpr (std::is_same_v<W, c10::BFloat16>) {
-    // Enough rows of bf16 values on AVX512-BF16: `vdpbf16ps` tiles (dot_bf16.h), from the measured row count
-    const int64_t dp_rows = dot_bf16_min_rows().load(std::memory_order_relaxed);
+  if constexpr (DotWeights<W>::kTiles) {
+    // Enough rows of bf16 values on AVX512-BF16: `vdpbf16ps` tiles (dot_bf16.h; bf16 or int8 W), from the
+    // row count measured for this weight type
+    const int64_t dp_rows = DotWeights<W>::min_rows().load(std::memory_order_relaxed);
     if (simd && dp_rows > 0 && M >= dp_rows && K > 0 && cpu_has_avx512_bf16() && all_bf16(x, ldx, M, K)) {
       const int64_t Kp = (K + 31) / 32 * 32;
       const std::vector<uint16_t> xb = to_bf16_rows(x, ldx, M, K, Kp);

@@ -54,12 +54,14 @@ def test_a_prefill_chunk_survives_the_cache_and_an_old_plan_loads_without_it(tmp
     chunk = ChunkPlan(chunk=256, limit=2048, sizes=(16, 32, 64, 128, 256, 512),
                       tokens_per_s=(41.5, 80.25, 150.0, 270.125, 430.0, 455.7))
     plan = CpuPlan("cpu X", {"8x4": RowPlan((1, 9), ("native", "bf16"))}, None, RowPlan((1,), ("native",)),
-                   dot=RowPlan((1, 2, 4), ("avx2", "bf16dp", "bf16dp")), prefill=chunk)
+                   dot=RowPlan((1, 2, 4), ("avx2", "bf16dp", "bf16dp")),
+                   dot_int8=RowPlan((1, 2, 4), ("avx2", "avx2", "bf16dp")), prefill=chunk)
     path = dispatch.cache_file(tmp_path, plan.machine, "model")
     dispatch.save_plan(plan, path)
     assert dispatch.load_plan(path) == plan
     assert "prefill chunk: 256 tokens (prefill tok/s by chunk: 16: 42, 32: 80," in plan.describe()
     assert "native bf16 tiles: avx2 1, bf16dp 2-4" in plan.describe() and dispatch.dot_min_rows(plan.dot) == 2
+    assert "native int8 tiles: avx2 1-2, bf16dp 3-4" in plan.describe() and dispatch.dot_min_rows(plan.dot_int8) == 3
     old = json.loads(path.read_text())
     del old["prefill"]  # a plan cached before the prefill chunk was measured: the engine measures it then
     path.write_text(json.dumps(old))
