@@ -95,8 +95,10 @@ def fused_moe_triton_fp32(
     slots = routing.slots(slot_map)  # [T, k]
     aligned = align(slots, S, config.block_m)
     x = quantize_activations(hidden) if fp8_activations else hidden  # [T, H], fp8 with scales [T]
-    inter = grouped_gemm1(x, w13, aligned, config)  # [T*k, I] in hidden's dtype
+    # [T*k, I] in hidden's dtype; w8a8 quantizes every row next, so rows of dropped pairs (a slot map's -1)
+    # are zeros there rather than uninitialized memory
+    inter = grouped_gemm1(x, w13, aligned, config, zero_dropped=fp8_activations and slot_map is not None)
     if fp8_activations:
-        inter = quantize_activations(inter)  # per pair row; rows of dropped pairs hold garbage, never read
+        inter = quantize_activations(inter)  # per pair row
     rows = grouped_gemm2(inter, w2, aligned, routing.weights, config, zero_dropped=False)  # [T, k, H] fp32
     return combine(rows, slots, torch.float32)  # [T, H]: dropped pairs skipped, k rows summed in fp32

@@ -183,6 +183,7 @@ def grouped_gemm1(
     w13: torch.Tensor | QuantizedWeight,
     aligned: AlignedRouting,
     config: TileConfig,
+    zero_dropped: bool = False,
 ) -> torch.Tensor:
     """Triton twin of `reference.grouped_gemm1_reference` (on `w13.dequantize()` for 8-bit weights, and on
     `hidden.dequantize()` for fp8 activations, up to fp32 summation order).
@@ -191,7 +192,8 @@ def grouped_gemm1(
     fp32: w8a8, with fp8 weights); w13: [S, 2I, H] of hidden's dtype on its device, or a QuantizedWeight
     (data [S, 2I, H] int8 or float8_e4m3fn, scale [S, 2I] fp32); aligned: from `align(...,
     config.block_m)`. Returns [T * k, I] in hidden's dtype (fp8 activations: the dtype they were quantized
-    from). Rows of dropped pairs are left unwritten (never read later).
+    from). Rows of dropped pairs are left unwritten (never read later), or zero with `zero_dropped` (for a
+    consumer that reads every row, as the w8a8 path's per-row quantization does).
     """
     T, H = hidden.shape
     S, two_i, H_w = w13.shape
@@ -202,7 +204,8 @@ def grouped_gemm1(
     if aligned.block_m != config.block_m:
         raise ValueError(f"aligned with block_m={aligned.block_m} but config.block_m={config.block_m}")
     inter_size = two_i // 2
-    out = torch.empty(T * aligned.top_k, inter_size, dtype=out_dtype, device=x.device)
+    alloc = torch.zeros if zero_dropped else torch.empty
+    out = alloc(T * aligned.top_k, inter_size, dtype=out_dtype, device=x.device)
     num_blocks = aligned.block_slot.numel()
     grid = (num_blocks * triton.cdiv(inter_size, config.block_n),)
     _grouped_gemm1_kernel[grid](
