@@ -232,3 +232,37 @@ def test_loader_error_matrix(checkpoints, tmp_path, name, config, tensors, messa
     with pytest.raises(CheckpointError, match=message) as err:
         load_model(path, "float32", "cpu")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ("per_tensor", "per_channel"))
+def test_fp8_checkpoint_on_expert_parallel_ranks(checkpoints, kind):
+    """A Ray worker's share of an FP8 checkpoint: its experts stay FP8 (the checkpoint's bytes and scales,
+    as the local model holds them), before and after a re-placement reads some again from the files."""
+    from moe_runtime.cluster.expert_parallel import QuantizedShardedExperts, ShardedExpertsBuilder
+    from moe_runtime.cluster.placement_config import build_placement
+    from moe_runtime.cluster.planner import round_robin
+    from moe_runtime.config import PlacementConfig
+    from moe_runtime.model.parts import ModelParts
+
+    fp8_dir, _ = checkpoints[kind]
+    full = load_model(fp8_dir, "float32", "cpu")
+    cfg = full.config
+    placement = round_robin(cfg.num_hidden_layers, cfg.num_local_experts, 2)
+    builder = ShardedExpertsBuilder(placement, 1, quantization="fp8")
+    model = load_model(fp8_dir, "float32", "cpu", parts=ModelParts(experts=builder))
+
+    def check(placement):
+        for layer, (got, want) in enumerate(zip(model.layers, full.layers, strict=True)):
+            got, want = got.block_sparse_moe.experts, want.block_sparse_moe.experts
+            assert isinstance(got, QuantizedShardedExperts) and got.w13.dtype == torch.float8_e4m3fn
+            local = placement.local_experts(1, layer)
+            for a, b in ((got.w13, want.w13[local]), (got.w2, want.w2[local])):
+                assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8))
+                assert torch.equal(a.scale, b.scale)
+
+    check(placement)
+    moved = build_placement(PlacementConfig(workers=2, strategy="contiguous"), cfg.num_hidden_layers,
+                            cfg.num_local_experts)  # keeps some of rank 1's experts, reads the others
+    assert moved != placement
+    builder.apply(moved)
+    check(moved)
