@@ -94,13 +94,15 @@ def test_the_switch_point_picks_the_tiles_by_rows(tiles_from):
         torch.testing.assert_close(now[m], avx2[m], rtol=0, atol=1e-4)
 
 
-def test_fp32_activations_keep_the_avx2_tiles(tiles_from):
+@pytest.mark.parametrize("weights", ("bf16", "int8"))
+def test_fp32_activations_keep_the_avx2_tiles(tiles_from, int8_tiles_from, weights):
     """x values that are not bf16 values would be rounded by the bf16 tiles: those GEMMs keep the AVX2
-    tiles, bit for bit."""
-    x, w = torch.randn(8, 300) / 10, _inputs(1, 96, 300)[1]
-    tiles_from(0)
+    tiles, bit for bit, for bf16 and int8 weights alike."""
+    set_rows, make = (tiles_from, _inputs) if weights == "bf16" else (int8_tiles_from, _int8_inputs)
+    x, w = torch.randn(8, 300) / 10, make(1, 96, 300)[1]
+    set_rows(0)
     avx2 = cpu.linear_fp32(x, w)
-    tiles_from(1)
+    set_rows(1)
     assert torch.equal(cpu.linear_fp32(x, w), avx2)
 
 
@@ -114,10 +116,12 @@ def test_the_experts_take_the_tiles_with_the_same_result(tiles_from):
     torch.testing.assert_close(cpu.expert_mlp(rows, w13, w2), avx2, rtol=0, atol=2e-2)  # one bf16 rounding apart
 
 
-def test_a_negative_switch_point_is_refused(tiles_from):
+@pytest.mark.parametrize("weights", ("bf16", "int8"))
+def test_a_negative_switch_point_is_refused(tiles_from, int8_tiles_from, weights):
+    set_rows = tiles_from if weights == "bf16" else int8_tiles_from
     with pytest.raises(RuntimeError, match="rows must be >= 0"):
-        cpu.extension().set_dot_bf16_min_rows(-1)
-    assert tiles_from(3) == 0 and tiles_from(0) == 3  # returns the value it replaced
+        getattr(cpu.extension(), f"set_dot_{weights}_min_rows")(-1)
+    assert set_rows(3) == 0 and set_rows(0) == 3  # returns the value it replaced
 
 
 def test_the_plan_measures_the_tiles_and_sets_them_for_the_process(tiles_from, tmp_path):
@@ -199,14 +203,6 @@ def test_the_int8_switch_point_picks_the_tiles_by_rows_on_its_own(tiles_from, in
     assert torch.equal(cpu.linear_fp32(x, w), sixteen)
 
 
-def test_fp32_activations_keep_the_avx2_tiles_for_int8_weights(int8_tiles_from):
-    x, q = torch.randn(8, 300) / 10, _int8_inputs(1, 96, 300)[1]
-    int8_tiles_from(0)
-    avx2 = cpu.linear_fp32(x, q)
-    int8_tiles_from(1)
-    assert torch.equal(cpu.linear_fp32(x, q), avx2)
-
-
 def test_int8_experts_take_the_tiles_with_the_same_result(int8_tiles_from):
     """One expert (`expert_mlp`) and a whole MoE block (`moe_decode`) of int8 experts: the tiles against the
     AVX2 path and the reference on the dequantized weights, within the 16-bit kernel tolerance."""
@@ -227,12 +223,6 @@ def test_int8_experts_take_the_tiles_with_the_same_result(int8_tiles_from):
         torch.testing.assert_close(tiles, avx2, rtol=0, atol=2e-2)  # one bf16 rounding apart
     torch.testing.assert_close(out[1][1].float(), want, rtol=0, atol=2e-2)
     assert counts.sum() == T * top_k
-
-
-def test_a_negative_int8_switch_point_is_refused(int8_tiles_from):
-    with pytest.raises(RuntimeError, match="rows must be >= 0"):
-        cpu.extension().set_dot_int8_min_rows(-1)
-    assert int8_tiles_from(3) == 0 and int8_tiles_from(0) == 3
 
 
 def test_the_plan_measures_the_int8_tiles_for_int8_models_only(tiles_from, int8_tiles_from, tmp_path):
