@@ -110,8 +110,13 @@ class FusedLinear(TorchLinear):
 
 
 def dense(w: Weight, dtype: torch.dtype) -> torch.Tensor:
-    """w as a tensor of `dtype`'s kind: a 16/32-bit weight as it is, an 8-bit one dequantized to `dtype`."""
-    return w.dequantize(dtype) if isinstance(w, QuantizedWeight) else w
+    """w as a tensor of `dtype`'s kind: a 16/32-bit weight as it is, an 8-bit one dequantized to `dtype`
+    (`w.dequantize(dtype)`'s bits; int8 on the CPU in one native pass, `cpu.dequantize`)."""
+    if not isinstance(w, QuantizedWeight):
+        return w
+    from moe_runtime.kernels import cpu
+
+    return cpu.dequantize(w, dtype)
 
 
 class CpuLinear(FusedLinear):
@@ -173,7 +178,7 @@ class CpuLinear(FusedLinear):
             return cpu.linear(x, w)  # fp32 accumulation, rounded once to x's dtype
         if choice == "fp32":
             return F.linear(x.float(), self._wide(w), None if b is None else b.float()).to(x.dtype)
-        return F.linear(x, _dequantized(w, x.dtype), b)
+        return F.linear(x, dense(w, x.dtype), b)
 
     def fp32(self, x: torch.Tensor, w: Weight) -> torch.Tensor:
         choice = self._choice(x.shape[0], w)
@@ -183,20 +188,11 @@ class CpuLinear(FusedLinear):
             return cpu.linear_fp32(x, w)  # [M, N], no 16-bit rounding
         if choice == "fp32":
             return F.linear(x.float(), self._wide(w))  # [M, N], no 16-bit rounding
-        return F.linear(x, _dequantized(w, x.dtype)).float()
+        return F.linear(x, dense(w, x.dtype)).float()
 
     def _wide(self, w: Weight) -> torch.Tensor:
         """The weight in fp32: the kept copy of a 16-bit one, an int8 one dequantized now."""
-        return _dequantized(w, torch.float32) if isinstance(w, QuantizedWeight) else self._copy(w)
-
-
-def _dequantized(w: Weight, dtype: torch.dtype) -> torch.Tensor:
-    """`dense(w, dtype)` with the native one-pass dequantization of int8 weights (the same bits)."""
-    if not isinstance(w, QuantizedWeight):
-        return w
-    from moe_runtime.kernels import cpu
-
-    return cpu.dequantize(w, dtype)
+        return dense(w, torch.float32) if isinstance(w, QuantizedWeight) else self._copy(w)
 
 
 def _cpu_16bit(w: torch.Tensor) -> bool:

@@ -264,8 +264,9 @@ def attention_decode(
 
 
 def dequantize(w: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
-    """`w.dequantize(dtype)` (the same bits) for int8 `w` in one native pass; other `w` through torch."""
-    if w.dtype != torch.int8 or not w.data.is_contiguous() or not available():
+    """`w.dequantize(dtype)` (the same bits) for int8 `w` on the CPU in one native pass; other `w` (FP8, on a
+    GPU, not contiguous, no native kernels) through torch."""
+    if w.dtype != torch.int8 or w.device.type != "cpu" or not w.data.is_contiguous() or not available():
         return w.dequantize(dtype)
     return extension().dequantize(w.data, w.scale.contiguous(), dtype)
 
