@@ -45,7 +45,9 @@ NATIVE_MAX_ROWS = 64  # the native kernels take at most this many rows (kernels/
 # A measurement's weights: copies cycled through, at least this many bytes in all, so that small-row GEMMs
 # read them from memory (as in a decode step, which streams every weight once) and not from the caches.
 COLD_BYTES = 96 << 20
-FORMAT = 3  # bump when the cached JSON's meaning changes (2: `dot` on AVX512-BF16 CPUs; 3: `dot_int8`, `_apart`)
+# Bump when the cached JSON's meaning changes, or when a kernel change moves the switch points (2: `dot` on
+# AVX512-BF16 CPUs; 3: `dot_int8`, `_apart`; 4: the vdpbf16ps tiles' prefetch into L2, faster from 3 rows)
+FORMAT = 4
 
 
 @dataclass(frozen=True)

@@ -125,10 +125,24 @@ struct DotWeights<int8_t> {
   }
 };
 
+// How far ahead of its loads each weight stream of the tiles prefetches, in bytes, into L2 (`_MM_HINT_T1`:
+// the L1 holds x and the tile's current lines). Each stream is a run of consecutive weight rows, so the
+// address ahead is the same stream's next bytes, past a row's end into the next tile's row.
+//
+// Why: from a few rows of x on, the tiles alternate between waiting for memory and computing, and the
+// hardware prefetchers do not run far enough ahead to overlap the two. Scratch harness, Zen 4 EPYC, two
+// threads, mini's w13 then w2 from memory, 8 copies cycled, medians of 9 rounds, two runs (GB/s read, the
+// old prefetch = the next tile's row into L1, one row ahead): 3 rows 29-30 -> 36, 4 rows 26-27.5 -> 34-36,
+// 6 rows 25 -> 35-36, 8 rows 23 -> 30-34, 1-2 rows level; distances of 8-32 KiB and hint T1 or T2 all
+// within the noise of each other, 2-4 KiB about half the gain; from L2 (hot) no loss (+10%, the old
+// prefetch into L1 cost issue slots). The GEMV (gemv.h `rows_dot_streams`) gained nothing from it: it
+// already reads at the bandwidth the host gives.
+constexpr int64_t kPrefetchBytes = 16384;
+
 // One tile: MB rows of x (bf16, row stride Kp) times NB rows of W (`wsj` elements apart); output column j
-// of row i goes to y[i * ldy + j * ycs]. `pf`: where the next tile's rows start relative to these, in
-// elements (prefetched one cache line per row ahead of the loads: every step for bf16's 64 bytes, every
-// other one for int8's 32).
+// of row i goes to y[i * ldy + j * ycs]. `pf`: how far ahead of the loads each weight row prefetches, in
+// elements (0: not at all, for weights already in L1), one cache line per step (every step for bf16's 64
+// bytes, every other one for int8's 32).
 template <int MB, int NB, typename W>
 BF16DP_FN inline void dot_tile(const uint16_t* x, int64_t Kp, const W* w, int64_t wsj, float* y, int64_t ldy,
                                int64_t ycs, int64_t K, int64_t pf) {
@@ -144,8 +158,8 @@ BF16DP_FN inline void dot_tile(const uint16_t* x, int64_t Kp, const W* w, int64_
     for (int i = 0; i < MB; ++i) xv[i] = _mm512_loadu_si512(x + i * Kp + k);
 #pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) {
-      if (sizeof(W) == 2 || (k & 63) == 0)
-        _mm_prefetch(reinterpret_cast<const char*>(w + j * wsj + pf + k), _MM_HINT_T0);
+      if (pf > 0 && (sizeof(W) == 2 || (k & 63) == 0))
+        _mm_prefetch(reinterpret_cast<const char*>(w + j * wsj + pf + k), _MM_HINT_T1);
       const __m512i wv = DotWeights<W>::load(w + j * wsj + k);
 #pragma GCC unroll 4
       for (int i = 0; i < MB; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)xv[i], (__m512bh)wv);
@@ -186,7 +200,7 @@ BF16DP_FN inline void widen_rows(const W* w, int64_t wsj, uint16_t* out, int64_t
 #pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) {
       if (sizeof(W) == 2 || (k & 63) == 0)
-        _mm_prefetch(reinterpret_cast<const char*>(w + j * wsj + pf + k), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + j * wsj + pf + k), _MM_HINT_T1);
       _mm512_storeu_si512(out + j * Kp + k, DotWeights<W>::load(w + j * wsj + k));
     }
   }
@@ -210,24 +224,25 @@ BF16DP_FN inline void rows_bf16dp(const uint16_t* x, int64_t Kp, const W* w, int
                                   int64_t M, int64_t n0, int64_t n1, int64_t K) {
   static_assert(DotWeights<W>::kTiles, "vdpbf16ps tiles take bf16 or int8 weights");
   const int64_t per = (n1 - n0) / 4;
+  const int64_t pf = kPrefetchBytes / static_cast<int64_t>(sizeof(W));
   if constexpr (DotWeights<W>::kWidened) {
     if (M > 4) {
       std::vector<uint16_t> wb(4 * Kp);
       const auto* b = reinterpret_cast<const c10::BFloat16*>(wb.data());
       for (int64_t i = 0; i < per; ++i) {
-        widen_rows<4>(w + (n0 + i) * ldw, per * ldw, wb.data(), Kp, K, ldw);
+        widen_rows<4>(w + (n0 + i) * ldw, per * ldw, wb.data(), Kp, K, pf);
         dot_rows<4>(x, Kp, b, Kp, y + n0 + i, ldy, per, M, K, 0);
       }
       for (int64_t n = n0 + 4 * per; n < n1; ++n) {
-        widen_rows<1>(w + n * ldw, ldw, wb.data(), Kp, K, ldw);
+        widen_rows<1>(w + n * ldw, ldw, wb.data(), Kp, K, pf);
         dot_rows<1>(x, Kp, b, Kp, y + n, ldy, 1, M, K, 0);
       }
       return;
     }
   }
   for (int64_t i = 0; i < per; ++i)
-    dot_rows<4>(x, Kp, w + (n0 + i) * ldw, per * ldw, y + n0 + i, ldy, per, M, K, ldw);
-  for (int64_t n = n0 + 4 * per; n < n1; ++n) dot_rows<1>(x, Kp, w + n * ldw, ldw, y + n, ldy, 1, M, K, ldw);
+    dot_rows<4>(x, Kp, w + (n0 + i) * ldw, per * ldw, y + n0 + i, ldy, per, M, K, pf);
+  for (int64_t n = n0 + 4 * per; n < n1; ++n) dot_rows<1>(x, Kp, w + n * ldw, ldw, y + n, ldy, 1, M, K, pf);
 }
 
 }  // namespace moe_cpu
