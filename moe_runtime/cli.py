@@ -16,7 +16,7 @@ from pathlib import Path
 
 from moe_runtime.errors import ConfigError, MoeRuntimeError
 
-COMMANDS = ("init_model", "generate", "serve", "stats", "plan_placement", "apply_placement", "info", "bench")
+COMMANDS = ("init_model", "generate", "serve", "stats", "plan_placement", "apply_placement", "info", "bench", "cache")
 
 
 class OneLineParser(argparse.ArgumentParser):

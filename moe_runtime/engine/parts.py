@@ -103,7 +103,7 @@ def cpu_plan(kernels: KernelChoice, cfg: ModelConfig, dtype: torch.dtype, engine
     if kernels.linear != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return None
     int8 = "int8" in (_int8(formats.experts), _int8(formats.dense))
-    path = dispatch.cache_file(_plan_dir(engine), dispatch.machine_key(), _model_key(cfg, dtype, engine, formats))
+    path = dispatch.cache_file(plan_dir(engine), dispatch.machine_key(), _model_key(cfg, dtype, engine, formats))
     plan = dispatch.load_plan(path)
     if plan is not None:
         if sets_tiles:
@@ -158,7 +158,8 @@ def model_parts(kernels: KernelChoice, experts: ExpertsBuilder, plan: CpuPlan | 
                       huge_pages=kernels.huge_pages, cpu_plan=plan)
 
 
-def _plan_dir(engine: EngineConfig) -> Path:
+def plan_dir(engine: EngineConfig) -> Path:
+    """Where the measured CPU plans are cached (`engine.cpu_plan_dir`, default in the user's cache)."""
     return Path(engine.cpu_plan_dir) if engine.cpu_plan_dir else Path.home() / ".cache" / "moe-runtime" / "cpu-plans"
 
 
@@ -217,7 +218,7 @@ def complete_plan(model: CausalLM, kv_caches: list[KVCache], kernels: KernelChoi
         return plan
     plan = dataclasses.replace(plan, **parts)
     key = _model_key(model.config, model.dtype, engine, _formats(model))
-    dispatch.save_plan(plan, dispatch.cache_file(_plan_dir(engine), plan.machine, key))
+    dispatch.save_plan(plan, dispatch.cache_file(plan_dir(engine), plan.machine, key))
     return plan
 
 

@@ -11,9 +11,12 @@ It is built at the first start with a given checkpoint and scheme (every expert 
 `kernels.quant.quantize_into`, the same bits the tier produced per read) into `offload.spill_dir`, written
 to a temporary name and renamed when complete, and reused by later starts. Its name is a digest of the
 checkpoint files (name, size, mtime) and the experts' shapes and scheme, so a changed checkpoint builds a
-new one (old ones are left for the user to delete: `moe-runtime` never deletes files it did not just
-write). Where the directory cannot be written or lacks the space, the tier quantizes at each read as before
-and logs why once.
+new one. Beside each file a record (`<name>.json`) names the checkpoint files it was built from with their
+size and mtime: `moe-runtime cache` lists the spill files with their checkpoint and whether they are still
+current, and `moe-runtime cache prune` deletes those no start would read again (a changed or removed
+checkpoint, an older format, a build that was interrupted); the engine itself never deletes a file it did
+not just write. Where the directory cannot be written or lacks the space, the tier quantizes at each read
+as before and logs why once.
 
 Layout: one record per (sparse layer, expert), in layer then expert order, each
     w13 values [2I, D] | w2 values [D, I] | w13 scales [2I] fp32 | w2 scales [D] fp32
@@ -22,10 +25,13 @@ Layout: one record per (sparse layer, expert), in layer then expert order, each
 
 from __future__ import annotations
 
+import enum
 import hashlib
+import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -89,10 +95,15 @@ def spill_path(spill_dir: Path, reader: SafetensorsReader, cfg: ModelConfig, sch
     read from (name, size, mtime), the shapes and the scheme."""
     h = hashlib.sha256(f"{FORMAT} {scheme} D{cfg.hidden_size} I{cfg.intermediate_size} "
                        f"E{cfg.num_local_experts} layers{list(cfg.moe_layers)}".encode())
-    for file in sorted({loc.file for loc in reader.locations.values()}):
-        st = os.stat(file)
-        h.update(f" {Path(file).name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for file, (size, mtime_ns) in _sources(reader).items():
+        h.update(f" {Path(file).name}:{size}:{mtime_ns}".encode())
     return Path(spill_dir) / f"experts-{scheme}-{h.hexdigest()[:20]}.bin"
+
+
+def _sources(reader: SafetensorsReader) -> dict[str, tuple[int, int]]:
+    """The checkpoint files the experts are read from: absolute path -> (size, mtime in ns), sorted."""
+    files = sorted({str(Path(loc.file).resolve()) for loc in reader.locations.values()})
+    return {f: (os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files}
 
 
 def open_spill(reader: SafetensorsReader, cfg: ModelConfig, scheme: str,
@@ -136,3 +147,112 @@ def _build(path: Path, reader: SafetensorsReader, cfg: ModelConfig, scheme: str)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+    _write_record(path, reader, scheme)
+
+
+def _record_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _write_record(path: Path, reader: SafetensorsReader, scheme: str) -> None:
+    """The spill file's origin beside it (module docstring); without it the file still serves, and
+    `moe-runtime cache` lists it as unrecorded."""
+    record = {"format": FORMAT, "scheme": scheme, "checkpoint": str(reader.dir.resolve()),
+              "files": {f: list(st) for f, st in _sources(reader).items()}}
+    tmp = _record_path(path).with_name(f"{_record_path(path).name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(_record_path(path))
+    except OSError as e:
+        log.warning("offload: could not record where %s comes from (%s)", path, e.strerror or e)
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What is in a spill directory (`moe-runtime cache`)
+# ---------------------------------------------------------------------------------------------------------
+class SpillState(enum.Enum):
+    CURRENT = "current"  # its checkpoint files are as they were when it was built: a start reads it
+    STALE = "stale"  # its checkpoint changed or is gone, or an older format: no start reads it again
+    PARTIAL = "partial"  # an interrupted build's temporary file (its process is gone)
+    BUILDING = "building"  # a build in progress (its process is alive)
+    UNRECORDED = "unrecorded"  # no record of its origin (built before records were kept)
+
+
+PRUNED = (SpillState.STALE, SpillState.PARTIAL)  # what `prune` deletes; `prune --all` also CURRENT, UNRECORDED
+
+
+@dataclass(frozen=True)
+class SpillFile:
+    path: Path
+    nbytes: int  # on disk, with its record
+    state: SpillState
+    why: str  # the state's reason, one phrase ("" for current)
+    scheme: str = ""  # int8 | fp8, from the record ("" where there is none)
+    checkpoint: str = ""  # the checkpoint directory it was built from, from the record
+
+
+def list_spills(spill_dir: str | Path | None = None) -> list[SpillFile]:
+    """Every spill file (and interrupted build) in `spill_dir` (default: DEFAULT_DIR), by name."""
+    spill_dir = Path(spill_dir) if spill_dir is not None else DEFAULT_DIR
+    if not spill_dir.is_dir():
+        return []
+    out = []
+    for path in sorted(spill_dir.iterdir()):
+        if path.name.startswith("experts-") and path.name.endswith(".tmp"):
+            pid = path.name.rsplit(".", 2)[-2]
+            alive = pid.isdigit() and _alive(int(pid))
+            out.append(SpillFile(path, _size(path), SpillState.BUILDING if alive else SpillState.PARTIAL,
+                                 f"process {pid} " + ("is writing it" if alive else "is gone")))
+        elif path.name.startswith("experts-") and path.suffix == ".bin":
+            out.append(_judge(path))
+    return out
+
+
+def _judge(path: Path) -> SpillFile:
+    nbytes = _size(path) + _size(_record_path(path))
+    try:
+        record = json.loads(_record_path(path).read_text())
+        scheme, checkpoint, files = str(record["scheme"]), str(record["checkpoint"]), dict(record["files"])
+        fmt = int(record["format"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return SpillFile(path, nbytes, SpillState.UNRECORDED, "no record of the checkpoint it was built from")
+    stale = SpillFile(path, nbytes, SpillState.STALE, "", scheme, checkpoint)
+    if fmt != FORMAT:
+        return replace(stale, why=f"format {fmt}, this moe-runtime writes {FORMAT}")
+    for file, (size, mtime_ns) in files.items():
+        try:
+            st = os.stat(file)
+        except OSError:
+            return replace(stale, why=f"{file} is gone")
+        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+            return replace(stale, why=f"{file} changed since")
+    return SpillFile(path, nbytes, SpillState.CURRENT, "", scheme, checkpoint)
+
+
+def prune(files: list[SpillFile], states: tuple[SpillState, ...] = PRUNED) -> list[SpillFile]:
+    """Delete the listed files in `states` (never one being built), with their records; returns those."""
+    gone = []
+    for f in files:
+        if f.state in states and f.state is not SpillState.BUILDING:
+            f.path.unlink(missing_ok=True)
+            _record_path(f.path).unlink(missing_ok=True)
+            gone.append(f)
+    return gone
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
