@@ -119,7 +119,8 @@ def heuristic_tiles(
 class QuantFormat:
     scheme: str  # how the experts are stored: "none" or a key of quant.SCHEMES
     label: str  # the tables' "weights" cell
-    activations: str = "16bit"  # CUDA: `activations` of the Triton MoE ("fp8": w8a8)
+    # CUDA: the Triton MoE that runs it, fused_moe_triton_w8a8_fp32 (w8a8) or None: fused_moe_triton_fp32
+    triton_moe: Callable[..., torch.Tensor] | None = None
 
 
 def quant_formats(scheme: str, device: torch.device) -> list[QuantFormat]:
@@ -127,7 +128,9 @@ def quant_formats(scheme: str, device: torch.device) -> list[QuantFormat]:
     compute capability 8.9, and those rows are skipped); anything else once (the CPU backends have no
     w8a8)."""
     if scheme == "fp8" and device.type == "cuda":
-        return [QuantFormat("fp8", "fp8_w8a16"), QuantFormat("fp8", "fp8_w8a8", activations="fp8")]
+        from moe_runtime.kernels.triton.fused_moe import fused_moe_triton_w8a8_fp32
+
+        return [QuantFormat("fp8", "fp8_w8a16"), QuantFormat("fp8", "fp8_w8a8", fused_moe_triton_w8a8_fp32)]
     return [QuantFormat(scheme, scheme)]
 
 
@@ -214,7 +217,7 @@ def bench_one(shape_name: str, dtype_name: str, M: int, device: torch.device, ti
                flops=6.0 * M * s["k"] * s["H"] * s["I"],
                bytes=float(active * expert_nbytes(s["H"], s["I"], dtype, quant) + 2 * M * s["H"] * elem))
     if quant != "none":
-        return Row(times_ms=time_quantized(hidden, w13, w2, routing, timing, fmt.activations), **row)
+        return Row(times_ms=time_quantized(hidden, w13, w2, routing, timing, fmt.triton_moe), **row)
     fns: dict[str, Callable[[], object]] = {
         "ours": lambda: fused_moe(hidden, w13, w2, routing),
         "naive": lambda: naive_loop(hidden, w13, w2, routing),
@@ -238,21 +241,19 @@ def bench_one(shape_name: str, dtype_name: str, M: int, device: torch.device, ti
 
 
 def time_quantized(hidden: torch.Tensor, q13, q2, routing: RoutingResult, timing: Timing,
-                   activations: str = "16bit") -> dict[str, float]:
-    """Ours on quantized experts: the engine's kernels for them (CUDA: the Triton MoE with `activations`,
-    "16bit" = w8a16, "fp8" = w8a8, eager and as a graph; CPU: the `cpu` backend when it built, else torch),
-    no baselines."""
+                   triton_moe: Callable[..., torch.Tensor] | None = None) -> dict[str, float]:
+    """Ours on quantized experts: the engine's kernels for them (CUDA: the Triton MoE `triton_moe`, None for
+    fused_moe_triton_fp32 = w8a16, or fused_moe_triton_w8a8_fp32 = w8a8, eager and as a graph; CPU: the
+    `cpu` backend when it built, else torch), no baselines."""
     if hidden.is_cuda:
         from moe_runtime.kernels.triton.fused_moe import fused_moe_triton_fp32
 
-        def run():
-            return fused_moe_triton_fp32(hidden, q13, q2, routing, activations=activations).to(hidden.dtype)
-
-        ours = {"ours": run}
+        moe = triton_moe or fused_moe_triton_fp32
+        ours = {"ours": lambda: moe(hidden, q13, q2, routing).to(hidden.dtype)}
         try:
             ours["ours"]()
         except (RuntimeError, ValueError) as err:  # e.g. fp8 below compute capability 8.9
-            print(f"  {q13.dtype}, activations={activations}: skipped ({str(err).splitlines()[0][:100]})")
+            print(f"  {q13.dtype}, {moe.__name__}: skipped ({str(err).splitlines()[0][:100]})")
             return {}
         return time_cuda(with_graphs(ours, ("ours",)), timing.repeats)
     from moe_runtime.kernels import cpu

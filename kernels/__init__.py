@@ -9,7 +9,7 @@ The public API (the model, the expert store and the runtime's config use only th
 w13 and w2 are 16/32-bit stacks or, for quantized experts, `quant.QuantizedWeight`s (int8 / fp8 values
 with an fp32 scale per row); every backend takes both ("reference" and "torch" dequantize per expert, "cpu"
 runs int8 natively, "triton" reads int8 and fp8 tiles in its grouped GEMMs: w8a16, and w8a8 for fp8 experts
-on GPUs of compute capability >= 8.9, `triton.fused_moe.activations_for`).
+on GPUs of compute capability >= 8.9, `triton.fused_moe.fused_moe_for`).
 
 Backends (`backends.BACKENDS`, each one function with `fused_moe_fp32`'s contract): "triton" (CUDA, or CPU
 under TRITON_INTERPRET=1), "torch" (fastest exact CPU path), "cpu" (torch with native expert GEMMs for small

@@ -43,10 +43,10 @@ UNAVAILABLE_BACKENDS: dict[str, str] = {
 def _triton(hidden, w13, w2, routing, slot_map):
     # 16-bit and 8-bit (QuantizedWeight) experts alike: int8 ones w8a16 (tiles widened in the kernel), fp8
     # ones w8a8 (activations quantized per token) where the GPU has fp8 tensor cores, else w8a16
-    from moe_runtime.kernels.triton.fused_moe import activations_for, fused_moe_triton_fp32
+    from moe_runtime.kernels.triton.fused_moe import fused_moe_for
 
-    activations = activations_for(hidden.device, w13.dtype)  # once per (device, format), then remembered
-    return fused_moe_triton_fp32(hidden, w13, w2, routing, slot_map, activations=activations)
+    # fused_moe_for works the function out once per (device, format), then remembers it
+    return fused_moe_for(hidden.device, w13.dtype)(hidden, w13, w2, routing, slot_map)
 
 
 def _megablocks(hidden, w13, w2, routing, slot_map):

@@ -22,7 +22,11 @@ from moe_runtime.kernels.reference import (
     grouped_gemm1_reference,
     grouped_gemm2_reference,
 )
-from moe_runtime.kernels.triton.fused_moe import activations_for, fused_moe_triton_fp32
+from moe_runtime.kernels.triton.fused_moe import (
+    fused_moe_for,
+    fused_moe_triton_fp32,
+    fused_moe_triton_w8a8_fp32,
+)
 from moe_runtime.kernels.triton.grouped_gemm1 import grouped_gemm1
 from moe_runtime.kernels.triton.grouped_gemm2 import grouped_gemm2
 
@@ -58,7 +62,7 @@ def fp32_reference(x, q13: QuantizedWeight, q2: QuantizedWeight) -> torch.Tensor
 def backend_reference(hidden, q13: QuantizedWeight, q2: QuantizedWeight, routing, slot_map=None) -> torch.Tensor:
     """What the `triton` backend computes for these experts on hidden's device: w8a8 (fp8 activations, its
     own reference) where it picks them (fp8 experts on compute capability >= 8.9), else w8a16."""
-    if activations_for(hidden.device, q13.dtype) == "fp8":
+    if fused_moe_for(hidden.device, q13.dtype) is fused_moe_triton_w8a8_fp32:
         return fused_moe_reference_w8a8_fp32(hidden, q13, q2, routing, slot_map)
     return fused_moe_reference_fp32(hidden.float(), q13, q2, routing, slot_map)
 
@@ -102,9 +106,8 @@ def test_triton_backend_runs_8bit_experts_in_its_grouped_gemms(scheme):
     """`moe_backend: triton` with QuantizedWeights is this pipeline (tuned or heuristic tiles), rounded once."""
     x, q13, q2 = quantized_inputs(CASES[2], torch.float16, scheme)
     partial = fused_moe_fp32(x.hidden, q13, q2, x.routing, slot_map=x.slot_map, backend="triton")
-    activations = activations_for(x.hidden.device, q13.dtype)  # w8a8 for fp8 experts on sm_89+, else w8a16
-    assert torch.equal(partial, fused_moe_triton_fp32(x.hidden, q13, q2, x.routing, x.slot_map,
-                                                      activations=activations))
+    moe = fused_moe_for(x.hidden.device, q13.dtype)  # w8a8 for fp8 experts on sm_89+, else w8a16
+    assert torch.equal(partial, moe(x.hidden, q13, q2, x.routing, x.slot_map))
     want = backend_reference(x.hidden, q13, q2, x.routing, x.slot_map)
     torch.testing.assert_close(partial, want, atol=ATOL[torch.float16], rtol=0)
     rounded = fused_moe(x.hidden, q13, q2, x.routing, slot_map=x.slot_map, backend="triton")

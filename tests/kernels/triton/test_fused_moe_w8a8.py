@@ -44,7 +44,11 @@ from moe_runtime.kernels.reference import (
     grouped_gemm2_reference,
     quantize_activations_reference,
 )
-from moe_runtime.kernels.triton.fused_moe import activations_for, fused_moe_triton_fp32
+from moe_runtime.kernels.triton.fused_moe import (
+    fused_moe_for,
+    fused_moe_triton_fp32,
+    fused_moe_triton_w8a8_fp32,
+)
 from moe_runtime.kernels.triton.grouped_gemm1 import grouped_gemm1
 from moe_runtime.kernels.triton.grouped_gemm2 import grouped_gemm2
 from moe_runtime.kernels.triton.quant_act import quantize_activations
@@ -175,14 +179,14 @@ def test_fp8_activations_need_fp8_weights():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The whole pipeline: activations="fp8"
+# The whole pipeline: fused_moe_triton_w8a8_fp32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", CASES + W8A8_CASES, ids=lambda c: c.name)
 def test_matches_w8a8_reference(case, dtype):
     x, q13, q2 = fp8_inputs(case, dtype)
-    got = fused_moe_triton_fp32(x.hidden, q13, q2, x.routing, x.slot_map, TEST_TILES, activations="fp8")
+    got = fused_moe_triton_w8a8_fp32(x.hidden, q13, q2, x.routing, x.slot_map, TEST_TILES)
     assert got.dtype == torch.float32 and got.shape == (case.T, case.H)
     want = fused_moe_reference_w8a8_fp32(x.hidden, q13, q2, x.routing, x.slot_map)
     torch.testing.assert_close(got, want, atol=ATOL_W8A8, rtol=0)
@@ -194,7 +198,7 @@ def test_matches_w8a8_reference(case, dtype):
 def test_close_to_the_16bit_moe(case):
     """The loose bound: w8a8 against the unquantized fp32 MoE (module docstring)."""
     x, q13, q2 = fp8_inputs(case, torch.float32, zero_rows=False)
-    got = fused_moe_triton_fp32(x.hidden, q13, q2, x.routing, x.slot_map, TEST_TILES, activations="fp8")
+    got = fused_moe_triton_w8a8_fp32(x.hidden, q13, q2, x.routing, x.slot_map, TEST_TILES)
     want = fused_moe_reference_fp32(x.hidden, x.w13, x.w2, x.routing, x.slot_map)
     err = got - want
     assert err.norm() <= REL_16BIT * want.norm()
@@ -209,29 +213,29 @@ def test_triton_backend_keeps_w8a16_without_fp8_tensor_cores():
     assert torch.equal(got, fused_moe_triton_fp32(x.hidden, q13, q2, x.routing, x.slot_map))
 
 
-def test_activations_follow_the_device_and_the_weight_format(monkeypatch):
-    choose = activations_for.__wrapped__  # the rule itself, not the per-device memo
-    assert choose(torch.device("cpu"), torch.float8_e4m3fn) == "16bit"
-    for capability, want in (((9, 0), "fp8"), ((8, 9), "fp8"), ((8, 6), "16bit"), ((8, 0), "16bit")):
+def test_the_function_follows_the_device_and_the_weight_format(monkeypatch):
+    choose = fused_moe_for.__wrapped__  # the rule itself, not the per-device memo
+    w8a8, w8a16 = fused_moe_triton_w8a8_fp32, fused_moe_triton_fp32
+    assert choose(torch.device("cpu"), torch.float8_e4m3fn) is w8a16
+    for capability, want in (((9, 0), w8a8), ((8, 9), w8a8), ((8, 6), w8a16), ((8, 0), w8a16)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        assert choose(torch.device("cuda", 0), torch.float8_e4m3fn) == want
-        assert choose(torch.device("cuda", 0), torch.int8) == "16bit"
-        assert choose(torch.device("cuda", 0), torch.bfloat16) == "16bit"
+        assert choose(torch.device("cuda", 0), torch.float8_e4m3fn) is want
+        assert choose(torch.device("cuda", 0), torch.int8) is w8a16
+        assert choose(torch.device("cuda", 0), torch.bfloat16) is w8a16
 
 
-def test_rejects_unknown_activations_and_fp8_activations_on_other_weights():
+def test_w8a8_rejects_other_weights():
     x = make_inputs(CASES[0], torch.float32, DEVICE)
-    with pytest.raises(ValueError, match="allowed"):
-        fused_moe_triton_fp32(x.hidden, x.w13, x.w2, x.routing, activations="int8")
     for w13, w2 in ((x.w13, x.w2), (quantize(x.w13, "int8"), quantize(x.w2, "int8"))):
-        with pytest.raises(ValueError, match="float8_e4m3fn"):
-            fused_moe_triton_fp32(x.hidden, w13, w2, x.routing, activations="fp8")
+        refusal = f"needs float8_e4m3fn QuantizedWeights, got {w13.dtype}; int8 and 16-bit experts run with "
+        with pytest.raises(ValueError, match=refusal + "fused_moe_triton_fp32"):
+            fused_moe_triton_w8a8_fp32(x.hidden, w13, w2, x.routing)
 
 
 def test_no_tokens():
     x, q13, q2 = fp8_inputs(CASES[0], torch.float32)
     routing = RoutingResult(x.routing.weights[:0], x.routing.ids[:0])
-    empty = fused_moe_triton_fp32(x.hidden[:0], q13, q2, routing, activations="fp8")
+    empty = fused_moe_triton_w8a8_fp32(x.hidden[:0], q13, q2, routing)
     assert empty.dtype == torch.float32 and empty.shape == (0, CASES[0].H)
 
 
@@ -264,7 +268,7 @@ def test_cases_bf16_gpu(case):
     needs_fp8_tensor_cores()
     x, q13, q2 = fp8_inputs(case, torch.bfloat16)
     assert_same_quantization(quantize_activations(x.hidden), quantize_activations_reference(x.hidden))
-    got = fused_moe_triton_fp32(x.hidden, q13, q2, x.routing, x.slot_map, TEST_TILES, activations="fp8")
+    got = fused_moe_triton_w8a8_fp32(x.hidden, q13, q2, x.routing, x.slot_map, TEST_TILES)
     want = fused_moe_reference_w8a8_fp32(x.hidden, q13, q2, x.routing, x.slot_map)
     torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
 
@@ -278,7 +282,7 @@ def test_mixtral_shapes_bf16_gpu(T):
     from moe_runtime.kernels import fused_moe, route
 
     hidden, q13, q2, logits = mixtral_fp8(T)
-    assert activations_for(hidden.device, q13.dtype) == "fp8"
+    assert fused_moe_for(hidden.device, q13.dtype) is fused_moe_triton_w8a8_fp32
     routing = route(logits, MIXTRAL["k"])
     got = fused_moe(hidden, q13, q2, routing)  # auto = triton on CUDA
     want = fused_moe_reference_w8a8_fp32(hidden, q13, q2, routing)
