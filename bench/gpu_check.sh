@@ -12,6 +12,8 @@
 #   BENCH_ARGS='--shapes mini --m 1,16' bash bench/gpu_check.sh   # a shorter kernel benchmark (16-bit only)
 #   TUNE=1 bash bench/gpu_check.sh          # retune kernels/tuned/ for this card first (off by default:
 #                                           # H100 and H200 tables are committed)
+#   TUNE=1 TUNE_DTYPE=int8_w8a16 TUNE_M=1,2,4,8,16 bash bench/gpu_check.sh   # an 8-bit table instead
+#                                           # (int8_w8a16, fp8_w8a16 or fp8_w8a8: none is tuned yet)
 #   ENGINE_ARGS='--models mini --graphs on' bash bench/gpu_check.sh   # a shorter engine benchmark
 #   OFFLOAD_BENCH=0 ENGINE_BENCH=0 bash bench/gpu_check.sh    # leave those steps out
 #
@@ -101,12 +103,13 @@ else
   record "pytest -m gpu (rest of the suite)" 1 "NOT RUN: the runtime's dependencies are missing"
 fi
 
-# 4. Tile tuning for Mixtral-8x7B bf16 on this GPU: writes kernels/tuned/E=8,N=14336,device_name=...json
+# 4. Tile tuning for Mixtral-8x7B (bf16, or TUNE_DTYPE) on this GPU: writes kernels/tuned/E=8,N=14336,...json
 #    (the benchmark below then uses it, and shows the untuned heuristic beside it).
 if [ "${TUNE:-0}" = 1 ]; then
   echo "== bench/tune_fused_moe.py"
-  timeout 220 $PY bench/tune_fused_moe.py --shape mixtral --dtype bf16 --budget-s 160 2>&1 | tee_out tune.txt
-  record "tune_fused_moe (mixtral bf16)" "${PIPESTATUS[0]}" ""
+  timeout 220 $PY bench/tune_fused_moe.py --shape mixtral --dtype "${TUNE_DTYPE:-bf16}" --budget-s 160 \
+    ${TUNE_M:+--m "$TUNE_M"} 2>&1 | tee_out tune.txt
+  record "tune_fused_moe (mixtral ${TUNE_DTYPE:-bf16})" "${PIPESTATUS[0]}" ""
   pytest_step "pytest -m gpu -k mixtral (tuned)" 60 -m gpu -k mixtral tests/kernels --noconftest
   if [ -n "$OUTDIR" ]; then  # the table just written; '=' and ',' may not survive a copy back
     f=$(ls -t kernels/tuned/*.json | head -n 1)

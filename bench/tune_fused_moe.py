@@ -1,6 +1,12 @@
 """Tune the Triton fused MoE tile configs on this GPU and write them as data (kernels/tuned/*.json).
 
     python bench/tune_fused_moe.py --shape mixtral --dtype bf16 --m 1,2,4,8,16,32,64,128,512,2048,4096
+    python bench/tune_fused_moe.py --shape mixtral --dtype int8_w8a16 --m 1,2,4,8,16,32,64  # 8-bit experts
+
+`--dtype` is the table's format (`tile_config.TABLE_FORMATS`): bf16 / fp16 experts, or 8-bit experts
+quantized from random bf16 ones with bf16 activations: int8 or fp8 weights widened in the GEMMs
+(`int8_w8a16`, `fp8_w8a16`, `fused_moe_triton_fp32`), or fp8 weights with activations quantized per token
+(`fp8_w8a8`, `fused_moe_triton_w8a8_fp32`, compute capability >= 8.9).
 
 For each M it times the whole layer as `kernels.fused_moe` runs it (align + both grouped GEMMs + combine +
 the final cast to the input dtype), replayed from a CUDA graph, with the heuristic default and every
@@ -24,7 +30,9 @@ from pathlib import Path
 import torch
 
 from moe_runtime.kernels import route
+from moe_runtime.kernels.quant import SCHEMES, quantize
 from moe_runtime.kernels.tile_config import (
+    TABLE_FORMATS,
     TUNED_DIR,
     MoeShape,
     TileConfig,
@@ -33,7 +41,7 @@ from moe_runtime.kernels.tile_config import (
     save_table,
     table_path,
 )
-from moe_runtime.kernels.triton.fused_moe import fused_moe_triton_fp32
+from moe_runtime.kernels.triton.fused_moe import fused_moe_triton_fp32, fused_moe_triton_w8a8_fp32
 
 SHAPES = {
     "mixtral": dict(H=4096, I=14336, E=8, k=2),
@@ -43,7 +51,31 @@ SHAPES = {
     "qwen1.5-moe-a2.7b": dict(H=2048, I=1408, E=60, k=4),
     "olmoe-1b-7b": dict(H=2048, I=1024, E=64, k=8),
 }
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+FORMATS = ("bf16", "fp16", "int8_w8a16", "fp8_w8a16", "fp8_w8a8")  # the `--dtype` choices
+
+
+def hidden_dtype(fmt: str) -> torch.dtype:
+    """The activations' dtype of a format: its own for 16-bit experts, bf16 for 8-bit ones."""
+    dtype, _ = TABLE_FORMATS[fmt]
+    return dtype if dtype.itemsize == 2 else torch.bfloat16
+
+
+def experts(shape: dict, fmt: str, generator: torch.Generator | None = None) -> tuple:
+    """Random w13 [E, 2I, H] and w2 [E, H, I] scaled by 1/sqrt(fan_in), stored as `fmt` stores experts
+    (8-bit: quantized per row from the bf16 values, `kernels.quant.quantize`)."""
+    dtype, _ = TABLE_FORMATS[fmt]
+    w13 = torch.randn(shape["E"], 2 * shape["I"], shape["H"], device="cuda", generator=generator) / shape["H"] ** 0.5
+    w2 = torch.randn(shape["E"], shape["H"], shape["I"], device="cuda", generator=generator) / shape["I"] ** 0.5
+    if dtype.itemsize == 2:
+        return w13.to(dtype), w2.to(dtype)
+    scheme = next(name for name, d in SCHEMES.items() if d == dtype)
+    return quantize(w13.bfloat16(), scheme), quantize(w2.bfloat16(), scheme)
+
+
+def moe_of(fmt: str):
+    """The Triton MoE that runs a format's experts (same signature: hidden, w13, w2, routing, slot_map,
+    config)."""
+    return fused_moe_triton_w8a8_fp32 if fmt == "fp8_w8a8" else fused_moe_triton_fp32
 
 
 # Shared memory per program on Hopper (227 KB usable); candidates whose pipelined tiles exceed it are
@@ -114,16 +146,15 @@ def configs_to_try(num_tokens: int, top_k: int, num_experts: int) -> list[TileCo
 def _compile(job: tuple[str, str, list[tuple[int, TileConfig]]]) -> int:
     """Worker: launch each (M, config) once on throwaway inputs of the real shapes, which compiles its
     kernels into Triton's on-disk cache (shared with the parent). Returns how many launched."""
-    shape_name, dtype_name, items = job
-    s, dtype = SHAPES[shape_name], DTYPES[dtype_name]
-    w13 = torch.randn(s["E"], 2 * s["I"], s["H"], device="cuda", dtype=dtype)
-    w2 = torch.randn(s["E"], s["H"], s["I"], device="cuda", dtype=dtype)
+    shape_name, fmt, items = job
+    s = SHAPES[shape_name]
+    w13, w2 = experts(s, fmt)
     done = 0
     for m, cfg in items:
-        hidden = torch.randn(m, s["H"], device="cuda", dtype=dtype)
+        hidden = torch.randn(m, s["H"], device="cuda", dtype=hidden_dtype(fmt))
         try:
             routing = route(torch.randn(m, s["E"], device="cuda"), s["k"])
-            fused_moe_triton_fp32(hidden, w13, w2, routing, None, cfg)
+            moe_of(fmt)(hidden, w13, w2, routing, None, cfg)
             done += 1
         except Exception:  # a config this GPU cannot run: tune_one reports it
             pass
@@ -131,7 +162,7 @@ def _compile(job: tuple[str, str, list[tuple[int, TileConfig]]]) -> int:
     return done
 
 
-def precompile(shape_name: str, dtype_name: str, ms: list[int], workers: int) -> None:
+def precompile(shape_name: str, fmt: str, ms: list[int], workers: int) -> None:
     """Compile every config the tuning will launch, in parallel processes (Triton compiles on one core;
     a serial tuner spends most of its time there). Each worker takes whole configs, for all their M, so
     no kernel is compiled twice. Any failure here only means the tuner compiles as it goes."""
@@ -147,7 +178,7 @@ def precompile(shape_name: str, dtype_name: str, ms: list[int], workers: int) ->
     try:
         ctx = torch.multiprocessing.get_context("spawn")
         with ctx.Pool(workers) as pool:
-            launched = sum(pool.map(_compile, [(shape_name, dtype_name, shard) for shard in shards if shard]))
+            launched = sum(pool.map(_compile, [(shape_name, fmt, shard) for shard in shards if shard]))
         print(f"precompiled {len(by_cfg)} configs ({launched} launches) in {workers} processes, "
               f"{time.monotonic() - start:.0f} s", flush=True)  # fmt: skip
     except Exception as err:
@@ -156,10 +187,10 @@ def precompile(shape_name: str, dtype_name: str, ms: list[int], workers: int) ->
         )
 
 
-def moe_layer(hidden, w13, w2, routing, config: TileConfig) -> torch.Tensor:
-    """The Triton MoE as the engine runs it (`kernels.fused_moe`: fp32 pipeline, rounded once), with fixed
-    tiles. hidden [T, H]; w13 [E, 2I, H]; w2 [E, H, I]. Returns [T, H] in hidden's dtype."""
-    return fused_moe_triton_fp32(hidden, w13, w2, routing, None, config).to(hidden.dtype)
+def moe_layer(moe, hidden, w13, w2, routing, config: TileConfig) -> torch.Tensor:
+    """The Triton MoE `moe` as the engine runs it (`kernels.fused_moe`: fp32 pipeline, rounded once), with
+    fixed tiles. hidden [T, H]; w13 [E, 2I, H]; w2 [E, H, I]. Returns [T, H] in hidden's dtype."""
+    return moe(hidden, w13, w2, routing, None, config).to(hidden.dtype)
 
 
 def graph_time(fn) -> float:
@@ -179,13 +210,14 @@ def graph_time(fn) -> float:
 
 
 def tune_one(
-    num_tokens: int, shape: dict, weights, dtype: torch.dtype, budget_s: float
+    num_tokens: int, shape: dict, weights, fmt: str, budget_s: float
 ) -> tuple[TileConfig, float, float]:
     """The fastest candidate for M = num_tokens within budget_s (shared tiles first, then GEMM 2's own
     tiles once each expert has 8 rows or more), its time and the heuristic's, in ms."""
     w13, w2 = weights
+    moe = moe_of(fmt)
     g = torch.Generator(device="cuda").manual_seed(num_tokens)
-    hidden = torch.randn(num_tokens, shape["H"], device="cuda", generator=g, dtype=dtype)
+    hidden = torch.randn(num_tokens, shape["H"], device="cuda", generator=g, dtype=hidden_dtype(fmt))
     routing = route(torch.randn(num_tokens, shape["E"], device="cuda", generator=g), shape["k"])
     deadline = time.monotonic() + budget_s
 
@@ -195,7 +227,7 @@ def tune_one(
                 print(f"  M={num_tokens}: budget spent, keeping the best so far", file=sys.stderr)
                 break
             try:
-                ms = graph_time(lambda c=cfg: moe_layer(hidden, w13, w2, routing, c))
+                ms = graph_time(lambda c=cfg: moe_layer(moe, hidden, w13, w2, routing, c))
             except Exception as err:  # out of shared memory, too many registers: skip the config
                 print(f"  skip {cfg}: {type(err).__name__}", file=sys.stderr)
                 continue
@@ -204,16 +236,16 @@ def tune_one(
         return best, best_ms
 
     heuristic = default_tile_config(num_tokens, shape["k"], shape["E"])
-    heuristic_ms = graph_time(lambda: moe_layer(hidden, w13, w2, routing, heuristic))
+    heuristic_ms = graph_time(lambda: moe_layer(moe, hidden, w13, w2, routing, heuristic))
     best, best_ms = best_of(candidates(num_tokens, shape["k"], shape["E"]), heuristic, heuristic_ms)
     if num_tokens * shape["k"] / shape["E"] >= 8:
         split = [replace(best, gemm2=c) for c in gemm2_candidates(best)]
         best, best_ms = best_of(split, best, best_ms)
-    # The winner must compute what the heuristic computes (both bf16 inputs, fp32 accumulation, compared
-    # before the final rounding; outputs are O(1) here, so 3e-2 is a few bf16 ulps): a fast wrong config
-    # never reaches the table.
-    want = fused_moe_triton_fp32(hidden, w13, w2, routing, None, heuristic)
-    got = fused_moe_triton_fp32(hidden, w13, w2, routing, None, best)
+    # The winner must compute what the heuristic computes (the same inputs and arithmetic, fp32
+    # accumulation, compared before the final rounding; outputs are O(1) here, so 3e-2 is a few bf16 ulps):
+    # a fast wrong config never reaches the table.
+    want = moe(hidden, w13, w2, routing, None, heuristic)
+    got = moe(hidden, w13, w2, routing, None, best)
     if not torch.allclose(got, want, atol=3e-2, rtol=0):
         err = (got - want).abs().max().item()
         print(
@@ -229,7 +261,7 @@ def tune_one(
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="mixtral", choices=list(SHAPES))
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--dtype", default="bf16", choices=FORMATS, help="the table's format (module docstring)")
     p.add_argument("--m", default="1,2,4,8,16,32,64,128,512,2048,4096")
     p.add_argument("--budget-s", type=float, default=600.0, help="tuning time for all M together")
     p.add_argument("--out-dir", type=Path, default=TUNED_DIR)
@@ -242,26 +274,24 @@ def main() -> None:
     if args.workers > 1:
         precompile(args.shape, args.dtype, ms, args.workers)
 
-    s, dtype = SHAPES[args.shape], DTYPES[args.dtype]
-    g = torch.Generator(device="cuda").manual_seed(0)
-    w13 = torch.randn(s["E"], 2 * s["I"], s["H"], device="cuda", generator=g, dtype=dtype) / s["H"] ** 0.5
-    w2 = torch.randn(s["E"], s["H"], s["I"], device="cuda", generator=g, dtype=dtype) / s["I"] ** 0.5
+    s = SHAPES[args.shape]
+    w13, w2 = experts(s, args.dtype, torch.Generator(device="cuda").manual_seed(0))
     # The budget is split between the regimes by their number of candidates: the first M of a regime pays
     # any compile left, the later ones reuse the compiled kernels and only time them (~0.1 s per config).
     groups: dict[tuple[TileConfig, ...], list[int]] = {}
     for m in ms:
         groups.setdefault(tuple(candidates(m, s["k"], s["E"])), []).append(m)
     total = sum(len(space) for space in groups)
-    shape = MoeShape(
-        num_experts=s["E"], intermediate=s["I"], dtype=dtype, device_name=device_name(w13.device)
-    )
+    dtype, activations = TABLE_FORMATS[args.dtype]
+    shape = MoeShape(num_experts=s["E"], intermediate=s["I"], dtype=dtype, device_name=device_name(w13.device),
+                     activations=activations)
     path = table_path(shape, args.out_dir)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     table: dict[int, TileConfig] = {}
     for space, group in groups.items():
         group_deadline = time.monotonic() + args.budget_s * len(space) / total
         for m in group:
-            table[m], _, _ = tune_one(m, s, (w13, w2), dtype, max(group_deadline - time.monotonic(), 5.0))
+            table[m], _, _ = tune_one(m, s, (w13, w2), args.dtype, max(group_deadline - time.monotonic(), 5.0))
             save_table(path, table)  # after every M, so a run cut short keeps what it found
     print(f"wrote {path}")
 

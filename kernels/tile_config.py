@@ -28,13 +28,23 @@ TUNED_DIR = Path(__file__).parent / "tuned"
 #   python bench/tune_fused_moe.py --shape qwen3-30b-a3b --dtype bf16       # E=128, N=768, top-8
 #   python bench/tune_fused_moe.py --shape qwen1.5-moe-a2.7b --dtype bf16   # E=60, N=1408, top-4
 #   python bench/tune_fused_moe.py --shape olmoe-1b-7b --dtype bf16         # E=64, N=1024, top-8
-# commit the kernels/tuned/E=...,N=...,device_name=...,dtype=bf16.json it writes.
+# commit the kernels/tuned/E=...,N=...,device_name=...,dtype=bf16.json it writes. 8-bit experts have no
+# table yet either: `--shape mixtral --dtype int8_w8a16` (and fp8_w8a16, and fp8_w8a8 on sm_89+).
 
-# MoeShape.dtype -> the file name's dtype: the activations' for 16/32-bit experts; for 8-bit experts the
-# weight format (kernels/triton/fused_moe.py on QuantizedWeights). fp8 experts running w8a8 (fp8 activations,
-# sm_89+) look up the fp8_w8a16 table too: no table of either is tuned yet, and a w8a8 one needs its own key.
-_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-                torch.int8: "int8_w8a16", torch.float8_e4m3fn: "fp8_w8a16"}
+# The file name's dtype -> (MoeShape.dtype, MoeShape.activations): the activations' dtype for 16/32-bit
+# experts; for 8-bit experts (kernels/triton/fused_moe.py on QuantizedWeights) the weight format, and for
+# fp8 experts that also quantize their activations (w8a8, `fused_moe_triton_w8a8_fp32`) the activations'
+# dtype too: its tiles are tuned apart, since fp8 x fp8 tensor-core tiles and the w8a16 ones (weights widened
+# in registers) run best at different shapes.
+TABLE_FORMATS: dict[str, tuple[torch.dtype, torch.dtype | None]] = {
+    "fp32": (torch.float32, None),
+    "fp16": (torch.float16, None),
+    "bf16": (torch.bfloat16, None),
+    "int8_w8a16": (torch.int8, None),
+    "fp8_w8a16": (torch.float8_e4m3fn, None),
+    "fp8_w8a8": (torch.float8_e4m3fn, torch.float8_e4m3fn),
+}
+_FORMAT_NAMES = {pair: name for name, pair in TABLE_FORMATS.items()}
 
 
 @dataclass(frozen=True)
@@ -72,13 +82,29 @@ class MoeShape:
 
     num_experts: int  # E (resident slots S when offloading)
     intermediate: int  # I, the N of the tuned file name
-    dtype: torch.dtype
+    dtype: torch.dtype  # the activations' (16/32-bit experts) or the weights' 8-bit format
     device_name: str  # torch.cuda.get_device_name() with spaces as underscores, or "cpu"
+    # What 8-bit weights are multiplied with when the GEMMs quantize the activations too (w8a8:
+    # float8_e4m3fn); None: 16-bit activations (16-bit experts, w8a16)
+    activations: torch.dtype | None = None
+
+    @property
+    def format(self) -> str:
+        """The file name's dtype (`TABLE_FORMATS`).
+
+        >>> MoeShape(8, 14336, torch.float8_e4m3fn, "NVIDIA_H200", torch.float8_e4m3fn).format
+        'fp8_w8a8'
+        """
+        name = _FORMAT_NAMES.get((self.dtype, self.activations))
+        if name is None:
+            raise ValueError(f"no tuned-table format for weights/activations {self.dtype} x {self.activations}; "
+                             f"allowed: {sorted(TABLE_FORMATS)}")
+        return name
 
 
 def table_path(shape: MoeShape, tuned_dir: Path = TUNED_DIR) -> Path:
     """The file a tuned table for `shape` lives in."""
-    dtype = _DTYPE_NAMES[shape.dtype]
+    dtype = shape.format
     return (
         tuned_dir
         / f"E={shape.num_experts},N={shape.intermediate},device_name={shape.device_name},dtype={dtype}.json"

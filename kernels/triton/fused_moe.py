@@ -14,8 +14,8 @@ fp8 experts also run as w8a8 (`fused_moe_triton_w8a8_fp32`; the `triton` backend
 compute capability >= 8.9, `fused_moe_for`): the activations are quantized per token (`quant_act.py`)
 before each grouped GEMM, the hidden states before GEMM 1 and GEMM 1's output, per pair row, before GEMM 2.
 Both GEMMs then multiply fp8 by fp8 on tensor cores and scale by the token's and the weight row's scales.
-Two more launches (six); grids still depend only on shapes. Tiles: the fp8 (w8a16) table, else the
-heuristic.
+Two more launches (six); grids still depend only on shapes. Tiles: a table of their own
+(`dtype=fp8_w8a8`), else the heuristic.
 """
 
 from __future__ import annotations
@@ -41,10 +41,11 @@ def _checked_tiles(
     w2: torch.Tensor | QuantizedWeight,
     routing: RoutingResult,
     config: TileConfig | None,
+    activations: torch.dtype | None = None,
 ) -> TileConfig:
     """Checks the experts' shapes and types against hidden's (ValueError / TypeError) and returns `config`,
     or when None the tuned tiles for these T, k and expert shape (the weights' 8-bit format, else hidden's
-    dtype), else the heuristic."""
+    dtype; `activations`: the dtype w8a8 quantizes the activations to, its own table), else the heuristic."""
     T, H = hidden.shape
     S, two_i, _ = w13.shape
     if w2.shape != (S, H, two_i // 2):
@@ -59,7 +60,7 @@ def _checked_tiles(
         return config
     shape = MoeShape(
         num_experts=S, intermediate=two_i // 2, dtype=w13.dtype if quantized else hidden.dtype,
-        device_name=device_name(hidden.device),
+        device_name=device_name(hidden.device), activations=activations,
     )
     return tile_config_for(T, routing.top_k, shape)
 
@@ -109,7 +110,7 @@ def fused_moe_triton_w8a8_fp32(
     if not isinstance(w13, QuantizedWeight) or w13.dtype != torch.float8_e4m3fn:
         raise ValueError(f"fused_moe_triton_w8a8_fp32 needs float8_e4m3fn QuantizedWeights, got {w13.dtype}; "
                          "int8 and 16-bit experts run with fused_moe_triton_fp32")
-    config = _checked_tiles(hidden, w13, w2, routing, config)
+    config = _checked_tiles(hidden, w13, w2, routing, config, torch.float8_e4m3fn)
     if hidden.shape[0] == 0:
         return torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     slots = routing.slots(slot_map)  # [T, k]

@@ -1,8 +1,11 @@
-"""Tuned tile configs as data: file naming, nearest-M lookup, heuristic default."""
+"""Tuned tile configs as data: file naming (one format per weight / activation pair), nearest-M lookup,
+heuristic default."""
 
+import pytest
 import torch
 
 from moe_runtime.kernels.tile_config import (
+    TABLE_FORMATS,
     MoeShape,
     TileConfig,
     default_tile_config,
@@ -55,7 +58,26 @@ def test_gemm2_tiles_round_trip_and_apply_to_gemm2_only(tmp_path):
 
 
 def test_gemm2_tiles_must_share_block_m():
-    import pytest
-
     with pytest.raises(ValueError, match="block_m=64"):
         TileConfig(64, 128, 64, 8, 8, 3, gemm2=TileConfig(128, 128, 64, 8, 8, 3))
+
+
+@pytest.mark.parametrize("name", sorted(TABLE_FORMATS))
+def test_every_format_names_its_own_file(name, tmp_path):
+    dtype, activations = TABLE_FORMATS[name]
+    shape = MoeShape(8, 14336, dtype, "NVIDIA_H200", activations)
+    assert shape.format == name and table_path(shape, tmp_path).name.endswith(f",dtype={name}.json")
+
+
+def test_w8a8_tiles_are_not_the_w8a16_ones(tmp_path):
+    w8a16 = MoeShape(8, 14336, torch.float8_e4m3fn, "NVIDIA_H200")
+    w8a8 = MoeShape(8, 14336, torch.float8_e4m3fn, "NVIDIA_H200", activations=torch.float8_e4m3fn)
+    save_table(table_path(w8a16, tmp_path), {1: MID})
+    assert tile_config_for(1, 2, w8a16, tmp_path) == MID
+    assert tile_config_for(1, 2, w8a8, tmp_path) == default_tile_config(1, 2, 8), "no w8a8 table: the heuristic"
+
+
+def test_a_pair_without_a_format_is_refused():
+    with pytest.raises(ValueError, match="no tuned-table format for weights/activations torch.bfloat16 x "
+                                         "torch.float8_e4m3fn"):
+        table_path(MoeShape(8, 14336, torch.bfloat16, "cpu", torch.float8_e4m3fn))

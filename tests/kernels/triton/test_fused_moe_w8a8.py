@@ -232,6 +232,19 @@ def test_w8a8_rejects_other_weights():
             fused_moe_triton_w8a8_fp32(x.hidden, w13, w2, x.routing)
 
 
+def test_w8a8_looks_up_its_own_tiles(monkeypatch):
+    """fp8 experts find the fp8_w8a8 table through the w8a8 MoE and the fp8_w8a16 one through the w8a16 MoE."""
+    from moe_runtime.kernels.triton import fused_moe as module
+
+    looked_up = []
+    monkeypatch.setattr(module, "tile_config_for", lambda T, k, shape: looked_up.append(shape.format) or TEST_TILES)
+    x, q13, q2 = fp8_inputs(CASES[0], torch.float32)
+    routing = RoutingResult(x.routing.weights[:0], x.routing.ids[:0])
+    fused_moe_triton_w8a8_fp32(x.hidden[:0], q13, q2, routing)
+    fused_moe_triton_fp32(x.hidden[:0], q13, q2, routing)
+    assert looked_up == ["fp8_w8a8", "fp8_w8a16"]
+
+
 def test_no_tokens():
     x, q13, q2 = fp8_inputs(CASES[0], torch.float32)
     routing = RoutingResult(x.routing.weights[:0], x.routing.ids[:0])
