@@ -49,8 +49,8 @@ def _upcast_linear(x: torch.Tensor, w: torch.Tensor | QuantizedWeight) -> torch.
     for start in range(0, N, step):
         end = min(start + step, N)
         chunk = buf[: end - start]
-        if isinstance(w, QuantizedWeight):
-            torch.mul(w.data[start:end], w.scale[start:end, None], out=chunk)
+        if isinstance(w, QuantizedWeight):  # the values made fp32 (exact), then times the row scales
+            chunk.copy_(w.data[start:end]).mul_(w.scale[start:end, None])
         else:
             chunk.copy_(w[start:end])
         torch.mm(x, chunk.T, out=out[:, start:end])

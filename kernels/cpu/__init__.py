@@ -15,7 +15,9 @@ take `vdpbf16ps` tiles (dot_bf16.h) from row counts measured on the machine (`do
 
 `linear`, `attention_decode` and the MoE ops also take int8 weights (`kernels.quant.QuantizedWeight`s
 with int8 data: the values widened in registers, fp32 accumulation, each output column times its row's
-scale before the rounding; half the bytes of bf16 read per token).
+scale before the rounding; half the bytes of bf16 read per token). `linear` and the MoE ops take
+float8_e4m3fn ones the same way (FP8 checkpoints' experts: each byte widened exactly, vec.h `load8`; AVX2
+tiles only, no `vdpbf16ps` ones).
 
 w is bfloat16 or float16 with unit stride along K (expert slices w13[s] of stacked tensors qualify); x may
 be any float dtype and any row stride. Every product accumulates in fp32 and is rounded where torch rounds
@@ -140,10 +142,9 @@ def dot_int8_rows(rows: int) -> int:
 def linear_fp32(x: torch.Tensor, w: torch.Tensor | QuantizedWeight) -> torch.Tensor:
     """x [M, K] (any float dtype) @ w[N, K]^T -> [M, N] float32. Needs `available()`.
 
-    w: bf16 or fp16, or an int8 `QuantizedWeight` (output column n times its row scale, once, after the
-    fp32 sum: `w.dequantize(float32)`'s product up to summation order)."""
+    w: bf16 or fp16, or an int8 / float8_e4m3fn `QuantizedWeight` (output column n times its row scale,
+    once, after the fp32 sum: `w.dequantize(float32)`'s product up to summation order)."""
     if isinstance(w, QuantizedWeight):
-        _int8(w)
         return extension().linear_fp32(x, w.data, scale=w.scale)
     return extension().linear_fp32(x, w)
 
@@ -153,9 +154,7 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantizedWeight) -> torch.Tensor:
     return linear_fp32(x, w).to(x.dtype)
 
 
-def _int8(w: QuantizedWeight) -> None:
-    if w.dtype != torch.int8:
-        raise TypeError(f"native CPU kernels take 16-bit or int8 weights, got {w.dtype}")
+EIGHT_BIT = (torch.int8, torch.float8_e4m3fn)  # the QuantizedWeight formats the native kernels take: all
 
 
 def _split(w13, w2) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -164,13 +163,14 @@ def _split(w13, w2) -> tuple[torch.Tensor, torch.Tensor, dict]:
 
 
 def _pair(a, b, scale_a: str, scale_b: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Two weights of one format: (values, values, their scales under the given keyword names, if int8)."""
+    """Two weights of one format: (values, values, their scales under the given keyword names, if 8-bit)."""
     if isinstance(a, QuantizedWeight):
-        if not isinstance(b, QuantizedWeight) or a.dtype != torch.int8 or b.dtype != torch.int8:
-            raise TypeError(f"native CPU kernels take 16-bit or int8 weights, got {a.dtype} and {b.dtype}")
+        if not isinstance(b, QuantizedWeight) or a.dtype not in EIGHT_BIT or b.dtype != a.dtype:
+            raise TypeError(f"native CPU kernels take 16-bit weights or 8-bit ones of one format (int8, "
+                            f"float8_e4m3fn), got {a.dtype} and {b.dtype}")
         return a.data, b.data, {scale_a: a.scale, scale_b: b.scale}
     if isinstance(b, QuantizedWeight):
-        raise TypeError(f"both weights must be 16-bit or both int8, got {a.dtype} and {b.dtype}")
+        raise TypeError(f"both weights must be 16-bit or both 8-bit, got {a.dtype} and {b.dtype}")
     return a, b, {}
 
 
@@ -211,24 +211,13 @@ def moe_decode(
     """A whole sparse MoE block for a few tokens in one native call: route, then `moe_fp32`, rounded once.
 
     hidden [T, H] (16-bit, or fp32 values); gate [E, H] the router's weight; w13 [E, 2I, H], w2 [E, H, I]
-    (16-bit or int8 `QuantizedWeight`s, contiguous, every expert resident); counts [E] int64, incremented in place by the tokens
+    (16-bit, or int8 / float8_e4m3fn `QuantizedWeight`s; contiguous, every expert resident); counts [E] int64,
+    incremented in place by the tokens
     routed to each expert. Routing as `reference.route_reference` (router logits rounded to hidden's dtype,
     fp32 softmax, top-k with ties to the lower id, renormalized). Returns [T, H] in hidden's dtype.
     """
-    if isinstance(w13, QuantizedWeight) and w13.dtype != torch.int8:  # FP8: no native kernel, torch's ops
-        return _moe_decode_torch(hidden, gate, w13, w2, top_k, counts)
     w13, w2, scales = _split(w13, w2)
     return extension().moe_decode(hidden, gate, w13, w2, top_k, counts, **scales)
-
-
-def _moe_decode_torch(hidden, gate, w13, w2, top_k, counts) -> torch.Tensor:
-    """`moe_decode` on torch's ops: the same routing, each routed expert dequantized (FP8 experts)."""
-    from moe_runtime.kernels.reference import route_reference
-    from moe_runtime.kernels.torch_moe import expert_mlp_dequantized, run_experts_fp32
-
-    routing = route_reference(torch.nn.functional.linear(hidden, gate.to(hidden.dtype)), top_k)
-    counts += torch.bincount(routing.ids.flatten().long(), minlength=counts.numel())
-    return run_experts_fp32(hidden, w13, w2, routing, None, expert_mlp_dequantized).to(hidden.dtype)
 
 
 def attention_decode(
@@ -264,9 +253,11 @@ def attention_decode(
 
 
 def dequantize(w: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
-    """`w.dequantize(dtype)` (the same bits) for int8 `w` on the CPU in one native pass; other `w` (FP8, on a
-    GPU, not contiguous, no native kernels) through torch."""
-    if w.dtype != torch.int8 or w.device.type != "cpu" or not w.data.is_contiguous() or not available():
+    """`w.dequantize(dtype)` (the same bits) for int8 or float8_e4m3fn `w` on the CPU in one native pass
+    (torch converts FP8 one element at a time there); other `w` (on a GPU, not contiguous, no native kernels)
+    through torch."""
+    native = w.dtype in (torch.int8, torch.float8_e4m3fn) and w.device.type == "cpu" and w.data.is_contiguous()
+    if not native or not available():
         return w.dequantize(dtype)
     return extension().dequantize(w.data, w.scale.contiguous(), dtype)
 

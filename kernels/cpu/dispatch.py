@@ -46,7 +46,8 @@ NATIVE_MAX_ROWS = 64  # the native kernels take at most this many rows (kernels/
 # read them from memory (as in a decode step, which streams every weight once) and not from the caches.
 COLD_BYTES = 96 << 20
 # Bump when the cached JSON's meaning changes, or when a kernel change moves the switch points (2: `dot` on
-# AVX512-BF16 CPUs; 3: `dot_int8`, `_apart`; 4: the vdpbf16ps tiles' prefetch into L2, faster from 3 rows)
+# AVX512-BF16 CPUs; 3: `dot_int8`, `_apart`; 4: the vdpbf16ps tiles' prefetch into L2, faster from 3 rows,
+# and fp8 experts measured in fp8 on their native kernels)
 FORMAT = 4
 
 
@@ -332,9 +333,9 @@ def _plan_tiles(groups: list[tuple], set_rows: Callable[[int], int], max_rows: i
 def plan_expert(hidden: int, inter: int, dtype: torch.dtype, max_rows: int, native: bool,
                 weights: str = "none") -> RowPlan:
     """The fastest of native / bf16 / fp32 for one expert's SwiGLU MLP over a group of rows, activations in
-    `dtype`. weights: "none" (16-bit experts in `dtype`) or "int8" (kernels/quant.py; then `bf16` is the
-    expert dequantized to `dtype` and torch's GEMMs, `fp32` dequantized chunk by chunk, as kernels/cpu/moe.py
-    runs them)."""
+    `dtype`. weights: "none" (16-bit experts in `dtype`) or "int8" / "fp8" (kernels/quant.py; then `bf16` is
+    the expert dequantized to `dtype` and torch's GEMMs, `fp32` dequantized chunk by chunk, as
+    kernels/cpu/moe.py runs them)."""
     from moe_runtime.kernels import cpu
     from moe_runtime.kernels.cpu.moe import _expert_mlp_dequantized_native, expert_mlp_16bit, expert_mlp_fp32
     from moe_runtime.kernels.quant import quantize
@@ -342,8 +343,8 @@ def plan_expert(hidden: int, inter: int, dtype: torch.dtype, max_rows: int, nati
     w13s, w2s = _cold_copies((2 * inter, hidden), dtype), _cold_copies((hidden, inter), dtype)
     pairs = list(zip(w13s, w2s, strict=False))
     sixteen = expert_mlp_16bit
-    if weights == "int8":  # as many int8 copies, so twice the bytes-per-copy margin over the caches
-        pairs = [(quantize(a, "int8"), quantize(b, "int8")) for a, b in pairs]
+    if weights != "none":  # as many 8-bit copies, so twice the bytes-per-copy margin over the caches
+        pairs = [(quantize(a, weights), quantize(b, weights)) for a, b in pairs]
         sixteen = _expert_mlp_dequantized_native
     choices = []
     for rows in buckets(max_rows):

@@ -9,11 +9,11 @@ enough for `native` (decode: T * k rows in all), the whole layer is one native c
 same arithmetic without the Python per-expert loop). fp32 weights, and `native` where the native kernels
 did not build, take the torch backend's path.
 
-int8 experts (`kernels.quant.QuantizedWeight`) take the same plan with the same choice names: `native` the
-native kernels on the int8 values (dequantized in registers), `bf16` the expert dequantized to the
-activation dtype and torch's GEMMs, `fp32` dequantized chunk by chunk to fp32 (the plan is measured on int8
-weights then: `dispatch.plan_expert(..., weights="int8")`). FP8 experts take the torch backend's path
-(dequantized per expert; no native FP8 kernel on CPU).
+8-bit experts (`kernels.quant.QuantizedWeight`: int8, or float8_e4m3fn from FP8 checkpoints or
+`model.quantization: fp8`) take the same plan with the same choice names: `native` the native kernels on the
+8-bit values (widened in registers), `bf16` the expert dequantized to the activation dtype in one native
+pass and torch's GEMMs, `fp32` dequantized chunk by chunk to fp32 (the plan is measured on weights of that
+format then: `dispatch.plan_expert(..., weights="int8" | "fp8")`).
 
 Not bit-identical to the reference: the same rounding points, but fp32 accumulation in another order
 (tests/kernels/test_cpu_moe.py states the tolerance). `model.exact: true` keeps the `torch` backend.
@@ -74,7 +74,7 @@ class CpuMoe:
         return run_experts_fp32(hidden, w13, w2, routing, slot_map, self._expert)
 
     def _quantized(self, hidden, w13: QuantizedWeight, w2: QuantizedWeight, routing, slot_map) -> torch.Tensor:
-        if w13.dtype != torch.int8 or not cpu.available():
+        if w13.dtype not in cpu.EIGHT_BIT or not cpu.available():
             return run_experts_fp32(hidden, w13, w2, routing, slot_map, expert_mlp_dequantized)
         if hidden.shape[0] * routing.top_k <= self.native_upto:
             return cpu.moe_fp32(hidden, w13, w2, routing.slots(slot_map), routing.weights)

@@ -116,16 +116,17 @@ void route_one(const float* logits, int64_t E, int64_t k, int64_t* ids, float* w
 // fp32; any of the three for int8).
 template <typename F>
 void dispatch(const at::Tensor& w, at::ScalarType act, const F& f) {
-  if (w.scalar_type() == at::kChar) {
-    TORCH_CHECK(act == at::kBFloat16 || act == at::kHalf || act == at::kFloat,
-                "moe: activations of int8 experts must be bfloat16, float16 or float32, got ", act);
-    if (act == at::kFloat) f(int8_t{}, float{});
-    else if (act == at::kBFloat16) f(int8_t{}, c10::BFloat16{});
-    else f(int8_t{}, c10::Half{});
-    return;
-  }
+  auto eight_bit = [&](auto q) {
+    TORCH_CHECK(act == at::kBFloat16 || act == at::kHalf || act == at::kFloat, "moe: activations of ",
+                w.scalar_type(), " experts must be bfloat16, float16 or float32, got ", act);
+    if (act == at::kFloat) f(q, float{});
+    else if (act == at::kBFloat16) f(q, c10::BFloat16{});
+    else f(q, c10::Half{});
+  };
+  if (w.scalar_type() == at::kChar) return eight_bit(int8_t{});
+  if (w.scalar_type() == at::kFloat8_e4m3fn) return eight_bit(c10::Float8_e4m3fn{});
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf,
-              "moe: expert weights must be bfloat16, float16 or int8, got ", w.scalar_type());
+              "moe: expert weights must be bfloat16, float16, int8 or float8_e4m3fn, got ", w.scalar_type());
   TORCH_CHECK(act == w.scalar_type() || act == at::kFloat, "moe: activations must be ", w.scalar_type(),
               " or float32, got ", act);
   if (w.scalar_type() == at::kBFloat16) {
@@ -146,13 +147,15 @@ void check_experts(const at::Tensor& hidden, const at::Tensor& w13, const at::Te
               "moe: w13 and w2 must be contiguous and of one dtype");
 }
 
-// The per-row scales of int8 experts: both given, fp32, contiguous, [S, 2I] and [S, H]; for 16-bit
+bool is_8bit(const at::Tensor& w) { return w.scalar_type() == at::kChar || w.scalar_type() == at::kFloat8_e4m3fn; }
+
+// The per-row scales of 8-bit experts (int8, float8_e4m3fn): both given, fp32, contiguous, [S, 2I] and [S, H]; for 16-bit
 // experts neither. Returns their data pointers (null for 16-bit).
 std::pair<const float*, const float*> scales_of(const at::Tensor& w13, const at::Tensor& w2,
                                                 const std::optional<at::Tensor>& s13,
                                                 const std::optional<at::Tensor>& s2) {
-  const bool q = w13.scalar_type() == at::kChar;
-  TORCH_CHECK(q == s13.has_value() && q == s2.has_value(), "moe: int8 experts need both scales (s13 [S, 2I], ",
+  const bool q = is_8bit(w13);
+  TORCH_CHECK(q == s13.has_value() && q == s2.has_value(), "moe: 8-bit experts need both scales (s13 [S, 2I], ",
               "s2 [S, H]); 16-bit experts take none. Weights ", w13.scalar_type(), ", scales given: ",
               s13.has_value(), ", ", s2.has_value());
   if (!q) return {nullptr, nullptr};
@@ -225,10 +228,10 @@ at::Tensor moe_decode(const at::Tensor& hidden, const at::Tensor& gate, const at
   const auto [sc13, sc2] = scales_of(w13, w2, s13, s2);
   const int64_t T = hidden.size(0), H = hidden.size(1), E = w13.size(0), I = w2.size(2);
   TORCH_CHECK(gate.dim() == 2 && gate.size(0) == E && gate.size(1) == H && gate.stride(1) == 1 &&
-                  (w13.scalar_type() == at::kChar ? gate.scalar_type() == at::kBFloat16 || gate.scalar_type() == at::kHalf
+                  (is_8bit(w13) ? gate.scalar_type() == at::kBFloat16 || gate.scalar_type() == at::kHalf
                                                   : gate.scalar_type() == w13.scalar_type()),
               "moe_decode: gate must be [E, H] = [", E, ", ", H, "] with unit stride along H in ",
-              w13.scalar_type() == at::kChar ? "bfloat16 or float16" : c10::toString(w13.scalar_type()), ", got ",
+              is_8bit(w13) ? "bfloat16 or float16" : c10::toString(w13.scalar_type()), ", got ",
               gate.sizes(), " ", gate.scalar_type());
   TORCH_CHECK(top_k >= 1 && top_k <= E, "moe_decode: top_k ", top_k, " outside [1, ", E, "]");
   TORCH_CHECK(counts.dim() == 1 && counts.size(0) == E && counts.scalar_type() == at::kLong && counts.is_contiguous(),

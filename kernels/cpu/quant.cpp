@@ -8,9 +8,11 @@
 // an fp32 temporary (22 ms for mini's w13 on 2 Zen 4 threads): quantizing at load, and an offload tier's
 // every read of a 16-bit expert (offload/host_tier.py `MmapTier`), paid that per expert.
 //
-// Dequantize int8 weights with per-row scales to a 16-bit or fp32 weight in one pass:
+// Dequantize int8 or float8_e4m3fn weights with per-row scales to a 16-bit or fp32 weight in one pass:
 // out[r, k] = round(data[r, k] * scale[r]) in out's dtype (kernels/quant.py `QuantizedWeight.dequantize`,
-// the same bits: an int8 times an fp32 scale is one fp32 product, rounded once).
+// the same bits: an 8-bit value, exact in fp32, times an fp32 scale is one fp32 product, rounded once).
+// torch converts float8_e4m3fn to other dtypes one element at a time on the CPU (mini's FP8 experts decoded
+// at 1.4 tok/s against bf16's 95, all of it in that conversion); here 8 at a time (vec.h `load8`).
 //
 // Why: expert groups of many rows (prefill) run torch's GEMMs on the dequantized expert where those win
 // (oneDNN's AVX512-BF16 / AMX bf16 GEMMs; kernels/cpu/moe.py's `bf16` choice). Dequantizing with torch ops
@@ -32,10 +34,10 @@
 namespace moe_cpu {
 namespace {
 
-template <typename Out>
-AVX2_FN void dequantize_rows_avx2(const int8_t* q, const float* scale, Out* out, int64_t r0, int64_t r1, int64_t K) {
+template <typename Q, typename Out>
+AVX2_FN void dequantize_rows_avx2(const Q* q, const float* scale, Out* out, int64_t r0, int64_t r1, int64_t K) {
   for (int64_t r = r0; r < r1; ++r) {
-    const int8_t* qr = q + r * K;
+    const Q* qr = q + r * K;
     Out* o = out + r * K;
     const __m256 s = _mm256_set1_ps(scale[r]);
     int64_t k = 0;
@@ -50,8 +52,8 @@ AVX2_FN void dequantize_rows_avx2(const int8_t* q, const float* scale, Out* out,
   }
 }
 
-template <typename Out>
-void dequantize_rows_scalar(const int8_t* q, const float* scale, Out* out, int64_t r0, int64_t r1, int64_t K) {
+template <typename Q, typename Out>
+void dequantize_rows_scalar(const Q* q, const float* scale, Out* out, int64_t r0, int64_t r1, int64_t K) {
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t k = 0; k < K; ++k) out[r * K + k] = Out(static_cast<float>(q[r * K + k]) * scale[r]);
 }
@@ -139,8 +141,10 @@ void quantize_into(const at::Tensor& w, at::Tensor& data, at::Tensor& scale, boo
 
 // See kernels/cpu/__init__.py `dequantize`.
 at::Tensor dequantize(const at::Tensor& data, const at::Tensor& scale, at::ScalarType dtype, bool simd) {
-  TORCH_CHECK(data.scalar_type() == at::kChar && data.dim() >= 1 && data.is_contiguous(),
-              "dequantize: data must be contiguous int8 [..., N, K], got ", data.scalar_type(), " ", data.sizes());
+  const bool fp8 = data.scalar_type() == at::kFloat8_e4m3fn;
+  TORCH_CHECK((data.scalar_type() == at::kChar || fp8) && data.dim() >= 1 && data.is_contiguous(),
+              "dequantize: data must be contiguous int8 or float8_e4m3fn [..., N, K], got ", data.scalar_type(),
+              " ", data.sizes());
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
                   scale.sizes() == data.sizes().slice(0, data.dim() - 1),
               "dequantize: scale must be contiguous float32 ", data.sizes().slice(0, data.dim() - 1), ", got ",
@@ -150,21 +154,25 @@ at::Tensor dequantize(const at::Tensor& data, const at::Tensor& scale, at::Scala
   simd = simd && cpu_has_avx2();
   at::Tensor out = at::empty(data.sizes(), data.options().dtype(dtype));
   const int64_t K = data.size(-1), rows = K == 0 ? 0 : data.numel() / K;
-  const int8_t* q = data.data_ptr<int8_t>();
   const float* s = scale.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(K, 1));
-  auto run = [&](auto* o) {
+  auto run = [&](const auto* q, auto* o) {
+    using Q = std::remove_const_t<std::remove_pointer_t<decltype(q)>>;
     using Out = std::remove_pointer_t<decltype(o)>;
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
       if (simd)
-        dequantize_rows_avx2<Out>(q, s, o, r0, r1, K);
+        dequantize_rows_avx2<Q, Out>(q, s, o, r0, r1, K);
       else
-        dequantize_rows_scalar<Out>(q, s, o, r0, r1, K);
+        dequantize_rows_scalar<Q, Out>(q, s, o, r0, r1, K);
     });
   };
-  if (dtype == at::kBFloat16) run(out.data_ptr<c10::BFloat16>());
-  else if (dtype == at::kHalf) run(out.data_ptr<c10::Half>());
-  else run(out.data_ptr<float>());
+  auto with_out = [&](const auto* q) {
+    if (dtype == at::kBFloat16) run(q, out.data_ptr<c10::BFloat16>());
+    else if (dtype == at::kHalf) run(q, out.data_ptr<c10::Half>());
+    else run(q, out.data_ptr<float>());
+  };
+  if (fp8) with_out(data.data_ptr<c10::Float8_e4m3fn>());
+  else with_out(data.data_ptr<int8_t>());
   return out;
 }
 

@@ -33,7 +33,8 @@ void quantize_into(const at::Tensor& w, at::Tensor& data, at::Tensor& scale, boo
 namespace {
 
 // y[M, N] fp32 = x @ w^T. Checks shapes, dtypes and strides; widens x to fp32 when needed. w is 16-bit, or
-// int8 with its per-row fp32 `scale` [N] (kernels/quant.py): output column n is scaled by scale[n] once.
+// int8 / float8_e4m3fn with its per-row fp32 `scale` [N] (kernels/quant.py): output column n is scaled by
+// scale[n] once.
 // `simd` false forces the scalar fallback (tests compare both paths on AVX2 machines).
 at::Tensor linear_fp32(const at::Tensor& x_in, const at::Tensor& w, bool simd, const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(x_in.dim() == 2 && w.dim() == 2, "linear: x must be [M, K] and w [N, K], got x ", x_in.sizes(),
@@ -41,10 +42,10 @@ at::Tensor linear_fp32(const at::Tensor& x_in, const at::Tensor& w, bool simd, c
   TORCH_CHECK(x_in.size(1) == w.size(1), "linear: x [M, K] and w [N, K] disagree on K: x ", x_in.sizes(),
               ", w ", w.sizes());
   TORCH_CHECK(x_in.device().is_cpu() && w.device().is_cpu(), "linear: CPU tensors only");
-  const bool q = w.scalar_type() == at::kChar;
+  const bool q = w.scalar_type() == at::kChar || w.scalar_type() == at::kFloat8_e4m3fn;
   TORCH_CHECK(q || w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf,
-              "linear: w must be bfloat16, float16 or int8, got ", w.scalar_type());
-  TORCH_CHECK(q == scale.has_value(), "linear: int8 weights need their per-row scale [N] and 16-bit weights take ",
+              "linear: w must be bfloat16, float16, int8 or float8_e4m3fn, got ", w.scalar_type());
+  TORCH_CHECK(q == scale.has_value(), "linear: 8-bit weights need their per-row scale [N] and 16-bit weights take ",
               "none; w ", w.scalar_type(), ", scale given: ", scale.has_value());
   if (q)
     TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() && scale->dim() == 1 &&
@@ -63,7 +64,10 @@ at::Tensor linear_fp32(const at::Tensor& x_in, const at::Tensor& w, bool simd, c
   const float* xp = x.data_ptr<float>();
   const int64_t ldx = x.stride(0), ldw = w.stride(0);
   if (q) {
-    gemm(xp, ldx, w.data_ptr<int8_t>(), ldw, y.data_ptr<float>(), N, M, N, K, simd);
+    if (w.scalar_type() == at::kChar)
+      gemm(xp, ldx, w.data_ptr<int8_t>(), ldw, y.data_ptr<float>(), N, M, N, K, simd);
+    else
+      gemm(xp, ldx, w.data_ptr<c10::Float8_e4m3fn>(), ldw, y.data_ptr<float>(), N, M, N, K, simd);
     scale_columns(y.data_ptr<float>(), M, N, scale->data_ptr<float>());
   } else if (w.scalar_type() == at::kBFloat16) {
     gemm(xp, ldx, w.data_ptr<c10::BFloat16>(), ldw, y.data_ptr<float>(), N, M, N, K, simd);

@@ -134,7 +134,7 @@ def cpu_plan(kernels: KernelChoice, cfg: ModelConfig, dtype: torch.dtype, engine
         machine=dispatch.machine_key(),
         linear={dispatch.weight_key((n, k), w): dispatch.plan_linear(n, k, dtype, r, native, w)
                 for (n, k, w), r in shapes.items()},
-        expert=dispatch.plan_expert(D, cfg.intermediate_size, dtype, rows, native, _int8(formats.experts)),
+        expert=dispatch.plan_expert(D, cfg.intermediate_size, dtype, rows, native, _eight_bit(formats.experts)),
         dot=dot,
         dot_int8=dot_int8,
     )
@@ -164,9 +164,15 @@ def plan_dir(engine: EngineConfig) -> Path:
 
 
 def _int8(scheme: str) -> str:
-    """The format a weight of `scheme` is measured in: int8 has native kernels; FP8 always runs dequantized
-    through torch's GEMM (kernels/linear.py), so no plan of its own."""
+    """The format a dense weight of `scheme` is measured in: int8 has native kernels; FP8 dense projections
+    always run dequantized through torch's GEMM (kernels/linear.py), so no plan of their own."""
     return "int8" if scheme == "int8" else "none"
+
+
+def _eight_bit(scheme: str) -> str:
+    """The format an expert of `scheme` is measured in: int8 and fp8 experts have native kernels
+    (kernels/cpu/moe.py), each with its own costs."""
+    return scheme if scheme in ("int8", "fp8") else "none"
 
 
 def _model_key(cfg: ModelConfig, dtype: torch.dtype, engine: EngineConfig,
