@@ -210,8 +210,10 @@ def main() -> None:
         run_ours(base, warm, 4)
     if hf is not None:
         run_hf(hf, warm, 4)
-    measured_tiles = cpu.dot_bf16_rows(0), cpu.dot_int8_rows(0)  # what the plans set (0: AVX2 tiles only)
-    cpu.dot_bf16_rows(measured_tiles[0]), cpu.dot_int8_rows(measured_tiles[1])
+    setters = (cpu.dot_bf16_rows, cpu.dot_int8_rows, cpu.dot_fp8_rows)  # per weight format
+    measured_tiles = [set_rows(0) for set_rows in setters]  # what the plans set (0: AVX2 tiles only)
+    for set_rows, rows_from in zip(setters, measured_tiles, strict=True):
+        set_rows(rows_from)
     tiles = args.tiles_baseline and max(measured_tiles) > 0
     if args.tiles_baseline and not tiles:
         print("--tiles-baseline: the plan runs the AVX2 tiles only on this CPU; nothing to compare", file=sys.stderr)
@@ -230,9 +232,11 @@ def main() -> None:
                 _progress(f"batch {batch} round {r + 1}: ours, 16-bit experts", sixteen[-1])
             if tiles:
                 gc.collect()
-                cpu.dot_bf16_rows(0), cpu.dot_int8_rows(0)
+                for set_rows in setters:
+                    set_rows(0)
                 avx2.append(run_ours(engine, make_prompts(batch, args.prompt_len, vocab, next(seeds)), args.new_tokens))
-                cpu.dot_bf16_rows(measured_tiles[0]), cpu.dot_int8_rows(measured_tiles[1])
+                for set_rows, rows_from in zip(setters, measured_tiles, strict=True):
+                    set_rows(rows_from)
                 _progress(f"batch {batch} round {r + 1}: ours, AVX2 tiles", avx2[-1])
             if hf is not None:
                 gc.collect()

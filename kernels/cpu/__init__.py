@@ -16,8 +16,8 @@ take `vdpbf16ps` tiles (dot_bf16.h) from row counts measured on the machine (`do
 `linear`, `attention_decode` and the MoE ops also take int8 weights (`kernels.quant.QuantizedWeight`s
 with int8 data: the values widened in registers, fp32 accumulation, each output column times its row's
 scale before the rounding; half the bytes of bf16 read per token). `linear` and the MoE ops take
-float8_e4m3fn ones the same way (FP8 checkpoints' experts: each byte widened exactly, vec.h `load8`; AVX2
-tiles only, no `vdpbf16ps` ones).
+float8_e4m3fn ones the same way (FP8 checkpoints' experts: each byte widened exactly, vec.h `load8`, and
+the `vdpbf16ps` tiles from their own switch point, `dot_fp8_rows`).
 
 w is bfloat16 or float16 with unit stride along K (expert slices w13[s] of stacked tensors qualify); x may
 be any float dtype and any row stride. Every product accumulates in fp32 and is rounded where torch rounds
@@ -50,6 +50,7 @@ __all__ = [
     "has_avx512_bf16",
     "dot_bf16_rows",
     "dot_int8_rows",
+    "dot_fp8_rows",
     "linear",
     "linear_fp32",
     "expert_mlp",
@@ -132,11 +133,20 @@ def dot_bf16_rows(rows: int) -> int:
 def dot_int8_rows(rows: int) -> int:
     """`dot_bf16_rows` for the GEMMs of int8 weights (`QuantizedWeight`s), a switch point of their own: the
     same AVX512-BF16 tiles, each 32 int8 values widened to bf16 in registers (exact), against bf16 x; the row
-    scale applied after the sum as on the AVX2 path. Measured by dispatch.py `plan_dot_int8`; returns the
+    scale applied after the sum as on the AVX2 path. Measured by dispatch.py `plan_dot_8bit`; returns the
     previous value; a no-op without those kernels."""
     if not has_avx512_bf16():
         return 0
     return extension().set_dot_int8_min_rows(rows)
+
+
+def dot_fp8_rows(rows: int) -> int:
+    """`dot_bf16_rows` for the GEMMs of float8_e4m3fn weights: the same tiles, each 32 bytes widened to bf16
+    in registers (exact, dot_bf16.h `DotWeights<Float8_e4m3fn>`), a switch point of their own (measured by
+    dispatch.py `plan_dot_8bit`); returns the previous value; a no-op without those kernels."""
+    if not has_avx512_bf16():
+        return 0
+    return extension().set_dot_fp8_min_rows(rows)
 
 
 def linear_fp32(x: torch.Tensor, w: torch.Tensor | QuantizedWeight) -> torch.Tensor:

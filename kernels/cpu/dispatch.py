@@ -19,7 +19,8 @@ weight widened to fp32, then FMA) and, on CPUs with AVX512-BF16, `vdpbf16ps` til
 that multiply bf16 pairs without widening. Which wins from how many rows is timed first (`plan_dot_bf16`),
 since every other native timing depends on it. GEMMs of int8 weights take the same two kinds (the int8
 values widened to bf16 in registers for the `vdpbf16ps` ones) from a switch point of their own, timed on
-the model's int8 expert shapes (`plan_dot_int8`): the widening costs differ, so do the row counts where they win.
+the model's int8 expert shapes (`plan_dot_8bit`): the widening costs differ, so do the row counts where they
+win; float8_e4m3fn experts have a switch point of their own the same way.
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ class CpuPlan:
     dot: RowPlan | None = None
     # The same for int8 weights (bf16 models with int8 experts or dense projections; else None)
     dot_int8: RowPlan | None = None
+    # The same for float8_e4m3fn experts (bf16 models with fp8 experts; else None)
+    dot_fp8: RowPlan | None = None
     # Prompt tokens per step (`engine.prefill_chunk: auto`), measured on the loaded model; None (and in plan
     # files written before it existed): measured at the next engine start.
     prefill: ChunkPlan | None = None
@@ -114,6 +117,7 @@ class CpuPlan:
         """One line per op: which implementation runs up to how many rows."""
         lines = [f"machine: {self.machine}"]
         for name, plan in [("native bf16 tiles", self.dot), ("native int8 tiles", self.dot_int8),
+                           ("native fp8 tiles", self.dot_fp8),
                            *(("linear " + k, p) for k, p in self.linear.items()),
                            ("expert", self.expert), ("decode step", self.decode)]:
             if plan is not None:
@@ -293,17 +297,19 @@ def plan_dot_bf16(hidden: int, inter: int, max_rows: int) -> RowPlan:
     return _plan_tiles(pairs, cpu.dot_bf16_rows, max_rows)
 
 
-def plan_dot_int8(shapes: list[tuple[int, int]], max_rows: int) -> RowPlan:
-    """`plan_dot_bf16` for GEMMs of int8 weights (their own switch point, `cpu.dot_int8_rows`), on int8
-    weights of `shapes` [(N, K), ...] run one after the other with bf16 x (the engine passes one int8
-    expert's w13 and w2). Needs `cpu.has_avx512_bf16()`; leaves the tiles as it found them."""
+def plan_dot_8bit(scheme: str, shapes: list[tuple[int, int]], max_rows: int) -> RowPlan:
+    """`plan_dot_bf16` for GEMMs of 8-bit weights, `scheme` "int8" or "fp8" (each its own switch point,
+    `cpu.dot_int8_rows` / `cpu.dot_fp8_rows`: their widening costs differ), on weights of `shapes`
+    [(N, K), ...] run one after the other with bf16 x (the engine passes one expert's w13 and w2). Needs
+    `cpu.has_avx512_bf16()`; leaves the tiles as it found them."""
     from moe_runtime.kernels import cpu
     from moe_runtime.kernels.quant import quantize
 
-    # as many int8 copies as bf16 ones would be, so twice the bytes-per-copy margin over the caches
-    groups = list(zip(*([quantize(w, "int8") for w in _cold_copies(s, torch.bfloat16)] for s in shapes),
+    set_rows = {"int8": cpu.dot_int8_rows, "fp8": cpu.dot_fp8_rows}[scheme]
+    # as many 8-bit copies as bf16 ones would be, so twice the bytes-per-copy margin over the caches
+    groups = list(zip(*([quantize(w, scheme) for w in _cold_copies(s, torch.bfloat16)] for s in shapes),
                       strict=False))
-    return _plan_tiles(groups, cpu.dot_int8_rows, max_rows)
+    return _plan_tiles(groups, set_rows, max_rows)
 
 
 def _plan_tiles(groups: list[tuple], set_rows: Callable[[int], int], max_rows: int) -> RowPlan:
@@ -371,7 +377,7 @@ def load_plan(path: Path) -> CpuPlan | None:
         data = json.loads(path.read_text())
         rows = {k: RowPlan(tuple(v["bounds"]), tuple(v["choices"])) for k, v in data["linear"].items()}
         opt = {k: RowPlan(tuple(data[k]["bounds"]), tuple(data[k]["choices"])) if data.get(k) else None
-               for k in ("expert", "decode", "dot", "dot_int8")}
+               for k in ("expert", "decode", "dot", "dot_int8", "dot_fp8")}
         chunk = data.get("prefill")  # absent from plans cached before it was measured
         prefill = None if not chunk else ChunkPlan(int(chunk["chunk"]), int(chunk["limit"]), tuple(chunk["sizes"]),
                                                    tuple(float(t) for t in chunk["tokens_per_s"]))

@@ -29,6 +29,7 @@
 #pragma once
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <immintrin.h>
 
 #include <cstdint>
@@ -53,6 +54,11 @@ inline std::atomic<int64_t>& dot_bf16_min_rows() {
 }
 
 inline std::atomic<int64_t>& dot_int8_min_rows() {
+  static std::atomic<int64_t> rows{0};
+  return rows;
+}
+
+inline std::atomic<int64_t>& dot_fp8_min_rows() {
   static std::atomic<int64_t> rows{0};
   return rows;
 }
@@ -138,6 +144,35 @@ struct DotWeights<int8_t> {
 // prefetch into L1 cost issue slots). The GEMV (gemv.h `rows_dot_streams`) gained nothing from it: it
 // already reads at the bandwidth the host gives.
 constexpr int64_t kPrefetchBytes = 16384;
+
+// float8_e4m3fn (FP8 experts): 32 bytes zero-extended to 16-bit lanes s.eeee.mmm and rebuilt as bf16 in
+// place, exactly (every e4m3 value is a bf16 value): normals (e > 0) (e + 120) << 7 | m << 4, the rebiased
+// exponent and the mantissa's top bits, in one shift and one add; e = 0 (zero and the subnormals m * 2^-9)
+// from an 8-entry table indexed by m; NaN bytes NaN; the sign bit moved to bit 15. 11 instructions per 32
+// weights where int8 takes 5.
+template <>
+struct DotWeights<c10::Float8_e4m3fn> {
+  static constexpr bool kTiles = true;
+  static constexpr bool kWidened = true;
+  static std::atomic<int64_t>& min_rows() { return dot_fp8_min_rows(); }
+  BF16DP_FN static inline __m512i widen(__m256i bytes) {
+    const __m512i b = _mm512_cvtepu8_epi16(bytes);  // 32 x 16 bits, k order
+    const __m512i em = _mm512_and_si512(b, _mm512_set1_epi16(0x7F));
+    __m512i v = _mm512_add_epi16(_mm512_slli_epi16(em, 4), _mm512_set1_epi16(120 << 7));
+    const __m512i subnormals = _mm512_zextsi128_si512(  // bf16 of m * 2^-9 in words m = 0..7
+        _mm_setr_epi16(0x0000, 0x3B00, 0x3B80, 0x3BC0, 0x3C00, 0x3C20, 0x3C40, 0x3C60));
+    // e = 0: the index's low 5 bits are then m
+    v = _mm512_mask_permutexvar_epi16(v, _mm512_testn_epi16_mask(b, _mm512_set1_epi16(0x78)), b, subnormals);
+    v = _mm512_mask_mov_epi16(v, _mm512_cmpeq_epi16_mask(em, _mm512_set1_epi16(0x7F)), _mm512_set1_epi16(0x7FC0));
+    return _mm512_or_si512(v, _mm512_and_si512(_mm512_slli_epi16(b, 8), _mm512_set1_epi16(int16_t(0x8000))));
+  }
+  BF16DP_FN static inline __m512i load(const c10::Float8_e4m3fn* p) {
+    return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  BF16DP_FN static inline __m512i load_tail(const c10::Float8_e4m3fn* p, int64_t n) {
+    return widen(_mm512_castsi512_si256(_mm512_maskz_loadu_epi8((__mmask64{1} << n) - 1, p)));
+  }
+};
 
 // One tile: MB rows of x (bf16, row stride Kp) times NB rows of W (`wsj` elements apart); output column j
 // of row i goes to y[i * ldy + j * ycs]. `pf`: how far ahead of the loads each weight row prefetches, in

@@ -86,6 +86,11 @@ int64_t set_dot_bf16_min_rows(int64_t rows) {
   return dot_bf16_min_rows().exchange(rows);
 }
 
+int64_t set_dot_fp8_min_rows(int64_t rows) {
+  TORCH_CHECK(rows >= 0, "set_dot_fp8_min_rows: rows must be >= 0 (0: never), got ", rows);
+  return dot_fp8_min_rows().exchange(rows);
+}
+
 int64_t set_dot_int8_min_rows(int64_t rows) {
   TORCH_CHECK(rows >= 0, "set_dot_int8_min_rows: rows must be >= 0 (0: never), got ", rows);
   return dot_int8_min_rows().exchange(rows);
@@ -104,6 +109,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(0: never), for the process; returns the previous value", py::arg("rows"));
   m.def("set_dot_int8_min_rows", &set_dot_int8_min_rows, "the same for GEMMs of int8 weights (their own switch "
         "point)", py::arg("rows"));
+  m.def("set_dot_fp8_min_rows", &set_dot_fp8_min_rows, "the same for GEMMs of float8_e4m3fn weights",
+        py::arg("rows"));
   m.def("linear_fp32", &linear_fp32, "y[M, N] fp32 = x[M, K] @ w[N, K]^T, 16-bit w (or int8 w with its row scales)",
         py::arg("x"), py::arg("w"), py::arg("simd") = true, py::arg("scale") = py::none());
   // s13, s2: the per-row fp32 scales of int8 experts (kernels/quant.py); None for 16-bit experts.

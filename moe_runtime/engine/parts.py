@@ -35,7 +35,7 @@ from moe_runtime.engine.prefill_chunk import plan_prefill
 from moe_runtime.kernels import cpu
 from moe_runtime.kernels.attention import KVCache
 from moe_runtime.kernels.cpu import dispatch
-from moe_runtime.kernels.cpu.dispatch import CpuPlan, RowPlan
+from moe_runtime.kernels.cpu.dispatch import CpuPlan
 from moe_runtime.model.causal_lm import CausalLM
 from moe_runtime.model.experts import ExpertsBuilder
 from moe_runtime.model.parts import ModelParts
@@ -97,17 +97,18 @@ def cpu_plan(kernels: KernelChoice, cfg: ModelConfig, dtype: torch.dtype, engine
     """The measured plans of the CPU fast path for this model's shapes (None without it): read from the plan
     cache, else measured now (a few seconds) and cached. The decode-step plan is added by `make_forward`.
     formats: the experts' and dense projections' weights (`checkpoint.loader.weight_formats`); int8 ones
-    are measured in int8. sets_tiles: this plan measures and sets the native GEMM tiles for the process
-    (`CpuPlan.dot`, and `CpuPlan.dot_int8` for int8 weights); a second model in the process (a draft) passes
-    False and runs under the first's."""
+    are measured in int8, fp8 experts in fp8. sets_tiles: this plan measures and sets the native GEMM tiles
+    for the process (`CpuPlan.dot`, and `dot_int8` / `dot_fp8` for 8-bit weights); a second model in the
+    process (a draft) passes False and runs under the first's."""
     if kernels.linear != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return None
-    int8 = "int8" in (_int8(formats.experts), _int8(formats.dense))
+    # the 8-bit formats whose native GEMMs run: int8 experts or dense projections, fp8 experts
+    eight = {_int8(formats.experts), _int8(formats.dense), _eight_bit(formats.experts)} - {"none"}
     path = dispatch.cache_file(plan_dir(engine), dispatch.machine_key(), _model_key(cfg, dtype, engine, formats))
     plan = dispatch.load_plan(path)
     if plan is not None:
         if sets_tiles:
-            _set_tiles(plan.dot, plan.dot_int8, int8)
+            _set_tiles(plan, eight)
         log.info("CPU kernel plan (cached, %s):\n%s", path, plan.describe())
         return plan
     t0 = time.perf_counter()
@@ -117,14 +118,14 @@ def cpu_plan(kernels: KernelChoice, cfg: ModelConfig, dtype: torch.dtype, engine
     # First the native GEMM's tiles (AVX2 or AVX512-BF16) for bf16 weights, and for int8 ones if the model
     # has any (timed on one int8 expert: int8 dense projections come only with int8 experts, `quantized_parts`),
     # set for the process: the native candidates timed next run with them.
-    dot = dot_int8 = None
+    tiles = CpuPlan(dispatch.machine_key())  # the tiles' plans only, for now
     if sets_tiles:
         if dtype == torch.bfloat16 and cpu.has_avx512_bf16():
             inter = cfg.intermediate_size
-            dot = dispatch.plan_dot_bf16(D, inter, rows)
-            if int8:
-                dot_int8 = dispatch.plan_dot_int8([(2 * inter, D), (D, inter)], rows)
-        _set_tiles(dot, dot_int8, int8)
+            eight_bit = {s: dispatch.plan_dot_8bit(s, [(2 * inter, D), (D, inter)], rows) for s in sorted(eight)}
+            tiles = CpuPlan(tiles.machine, dot=dispatch.plan_dot_bf16(D, inter, rows),
+                            dot_int8=eight_bit.get("int8"), dot_fp8=eight_bit.get("fp8"))
+        _set_tiles(tiles, eight)
     dense, head = _int8(formats.dense), "none" if cfg.tie_word_embeddings else _int8(formats.dense)
     shapes = {((H + 2 * KVH) * Dh, D, dense): rows, (D, H * Dh, dense): rows,  # q/k/v stacked, o_proj
               (cfg.vocab_size, D, head): min(engine.max_num_seqs, rows)}  # the head: a row per sampled sequence
@@ -135,22 +136,25 @@ def cpu_plan(kernels: KernelChoice, cfg: ModelConfig, dtype: torch.dtype, engine
         linear={dispatch.weight_key((n, k), w): dispatch.plan_linear(n, k, dtype, r, native, w)
                 for (n, k, w), r in shapes.items()},
         expert=dispatch.plan_expert(D, cfg.intermediate_size, dtype, rows, native, _eight_bit(formats.experts)),
-        dot=dot,
-        dot_int8=dot_int8,
+        dot=tiles.dot,
+        dot_int8=tiles.dot_int8,
+        dot_fp8=tiles.dot_fp8,
     )
     log.info("CPU kernel plan, measured in %.1f s:\n%s", time.perf_counter() - t0, plan.describe())
     dispatch.save_plan(plan, path)
     return plan
 
 
-def _set_tiles(dot: RowPlan | None, dot_int8: RowPlan | None, int8: bool) -> None:
-    """Set the native GEMM tiles' switch points for the process from a plan's `dot` and `dot_int8`: bf16
-    weights' always, int8 weights' when the model has int8 weights (`int8`; a 16-bit model leaves the int8
-    switch point as another model in the process set it, e.g. the int8 engine beside a 16-bit one in
-    bench/engine_throughput.py)."""
-    cpu.dot_bf16_rows(dispatch.dot_min_rows(dot))
-    if int8:
-        cpu.dot_int8_rows(dispatch.dot_min_rows(dot_int8))
+def _set_tiles(plan: CpuPlan, eight_bit: set[str]) -> None:
+    """Set the native GEMM tiles' switch points for the process from a plan's `dot`, `dot_int8` and
+    `dot_fp8`: bf16 weights' always, an 8-bit format's when the model has weights of it (`eight_bit`: "int8",
+    "fp8"; a 16-bit model leaves those switch points as another model in the process set them, e.g. the
+    int8 engine beside a 16-bit one in bench/engine_throughput.py)."""
+    cpu.dot_bf16_rows(dispatch.dot_min_rows(plan.dot))
+    if "int8" in eight_bit:
+        cpu.dot_int8_rows(dispatch.dot_min_rows(plan.dot_int8))
+    if "fp8" in eight_bit:
+        cpu.dot_fp8_rows(dispatch.dot_min_rows(plan.dot_fp8))
 
 
 def model_parts(kernels: KernelChoice, experts: ExpertsBuilder, plan: CpuPlan | None) -> ModelParts:

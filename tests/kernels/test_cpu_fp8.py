@@ -37,22 +37,38 @@ def test_every_byte_dequantizes_as_torch_does(dtype):
     assert _same(cpu.dequantize(EVERY_BYTE, dtype), EVERY_BYTE.dequantize(dtype))
 
 
-def test_every_number_through_the_gemm():
-    """A one-hot x reads single weights back through the GEMM (the GEMV, small and large AVX2 tiles), so
-    every byte's widening is checked inside the kernels too: y[i, n] = w[n, i] * scale[n] exactly. The two
-    NaN bytes are left out (0 * NaN would spread over their whole row)."""
+# The fp8 GEMMs' two tile kinds: AVX2 (vec.h `load8`) and, on AVX512-BF16 CPUs, `vdpbf16ps` from 1 row
+# (dot_bf16.h `DotWeights<Float8_e4m3fn>`: bf16 x only, so the one-hot x below is bf16).
+TILES = ("avx2", "bf16dp") if cpu.has_avx512_bf16() else ("avx2",)
+
+
+@pytest.fixture(params=TILES)
+def tiles(request):
+    before = cpu.dot_fp8_rows(1 if request.param == "bf16dp" else 0)
+    yield request.param
+    cpu.dot_fp8_rows(before)
+
+
+def test_every_number_through_the_gemm(tiles):
+    """A one-hot x reads single weights back through the GEMM (the GEMV, small and large tiles), so every
+    byte's widening is checked inside the kernels too: y[i, n] = w[n, i] * scale[n] exactly. The NaN bytes
+    are checked apart: 0 * NaN spreads over their whole row."""
     data = EVERY_BYTE.data.view(torch.uint8).clone()
-    data[(data & 0x7F) == 0x7F] = 0
+    nan = (data & 0x7F) == 0x7F
+    data[nan] = 0
     w = QuantizedWeight(data.view(torch.float8_e4m3fn), EVERY_BYTE.scale)
-    x = torch.eye(32)
+    x = torch.eye(32).bfloat16()
     for rows in (x[:1], x[:3], x):  # the GEMV, a small tile, all 32 rows
         got = cpu.linear_fp32(rows, w)
         assert torch.equal(got, w.dequantize(torch.float32)[:, : rows.shape[0]].T)
+    rows_with_nan = nan.any(dim=1)
+    assert cpu.linear_fp32(x[:2], EVERY_BYTE)[:, rows_with_nan].isnan().all()
+    assert not cpu.linear_fp32(x[:2], EVERY_BYTE)[:, ~rows_with_nan].isnan().any()
 
 
 @pytest.mark.parametrize("M", (1, 2, 3, 5, 16, 33))
-@pytest.mark.parametrize("N,K", ((37, 100), (67, 2050), (8, 9)))
-def test_linear_matches_the_dequantized_weight(M, N, K):
+@pytest.mark.parametrize("N,K", ((37, 100), (67, 2050), (8, 9), (23, 33), (8, 1)))
+def test_linear_matches_the_dequantized_weight(M, N, K, tiles):
     g = torch.Generator().manual_seed(M * N + K)
     x = (torch.randn(M, K, generator=g) / 10).bfloat16()
     w = quantize(torch.randn(N, K, generator=g) / 10, "fp8")
@@ -73,7 +89,7 @@ def _experts(E: int = 8, H: int = 64, I: int = 96, seed: int = 0):  # noqa: E741
 
 
 @pytest.mark.parametrize("T", (1, 4, 16))
-def test_moe_decode_routes_exactly_and_matches_the_reference(T):
+def test_moe_decode_routes_exactly_and_matches_the_reference(T, tiles):
     w13, w2, gate = _experts()
     hidden = torch.randn(T, 64, generator=torch.Generator().manual_seed(T)).bfloat16()
     counts = torch.zeros(8, dtype=torch.long)
@@ -85,7 +101,7 @@ def test_moe_decode_routes_exactly_and_matches_the_reference(T):
 
 
 @pytest.mark.parametrize("choice", ("native", "bf16", "fp32"))
-def test_the_cpu_backend_runs_fp8_groups_on_every_choice(choice):
+def test_the_cpu_backend_runs_fp8_groups_on_every_choice(choice, tiles):
     """Groups beyond the native layer call (48 tokens x top-2 over 8 experts: ~12 rows each) on each plan
     choice: native tiles, dequantized in one native pass then torch's GEMMs, chunked fp32."""
     w13, w2, gate = _experts(seed=1)
@@ -94,3 +110,27 @@ def test_the_cpu_backend_runs_fp8_groups_on_every_choice(choice):
     got = CpuMoe(RowPlan(bounds=(1,), choices=(choice,)))(hidden, w13, w2, routing)
     want = fused_moe_reference_fp32(hidden, w13, w2, routing)
     torch.testing.assert_close(got, want, atol=2e-2, rtol=0)
+
+
+@pytest.mark.skipif(not cpu.has_avx512_bf16(), reason="the vdpbf16ps tiles need AVX512-BF16")
+def test_the_plan_measures_the_fp8_tiles_for_fp8_experts(tmp_path):
+    from moe_runtime.checkpoint.loader import WeightFormats
+    from moe_runtime.config import EngineConfig, ModelConfig
+    from moe_runtime.engine import parts
+    from moe_runtime.kernels.cpu import dispatch
+    from moe_runtime.presets.configs import preset_config
+
+    cfg = ModelConfig.from_hf(preset_config("tiny"))
+    kernels = parts.KernelChoice(attention="cpu", norm="cpu", linear="cpu", moe="cpu", huge_pages=False,
+                                 native_decode=True)
+    engine = EngineConfig(cpu_plan_dir=str(tmp_path), max_num_batched_tokens=32)
+    before = cpu.dot_fp8_rows(7)
+    try:
+        plan = parts.cpu_plan(kernels, cfg, torch.bfloat16, engine, WeightFormats(experts="fp8"))
+        assert plan.dot_fp8 is not None and plan.dot_int8 is None and "native fp8 tiles: " in plan.describe()
+        assert cpu.dot_fp8_rows(7) == dispatch.dot_min_rows(plan.dot_fp8)
+        assert dispatch.load_plan(next(tmp_path.iterdir())) == plan, "cached with the fp8 tiles"
+        sixteen = parts.cpu_plan(kernels, cfg, torch.bfloat16, engine)  # no fp8 weights: the switch point stays
+        assert sixteen.dot_fp8 is None and cpu.dot_fp8_rows(0) == 7
+    finally:
+        cpu.dot_fp8_rows(before)
