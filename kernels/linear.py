@@ -38,9 +38,9 @@ from moe_runtime.kernels.quant import QuantizedWeight
 # from 64 the fp32 copy is ahead). On a CPU with AVX512-BF16 or AMX torch's bf16 GEMM wins from a few
 # rows instead: the engine measures (engine/parts.py).
 DEFAULT_PLAN = RowPlan(bounds=(32, 33), choices=("native", "fp32"))
-# int8 weights without a measured plan: the native kernel to the same 32 rows, then the weight dequantized
+# 8-bit weights without a measured plan: the native kernel to the same 32 rows, then the weight dequantized
 # to the activation dtype for torch's GEMM (an fp32 copy would hold 4 bytes per weight: not for 8-bit ones).
-DEFAULT_PLAN_INT8 = RowPlan(bounds=(32, 33), choices=("native", "bf16"))
+DEFAULT_PLAN_8BIT = RowPlan(bounds=(32, 33), choices=("native", "bf16"))
 
 Weight = torch.Tensor | QuantizedWeight  # [N, K]
 
@@ -111,7 +111,7 @@ class FusedLinear(TorchLinear):
 
 def dense(w: Weight, dtype: torch.dtype) -> torch.Tensor:
     """w as a tensor of `dtype`'s kind: a 16/32-bit weight as it is, an 8-bit one dequantized to `dtype`
-    (`w.dequantize(dtype)`'s bits; int8 on the CPU in one native pass, `cpu.dequantize`)."""
+    (`w.dequantize(dtype)`'s bits; on the CPU in one native pass, `cpu.dequantize`)."""
     if not isinstance(w, QuantizedWeight):
         return w
     from moe_runtime.kernels import cpu
@@ -123,9 +123,9 @@ class CpuLinear(FusedLinear):
     """Weights on CPU: each call runs what the plan picks for its rows (kernels/cpu/dispatch.py):
     `native` (the small-M kernel; torch's bf16 GEMM where the native kernels did not build), `bf16` (torch's
     16-bit GEMM) or `fp32` (an fp32 copy of the weight). fp32 weights always take torch's GEMM. Not torch's
-    arithmetic: the same rounding points, fp32 accumulation in another order. int8 weights: `native`, or
-    `bf16` / `fp32` on the weight dequantized to that dtype at each call (no copy is kept: it would undo the
-    saving); FP8 weights: `bf16` always (no native kernel).
+    arithmetic: the same rounding points, fp32 accumulation in another order. 8-bit weights (int8, FP8):
+    `native`, or `bf16` / `fp32` on the weight dequantized to that dtype at each call (no copy is kept: it
+    would undo the saving).
 
     plan: the measured `CpuPlan` (the row plan for this weight's shape and format), or None for the defaults.
     `prepare(w)` picks the row plan and makes the fp32 copy if the plan ever uses it (2 bytes more per
@@ -142,7 +142,7 @@ class CpuLinear(FusedLinear):
 
     def prepare(self, w: Weight) -> None:
         measured = self._plan.linear_plan(w) if self._plan is not None else None
-        default = DEFAULT_PLAN_INT8 if isinstance(w, QuantizedWeight) else DEFAULT_PLAN
+        default = DEFAULT_PLAN_8BIT if isinstance(w, QuantizedWeight) else DEFAULT_PLAN
         self.rows = measured if measured is not None else default
         if not _cpu_16bit(w) or "fp32" not in self.rows.choices:
             self._fp32, self._source = None, None
@@ -161,7 +161,7 @@ class CpuLinear(FusedLinear):
 
     def _choice(self, rows: int, w: Weight) -> str:
         if isinstance(w, QuantizedWeight):
-            if w.dtype != torch.int8 or w.device.type != "cpu":
+            if w.device.type != "cpu":
                 return "bf16"
         elif not _cpu_16bit(w):
             return "bf16"  # torch's GEMM in the weight's own dtype
@@ -191,7 +191,7 @@ class CpuLinear(FusedLinear):
         return F.linear(x, dense(w, x.dtype)).float()
 
     def _wide(self, w: Weight) -> torch.Tensor:
-        """The weight in fp32: the kept copy of a 16-bit one, an int8 one dequantized now."""
+        """The weight in fp32: the kept copy of a 16-bit one, an 8-bit one dequantized now."""
         return dense(w, torch.float32) if isinstance(w, QuantizedWeight) else self._copy(w)
 
 

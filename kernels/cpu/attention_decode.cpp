@@ -13,8 +13,8 @@
 // Layout: the KV cache of the layer is k_cache, v_cache [num_blocks, block_size, KVH, Dh]; token j of
 // sequence t lives in row block_tables[t, j / block_size] * block_size + j % block_size.
 //
-// int8 projections (`model.quantize_dense`, kernels/quant.py): w_qkv and w_o int8 with one fp32 scale per
-// row; each GEMM's output column is scaled once before its rounding (the GEMM core widens the int8 values
+// 8-bit projections (`model.quantize_dense`, kernels/quant.py): w_qkv and w_o int8 or float8_e4m3fn with one
+// fp32 scale per row; each GEMM's output column is scaled once before its rounding (the GEMM core widens the int8 values
 // in registers), so the step reads half the projection bytes of bf16.
 
 #include <ATen/ATen.h>
@@ -282,12 +282,12 @@ void run(const at::Tensor& x, const Projections<W>& w, const at::Tensor& cos, co
   round_all<Act>(out, d.T * d.D, simd);
 }
 
-// The int8 projections' scales: both given, contiguous fp32, one per row of w_qkv and w_o; none for 16-bit.
+// The 8-bit projections' scales: both given, contiguous fp32, one per row of w_qkv and w_o; none for 16-bit.
 std::pair<const float*, const float*> projection_scales(const at::Tensor& w_qkv, const at::Tensor& w_o,
                                                         const std::optional<at::Tensor>& s_qkv,
                                                         const std::optional<at::Tensor>& s_o) {
-  const bool q = w_qkv.scalar_type() == at::kChar;
-  TORCH_CHECK(q == s_qkv.has_value() && q == s_o.has_value(), "attention_decode: int8 projections need both ",
+  const bool q = w_qkv.scalar_type() == at::kChar || w_qkv.scalar_type() == at::kFloat8_e4m3fn;
+  TORCH_CHECK(q == s_qkv.has_value() && q == s_o.has_value(), "attention_decode: 8-bit projections need both ",
               "scales (s_qkv, s_o) and 16-bit ones take none; w_qkv ", w_qkv.scalar_type(), ", scales given: ",
               s_qkv.has_value(), ", ", s_o.has_value());
   if (!q) return {nullptr, nullptr};
@@ -314,10 +314,10 @@ at::Tensor attention_decode(const at::Tensor& x_in, const at::Tensor& w_qkv, con
     TORCH_CHECK(t->scalar_type() == dt && t->is_contiguous(),
                 "attention_decode: cos/sin and caches must be contiguous ", dt, ", got ", t->scalar_type());
   const at::ScalarType wt = w_qkv.scalar_type();
-  TORCH_CHECK((wt == dt || wt == at::kChar) && w_o.scalar_type() == wt && w_qkv.is_contiguous() &&
-                  w_o.is_contiguous(),
-              "attention_decode: w_qkv and w_o must be contiguous, both ", dt, " or both int8, got ", wt, " and ",
-              w_o.scalar_type());
+  TORCH_CHECK((wt == dt || wt == at::kChar || wt == at::kFloat8_e4m3fn) && w_o.scalar_type() == wt &&
+                  w_qkv.is_contiguous() && w_o.is_contiguous(),
+              "attention_decode: w_qkv and w_o must be contiguous, both ", dt, ", both int8 or both float8_e4m3fn, ",
+              "got ", wt, " and ", w_o.scalar_type());
   const auto [sq, so] = projection_scales(w_qkv, w_o, s_qkv, s_o);
   TORCH_CHECK(x_in.dim() == 2 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "attention_decode: x [T, D] and caches [num_blocks, block_size, KVH, Dh] expected, got ",
@@ -360,6 +360,10 @@ at::Tensor attention_decode(const at::Tensor& x_in, const at::Tensor& w_qkv, con
     if (wt == at::kChar)
       run<Act>(x, Projections<int8_t>{w_qkv.data_ptr<int8_t>(), w_o.data_ptr<int8_t>(), sq, so}, cos, sin, k_cache,
                v_cache, sp, tp, cp, d, out.data_ptr<float>(), simd);
+    else if (wt == at::kFloat8_e4m3fn)
+      run<Act>(x, Projections<c10::Float8_e4m3fn>{w_qkv.data_ptr<c10::Float8_e4m3fn>(),
+                                                  w_o.data_ptr<c10::Float8_e4m3fn>(), sq, so},
+               cos, sin, k_cache, v_cache, sp, tp, cp, d, out.data_ptr<float>(), simd);
     else
       run<Act>(x, Projections<Act>{w_qkv.data_ptr<Act>(), w_o.data_ptr<Act>(), nullptr, nullptr}, cos, sin,
                k_cache, v_cache, sp, tp, cp, d, out.data_ptr<float>(), simd);

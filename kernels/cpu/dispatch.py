@@ -50,6 +50,8 @@ COLD_BYTES = 96 << 20
 # AVX512-BF16 CPUs; 3: `dot_int8`, `_apart`; 4: the vdpbf16ps tiles' prefetch into L2, faster from 3 rows,
 # and fp8 experts measured in fp8 on their native kernels)
 FORMAT = 4
+# A plan's name for the format of 8-bit weights, by storage dtype (16-bit weights: "none")
+WEIGHT_FORMATS = {torch.int8: "int8", torch.float8_e4m3fn: "fp8"}
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ class CpuPlan:
 
     def linear_plan(self, w) -> RowPlan | None:
         """The plan for weight w (a tensor or a `QuantizedWeight`: its shape and format)."""
-        return self.linear.get(weight_key(w.shape, "int8" if w.dtype == torch.int8 else "none"))
+        return self.linear.get(weight_key(w.shape, WEIGHT_FORMATS.get(w.dtype, "none")))
 
     def describe(self) -> str:
         """One line per op: which implementation runs up to how many rows."""
@@ -152,7 +154,7 @@ def shape_key(shape: tuple[int, ...] | torch.Size) -> str:
 
 
 def weight_key(shape: tuple[int, ...] | torch.Size, weights: str = "none") -> str:
-    """A linear plan's key: the weight's shape, and its format when 8-bit ("int8").
+    """A linear plan's key: the weight's shape, and its format when 8-bit ("int8", "fp8").
 
     >>> weight_key((1536, 1024)), weight_key((1536, 1024), "int8")
     ('1536x1024', '1536x1024 int8')
@@ -261,18 +263,19 @@ def _apart(cands: dict[str, tuple[list, Callable]]) -> dict[str, _Cycle]:
 
 def plan_linear(n: int, k: int, dtype: torch.dtype, max_rows: int, native: bool, weights: str = "none") -> RowPlan:
     """The fastest of native / bf16 / fp32 for x [rows, k] @ w[n, k]^T, per bucket of rows, activations in
-    `dtype`. weights: "none" (16-bit w in `dtype`; `fp32` is a kept fp32 copy) or "int8" (kernels/quant.py;
-    `bf16` / `fp32` dequantize w to that dtype at each call, as kernels/linear.py `CpuLinear` runs them)."""
+    `dtype`. weights: "none" (16-bit w in `dtype`; `fp32` is a kept fp32 copy) or "int8" / "fp8"
+    (kernels/quant.py; `bf16` / `fp32` dequantize w to that dtype at each call, as kernels/linear.py
+    `CpuLinear` runs them)."""
     from moe_runtime.kernels import cpu
     from moe_runtime.kernels.quant import QuantizedWeight, quantize
 
     copies = _cold_copies((n, k), dtype)
-    if weights == "int8":  # as many int8 copies, so twice the bytes-per-copy margin over the caches
-        copies = wide = [quantize(w, "int8") for w in copies]
+    if weights != "none":  # as many 8-bit copies, so twice the bytes-per-copy margin over the caches
+        copies = wide = [quantize(w, weights) for w in copies]
     else:
         wide = [w.float() for w in copies[:2]]  # the fp32 copy is 2x the bytes: fewer copies keep it comparable
 
-    def as_(w, dtype: torch.dtype) -> torch.Tensor:  # an int8 weight dequantized now; a tensor as it is
+    def as_(w, dtype: torch.dtype) -> torch.Tensor:  # an 8-bit weight dequantized now; a tensor as it is
         return cpu.dequantize(w, dtype) if isinstance(w, QuantizedWeight) else w
 
     choices = []

@@ -2,7 +2,7 @@
 
 When every sequence of a step adds one token to its cached context, or a few (a speculative verification:
 the last token and its proposals), and the CPU fast paths are on (`model.exact: false`, 16-bit activations, the
-native kernels built; 16-bit or int8 weights), each layer runs as
+native kernels built; 16-bit, int8 or fp8 weights), each layer runs as
 
     x = rms_norm(h)                                  # kernels/cpu/rms_norm.cpp
     a = attention_decode(x, ...)                     # q/k/v, RoPE, cache write, paged attention, o_proj
@@ -58,7 +58,7 @@ class _Layer:
 
     attn: nn.Module
     moe: nn.Module  # its experts, weights and backend are read at each step (placement may change them)
-    w_qkv: torch.Tensor | QuantizedWeight  # [(H + 2 KVH) Dh, D]: 16-bit, or int8 (`model.quantize_dense`)
+    w_qkv: torch.Tensor | QuantizedWeight  # [(H + 2 KVH) Dh, D]: 16-bit, or 8-bit (`model.quantize_dense`)
     w_o: torch.Tensor | QuantizedWeight  # [D, H Dh]
     norm_attn: tuple[torch.Tensor, float]  # input_layernorm's weight [D] and eps
     norm_moe: tuple[torch.Tensor, float]  # post_attention_layernorm's

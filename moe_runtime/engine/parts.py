@@ -96,14 +96,14 @@ def cpu_plan(kernels: KernelChoice, cfg: ModelConfig, dtype: torch.dtype, engine
              formats: WeightFormats = SIXTEEN_BIT, sets_tiles: bool = True) -> CpuPlan | None:
     """The measured plans of the CPU fast path for this model's shapes (None without it): read from the plan
     cache, else measured now (a few seconds) and cached. The decode-step plan is added by `make_forward`.
-    formats: the experts' and dense projections' weights (`checkpoint.loader.weight_formats`); int8 ones
-    are measured in int8, fp8 experts in fp8. sets_tiles: this plan measures and sets the native GEMM tiles
+    formats: the experts' and dense projections' weights (`checkpoint.loader.weight_formats`); 8-bit ones
+    are measured as stored (int8, fp8). sets_tiles: this plan measures and sets the native GEMM tiles
     for the process (`CpuPlan.dot`, and `dot_int8` / `dot_fp8` for 8-bit weights); a second model in the
     process (a draft) passes False and runs under the first's."""
     if kernels.linear != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return None
     # the 8-bit formats whose native GEMMs run: int8 experts or dense projections, fp8 experts
-    eight = {_int8(formats.experts), _int8(formats.dense), _eight_bit(formats.experts)} - {"none"}
+    eight = {_eight_bit(formats.experts), _eight_bit(formats.dense)} - {"none"}
     path = dispatch.cache_file(plan_dir(engine), dispatch.machine_key(), _model_key(cfg, dtype, engine, formats))
     plan = dispatch.load_plan(path)
     if plan is not None:
@@ -126,7 +126,7 @@ def cpu_plan(kernels: KernelChoice, cfg: ModelConfig, dtype: torch.dtype, engine
             tiles = CpuPlan(tiles.machine, dot=dispatch.plan_dot_bf16(D, inter, rows),
                             dot_int8=eight_bit.get("int8"), dot_fp8=eight_bit.get("fp8"))
         _set_tiles(tiles, eight)
-    dense, head = _int8(formats.dense), "none" if cfg.tie_word_embeddings else _int8(formats.dense)
+    dense, head = _eight_bit(formats.dense), "none" if cfg.tie_word_embeddings else _eight_bit(formats.dense)
     shapes = {((H + 2 * KVH) * Dh, D, dense): rows, (D, H * Dh, dense): rows,  # q/k/v stacked, o_proj
               (cfg.vocab_size, D, head): min(engine.max_num_seqs, rows)}  # the head: a row per sampled sequence
     for inter in {cfg.dense_intermediate_size, cfg.shared_expert_intermediate_size} - {None}:
@@ -167,15 +167,9 @@ def plan_dir(engine: EngineConfig) -> Path:
     return Path(engine.cpu_plan_dir) if engine.cpu_plan_dir else Path.home() / ".cache" / "moe-runtime" / "cpu-plans"
 
 
-def _int8(scheme: str) -> str:
-    """The format a dense weight of `scheme` is measured in: int8 has native kernels; FP8 dense projections
-    always run dequantized through torch's GEMM (kernels/linear.py), so no plan of their own."""
-    return "int8" if scheme == "int8" else "none"
-
-
 def _eight_bit(scheme: str) -> str:
-    """The format an expert of `scheme` is measured in: int8 and fp8 experts have native kernels
-    (kernels/cpu/moe.py), each with its own costs."""
+    """The format a weight of `scheme` is measured in: int8 and fp8 weights have native kernels of their own
+    costs (kernels/cpu), so each is measured as stored; anything else as 16-bit."""
     return scheme if scheme in ("int8", "fp8") else "none"
 
 
@@ -202,9 +196,8 @@ def _formats(model: CausalLM) -> WeightFormats:
 
 def _native_decode(model: CausalLM, kernels: KernelChoice) -> bool:
     """Whether decode steps run natively (engine/cpu_decode.py): the kernels offer it, the family's decoder
-    layer is the one it implements, and the attention projections are 16-bit or int8 (FP8 ones decode
-    eagerly)."""
-    return kernels.native_decode and family(model.config).native_decode and _formats(model).dense != "fp8"
+    layer is the one it implements (16-bit or 8-bit attention projections alike)."""
+    return kernels.native_decode and family(model.config).native_decode
 
 
 def complete_plan(model: CausalLM, kv_caches: list[KVCache], kernels: KernelChoice, engine: EngineConfig,

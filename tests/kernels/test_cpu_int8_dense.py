@@ -81,15 +81,16 @@ def test_cpu_linear_int8_choices_match_the_reference(choice, M, bias):
     assert parts.shape == (M, 48)
 
 
-def test_cpu_linear_int8_without_a_plan_and_fp8():
-    x, w = _inputs(3, 24, 40)
+@pytest.mark.parametrize("scheme", ("int8", "fp8"))
+def test_cpu_linear_8bit_without_a_plan(scheme):
+    x, _ = _inputs(3, 24, 40)
+    w = quantize(torch.randn(24, 40, generator=torch.Generator().manual_seed(1)) / 10, scheme)
     kernel = make_linear("cpu")
     kernel.prepare(w)
     assert kernel.rows.choice(3) == "native" and kernel.rows.choice(1000) == "bf16"
     torch.testing.assert_close(kernel(x, w).float(), TorchLinear()(x, w).float(), atol=2e-2, rtol=0)
-    f8 = quantize(torch.randn(24, 40) / 10, "fp8")  # no native kernel: dequantized, torch's GEMM, exactly
-    kernel.prepare(f8)
-    assert torch.equal(kernel(x, f8), F.linear(x, f8.dequantize(torch.bfloat16)))
+    many = torch.randn(100, 40, generator=torch.Generator().manual_seed(2)).bfloat16() / 10
+    assert torch.equal(kernel(many, w), F.linear(many, w.dequantize(torch.bfloat16)))  # dequantized, torch's GEMM
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -133,5 +134,5 @@ def test_attention_decode_rejects_mixed_projection_formats():
     o16 = attn.o_proj.matrix.dequantize(torch.bfloat16)
     with pytest.raises(TypeError, match="16-bit weights or 8-bit ones of one format"):
         cpu.attention_decode(x, attn.qkv_proj.matrix, o16, *args, None)
-    with pytest.raises(RuntimeError, match="int8 projections need both scales"):  # no window: -1
+    with pytest.raises(RuntimeError, match="8-bit projections need both scales"):  # no window: -1
         cpu.extension().attention_decode(x, attn.qkv_proj.matrix.data, attn.o_proj.matrix.data, *args, -1)

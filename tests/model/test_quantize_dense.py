@@ -84,8 +84,9 @@ def test_quantize_dense_needs_8bit_experts(tiny_model_dir):
 
 
 @pytest.mark.skipif(not HAS_AVX2, reason="the native CPU kernels run only on AVX2 CPUs")
-def test_engine_runs_int8_projections_natively(tiny_model_dir, tmp_path, monkeypatch):
-    """The CPU fast path with int8 experts and projections: the native decode step takes the int8
+@pytest.mark.parametrize("scheme,qdtype", (("int8", torch.int8), ("fp8", torch.float8_e4m3fn)))
+def test_engine_runs_8bit_projections_natively(scheme, qdtype, tiny_model_dir, tmp_path, monkeypatch):
+    """The CPU fast path with 8-bit experts and projections: the native decode step takes the 8-bit
     projections, its plan is measured for them (cached under their own key), and greedy decoding gives
     the tokens of the same engine without the native decode step (eager ops on the same weights)."""
     from moe_runtime.engine.cpu_decode import CpuDecodeForward
@@ -95,7 +96,7 @@ def test_engine_runs_int8_projections_natively(tiny_model_dir, tmp_path, monkeyp
 
     def run(native: bool):
         overrides = [f"model.path={tiny_model_dir}", "model.device=cpu", "model.dtype=bfloat16",
-                     "model.quantization=int8", "model.quantize_dense=true", f"engine.cpu_plan_dir={tmp_path}",
+                     f"model.quantization={scheme}", "model.quantize_dense=true", f"engine.cpu_plan_dir={tmp_path}",
                      "cache.num_blocks=64"]
         engine = LLMEngine(load_config(overrides=overrides))
         runner = engine.executor.runner
@@ -113,9 +114,9 @@ def test_engine_runs_int8_projections_natively(tiny_model_dir, tmp_path, monkeyp
     monkeypatch.setattr(cpu, "attention_decode", lambda x, w_qkv, *a, **kw: calls.append(w_qkv.dtype) or
                         real(x, w_qkv, *a, **kw))
     engine, native_tokens = run(native=True)
-    assert calls and set(calls) == {torch.int8}
+    assert calls and set(calls) == {qdtype}
     plan_files = list(tmp_path.glob("cpu-plan-*.json"))
     qkv = tuple(engine.executor.model.layers[0].self_attn.qkv_proj.matrix.shape)
-    assert len(plan_files) == 1 and f'"{qkv[0]}x{qkv[1]} int8"' in plan_files[0].read_text()  # measured in int8
+    assert len(plan_files) == 1 and f'"{qkv[0]}x{qkv[1]} {scheme}"' in plan_files[0].read_text()  # measured so
     _, eager_tokens = run(native=False)
     assert len(native_tokens) == 8 and native_tokens == eager_tokens
