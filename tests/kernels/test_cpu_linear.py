@@ -123,7 +123,7 @@ def test_empty_shapes():
 @pytest.mark.parametrize(
     "bad, match",
     (
-        (lambda x, w: (x, w.float()), "w must be bfloat16, float16 or int8"),
+        (lambda x, w: (x, w.float()), "w must be bfloat16, float16, int8 or float8_e4m3fn"),
         (lambda x, w: (x, w.T.contiguous().T), "unit stride along K"),
         (lambda x, w: (x[:, :-1], w), "disagree on K"),
         (lambda x, w: (x[None], w), r"x must be \[M, K\]"),
