@@ -85,33 +85,28 @@ struct Widen<c10::BFloat16> {
   }
 };
 
-template <>
-struct Widen<c10::Half> {
+// Weights widened by vec.h's `load8` in x's own order (no even/odd split).
+template <typename W>
+struct WidenInOrder {
   static constexpr bool kEvenOdd = false;
   template <bool kFirst>
-  AVX2_FN static inline __m256 lo(const c10::Half* p) { return load8(p); }
-  AVX2_FN static inline __m256 hi(const c10::Half* p) { return load8(p + 8); }
+  AVX2_FN static inline __m256 lo(const W* p) { return load8(p); }
+  AVX2_FN static inline __m256 hi(const W* p) { return load8(p + 8); }
 };
 
-// int8 (quantized experts, kernels/quant.py): sign-extend and convert, x in its own order. Two uops per 8
-// weights where bf16 takes one AND, but half the bytes: the GEMV and the smallest M are bound by memory.
+// fp16: F16C `vcvtph2ps`.
 template <>
-struct Widen<int8_t> {
-  static constexpr bool kEvenOdd = false;
-  template <bool kFirst>
-  AVX2_FN static inline __m256 lo(const int8_t* p) { return load8(p); }
-  AVX2_FN static inline __m256 hi(const int8_t* p) { return load8(p + 8); }
-};
+struct Widen<c10::Half> : WidenInOrder<c10::Half> {};
 
-// float8_e4m3fn (FP8 experts): the same, through vec.h's exact `load8` (9 instructions per 8 weights: a
-// byte's fields moved into fp16 bits, F16C, a scale, the NaN bytes).
+// int8 (quantized experts, kernels/quant.py): sign-extend and convert. Two uops per 8 weights where bf16
+// takes one AND, but half the bytes: the GEMV and the smallest M are bound by memory.
 template <>
-struct Widen<c10::Float8_e4m3fn> {
-  static constexpr bool kEvenOdd = false;
-  template <bool kFirst>
-  AVX2_FN static inline __m256 lo(const c10::Float8_e4m3fn* p) { return load8(p); }
-  AVX2_FN static inline __m256 hi(const c10::Float8_e4m3fn* p) { return load8(p + 8); }
-};
+struct Widen<int8_t> : WidenInOrder<int8_t> {};
+
+// float8_e4m3fn (FP8 experts): exact, 9 instructions per 8 weights (a byte's fields moved into fp16 bits,
+// F16C, a scale, the NaN bytes).
+template <>
+struct Widen<c10::Float8_e4m3fn> : WidenInOrder<c10::Float8_e4m3fn> {};
 
 // xp[k..k+15] = x[k, k+2, ..., k+14, k+1, k+3, ..., k+15] for each whole 16 of K; the K % 16 tail as is.
 AVX2_FN inline void permute_x(const float* x, float* xp, int64_t K) {
