@@ -26,18 +26,13 @@ win; float8_e4m3fn experts have a switch point of their own the same way.
 from __future__ import annotations
 
 import bisect
-import hashlib
-import json
-import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-log = logging.getLogger(__name__)
 
 LINEAR_CHOICES = ("native", "bf16", "fp32")
 EXPERT_CHOICES = ("native", "bf16", "fp32")
@@ -46,10 +41,6 @@ NATIVE_MAX_ROWS = 64  # the native kernels take at most this many rows (kernels/
 # A measurement's weights: copies cycled through, at least this many bytes in all, so that small-row GEMMs
 # read them from memory (as in a decode step, which streams every weight once) and not from the caches.
 COLD_BYTES = 96 << 20
-# Bump when the cached JSON's meaning changes, or when a kernel change moves the switch points (2: `dot` on
-# AVX512-BF16 CPUs; 3: `dot_int8`, `_apart`; 4: the vdpbf16ps tiles' prefetch into L2, faster from 3 rows,
-# and fp8 experts measured in fp8 on their native kernels)
-FORMAT = 4
 # A plan's name for the format of 8-bit weights, by storage dtype (16-bit weights: "none")
 WEIGHT_FORMATS = {torch.int8: "int8", torch.float8_e4m3fn: "fp8"}
 
@@ -364,39 +355,6 @@ def plan_expert(hidden: int, inter: int, dtype: torch.dtype, max_rows: int, nati
             cands["native"] = (pairs, lambda p, x=x: cpu.expert_mlp(x, *p))
         choices.append(pick(best_times(_apart(cands)), choices[-1] if choices else None))
     return RowPlan(buckets(max_rows), tuple(choices))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Cache
-# ---------------------------------------------------------------------------------------------------------
-def cache_file(cache_dir: str | Path, machine: str, model_key: str) -> Path:
-    digest = hashlib.sha256(f"{FORMAT} {machine} {model_key}".encode()).hexdigest()[:16]
-    return Path(cache_dir) / f"cpu-plan-{digest}.json"
-
-
-def load_plan(path: Path) -> CpuPlan | None:
-    """The cached plan at `path`, or None when there is none or it does not parse (then it is measured)."""
-    try:
-        data = json.loads(path.read_text())
-        rows = {k: RowPlan(tuple(v["bounds"]), tuple(v["choices"])) for k, v in data["linear"].items()}
-        opt = {k: RowPlan(tuple(data[k]["bounds"]), tuple(data[k]["choices"])) if data.get(k) else None
-               for k in ("expert", "decode", "dot", "dot_int8", "dot_fp8")}
-        chunk = data.get("prefill")  # absent from plans cached before it was measured
-        prefill = None if not chunk else ChunkPlan(int(chunk["chunk"]), int(chunk["limit"]), tuple(chunk["sizes"]),
-                                                   tuple(float(t) for t in chunk["tokens_per_s"]))
-        return CpuPlan(data["machine"], rows, **opt, prefill=prefill)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def save_plan(plan: CpuPlan, path: Path) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(plan), indent=1))
-        tmp.replace(path)
-    except OSError as e:  # a read-only cache costs a measurement at the next start, nothing else
-        log.warning("could not cache the CPU kernel plan at %s (%s)", path, e.strerror)
 
 
 def ranges(plan: RowPlan) -> list[str]:

@@ -34,7 +34,7 @@ from moe_runtime.engine.forward import EagerForward, StepForward
 from moe_runtime.engine.prefill_chunk import plan_prefill
 from moe_runtime.kernels import cpu
 from moe_runtime.kernels.attention import KVCache
-from moe_runtime.kernels.cpu import dispatch
+from moe_runtime.kernels.cpu import dispatch, plan_cache
 from moe_runtime.kernels.cpu.dispatch import CpuPlan
 from moe_runtime.model.causal_lm import CausalLM
 from moe_runtime.model.experts import ExpertsBuilder
@@ -104,8 +104,8 @@ def cpu_plan(kernels: KernelChoice, cfg: ModelConfig, dtype: torch.dtype, engine
         return None
     # the 8-bit formats whose native GEMMs run: int8 experts or dense projections, fp8 experts
     eight = {_eight_bit(formats.experts), _eight_bit(formats.dense)} - {"none"}
-    path = dispatch.cache_file(plan_dir(engine), dispatch.machine_key(), _model_key(cfg, dtype, engine, formats))
-    plan = dispatch.load_plan(path)
+    path = plan_cache.cache_file(plan_dir(engine), dispatch.machine_key(), _model_key(cfg, dtype, engine, formats))
+    plan = plan_cache.load_plan(path)
     if plan is not None:
         if sets_tiles:
             _set_tiles(plan, eight)
@@ -141,7 +141,7 @@ def cpu_plan(kernels: KernelChoice, cfg: ModelConfig, dtype: torch.dtype, engine
         dot_fp8=tiles.dot_fp8,
     )
     log.info("CPU kernel plan, measured in %.1f s:\n%s", time.perf_counter() - t0, plan.describe())
-    dispatch.save_plan(plan, path)
+    plan_cache.save_plan(plan, path)
     return plan
 
 
@@ -221,7 +221,7 @@ def complete_plan(model: CausalLM, kv_caches: list[KVCache], kernels: KernelChoi
         return plan
     plan = dataclasses.replace(plan, **parts)
     key = _model_key(model.config, model.dtype, engine, _formats(model))
-    dispatch.save_plan(plan, dispatch.cache_file(plan_dir(engine), plan.machine, key))
+    plan_cache.save_plan(plan, plan_cache.cache_file(plan_dir(engine), plan.machine, key))
     return plan
 
 

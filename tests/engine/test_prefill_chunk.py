@@ -24,7 +24,7 @@ from moe_runtime.engine.sampling_params import SamplingParams
 from moe_runtime.engine.scheduler import Scheduler
 from moe_runtime.engine.scheduler_output import ModelRunnerOutput
 from moe_runtime.errors import ConfigError
-from moe_runtime.kernels.cpu import dispatch
+from moe_runtime.kernels.cpu import plan_cache
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
@@ -182,7 +182,7 @@ def test_the_measured_chunk_is_cached_and_an_old_plan_measures_it(tiny_model_dir
 
     first = _bf16(tiny_model_dir, tmp_path)
     (path,) = tmp_path.glob("cpu-plan-*.json")
-    chunk = dispatch.load_plan(path).prefill
+    chunk = plan_cache.load_plan(path).prefill
     assert chunk.limit == 2048 and chunk.sizes == ladder(2048)[: len(chunk.sizes)]
     assert chunk.chunk in chunk.sizes and first.scheduler.prefill_chunk == chunk.chunk
     measured = []
@@ -193,7 +193,7 @@ def test_the_measured_chunk_is_cached_and_an_old_plan_measures_it(tiny_model_dir
     del old["prefill"]  # as plans were cached before the prefill chunk was measured
     path.write_text(json.dumps(old))
     _bf16(tiny_model_dir, tmp_path)
-    assert measured == [2048] and dispatch.load_plan(path).prefill is not None
+    assert measured == [2048] and plan_cache.load_plan(path).prefill is not None
     _bf16(tiny_model_dir, tmp_path, "engine.max_num_batched_tokens=256")  # another cap: another plan file
     assert measured == [2048, 256]
 

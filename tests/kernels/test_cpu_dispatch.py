@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moe_runtime.kernels import cpu
-from moe_runtime.kernels.cpu import dispatch
+from moe_runtime.kernels.cpu import dispatch, plan_cache
 from moe_runtime.kernels.cpu.dispatch import ChunkPlan, CpuPlan, RowPlan
 from moe_runtime.kernels.linear import CpuLinear
 
@@ -42,12 +42,12 @@ def test_measured_plans_choose_among_their_candidates(native):
 
 def test_plans_survive_the_cache_and_a_bad_file_is_remeasured(tmp_path):
     plan = CpuPlan("cpu X", {"8x4": RowPlan((1, 9), ("native", "bf16"))}, RowPlan((4,), ("fp32",)), None)
-    path = dispatch.cache_file(tmp_path, plan.machine, "model")
-    dispatch.save_plan(plan, path)
-    assert dispatch.load_plan(path) == plan
+    path = plan_cache.cache_file(tmp_path, plan.machine, "model")
+    plan_cache.save_plan(plan, path)
+    assert plan_cache.load_plan(path) == plan
     path.write_text("{not json")
-    assert dispatch.load_plan(path) is None
-    assert dispatch.cache_file(tmp_path, "cpu Y", "model") != path  # another machine, another plan
+    assert plan_cache.load_plan(path) is None
+    assert plan_cache.cache_file(tmp_path, "cpu Y", "model") != path  # another machine, another plan
 
 
 def test_a_prefill_chunk_survives_the_cache_and_an_old_plan_loads_without_it(tmp_path):
@@ -56,18 +56,18 @@ def test_a_prefill_chunk_survives_the_cache_and_an_old_plan_loads_without_it(tmp
     plan = CpuPlan("cpu X", {"8x4": RowPlan((1, 9), ("native", "bf16"))}, None, RowPlan((1,), ("native",)),
                    dot=RowPlan((1, 2, 4), ("avx2", "bf16dp", "bf16dp")),
                    dot_int8=RowPlan((1, 2, 4), ("avx2", "avx2", "bf16dp")), prefill=chunk)
-    path = dispatch.cache_file(tmp_path, plan.machine, "model")
-    dispatch.save_plan(plan, path)
-    assert dispatch.load_plan(path) == plan
+    path = plan_cache.cache_file(tmp_path, plan.machine, "model")
+    plan_cache.save_plan(plan, path)
+    assert plan_cache.load_plan(path) == plan
     assert "prefill chunk: 256 tokens (prefill tok/s by chunk: 16: 42, 32: 80," in plan.describe()
     assert "native bf16 tiles: avx2 1, bf16dp 2-4" in plan.describe() and dispatch.dot_min_rows(plan.dot) == 2
     assert "native int8 tiles: avx2 1-2, bf16dp 3-4" in plan.describe() and dispatch.dot_min_rows(plan.dot_int8) == 3
     old = json.loads(path.read_text())
     del old["prefill"]  # a plan cached before the prefill chunk was measured: the engine measures it then
     path.write_text(json.dumps(old))
-    assert dispatch.load_plan(path) == dataclasses.replace(plan, prefill=None)
+    assert plan_cache.load_plan(path) == dataclasses.replace(plan, prefill=None)
     path.write_text(json.dumps({**old, "prefill": {"chunk": 256}}))  # a damaged entry: measure everything again
-    assert dispatch.load_plan(path) is None
+    assert plan_cache.load_plan(path) is None
 
 
 @pytest.mark.skipif(not HAS_AVX2, reason="the native CPU kernels run only on AVX2 CPUs")
@@ -104,7 +104,7 @@ def test_an_engine_measures_once_per_machine_then_reads_the_cache(tiny_model_dir
     first = build_engine(load_config(overrides=sets))
     assert len(measured) == 3  # q/k/v stacked, o_proj, the head
     (cached,) = tmp_path.glob("cpu-plan-*.json")
-    plan = dispatch.load_plan(cached)
+    plan = plan_cache.load_plan(cached)
     assert plan.decode is not None and plan.expert is not None
     head = first.executor.model.lm_head.kernel
     assert head.rows == plan.linear[dispatch.shape_key(first.executor.model.lm_head.weight.shape)]

@@ -117,7 +117,7 @@ def test_the_plan_measures_the_fp8_tiles_for_fp8_experts(tmp_path):
     from moe_runtime.checkpoint.loader import WeightFormats
     from moe_runtime.config import EngineConfig, ModelConfig
     from moe_runtime.engine import parts
-    from moe_runtime.kernels.cpu import dispatch
+    from moe_runtime.kernels.cpu import dispatch, plan_cache
     from moe_runtime.presets.configs import preset_config
 
     cfg = ModelConfig.from_hf(preset_config("tiny"))
@@ -129,7 +129,7 @@ def test_the_plan_measures_the_fp8_tiles_for_fp8_experts(tmp_path):
         plan = parts.cpu_plan(kernels, cfg, torch.bfloat16, engine, WeightFormats(experts="fp8"))
         assert plan.dot_fp8 is not None and plan.dot_int8 is None and "native fp8 tiles: " in plan.describe()
         assert cpu.dot_fp8_rows(7) == dispatch.dot_min_rows(plan.dot_fp8)
-        assert dispatch.load_plan(next(tmp_path.iterdir())) == plan, "cached with the fp8 tiles"
+        assert plan_cache.load_plan(next(tmp_path.iterdir())) == plan, "cached with the fp8 tiles"
         sixteen = parts.cpu_plan(kernels, cfg, torch.bfloat16, engine)  # no fp8 weights: the switch point stays
         assert sixteen.dot_fp8 is None and cpu.dot_fp8_rows(0) == 7
     finally:
