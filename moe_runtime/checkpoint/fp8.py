@@ -110,6 +110,16 @@ def check_fp8_weight(name: str, shape: tuple[int, ...], scale_dtype: str | None,
                               f"[] or [1] (per tensor), [{rows}] or [{rows}, 1] (per channel of {name})")
 
 
+def check_no_nan(name: str, data: torch.Tensor, where: str) -> None:
+    """Raise `CheckpointError` naming tensor `name` and `where` if float8_e4m3fn `data` holds a NaN (bytes
+    0x7F and 0xFF). 8-bit weights are kept as they are only when finite: the native CPU tiles widen the
+    finite bytes alone (kernels/cpu/dot_bf16.h), and a NaN weight makes every output it reaches NaN anyway."""
+    bad = int(((data.view(torch.uint8) & 0x7F) == 0x7F).sum())
+    if bad:
+        raise CheckpointError(f"{where}: tensor {name} holds {bad} NaN value(s) as {FP8_DTYPE}; allowed: finite "
+                              "values (a NaN weight is a broken checkpoint)")
+
+
 def row_scales(scale: torch.Tensor, rows: int) -> torch.Tensor:
     """A weight_scale (per tensor or per channel) as one fp32 scale per row: [rows]. Same values."""
     flat = scale.to(torch.float32).reshape(-1)

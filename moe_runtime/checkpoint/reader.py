@@ -108,6 +108,7 @@ class SafetensorsReader:
             nbytes = loc.nbytes + self.locations[fp8.scale_name(name)].nbytes
             if isinstance(dst, QuantizedWeight) and dst.dtype == loc.dtype:
                 self.copy_into(name, dst.data)  # the checkpoint's own 8 bits
+                fp8.check_no_nan(name, dst.data, loc.file)
                 dst.scale.copy_(fp8.row_scales(scale, loc.shape[0]))
             elif isinstance(dst, QuantizedWeight):  # FP8 -> int8 (model.quantization: int8)
                 quantize_into(fp8.dequantize(self.get(name), scale, torch.float32), dst.data, dst.scale)
@@ -116,6 +117,8 @@ class SafetensorsReader:
             return nbytes
         if isinstance(dst, QuantizedWeight):
             quantize_into(self.get(name), dst.data, dst.scale)
+            if dst.dtype == torch.float8_e4m3fn:  # NaN in, NaN bytes out
+                fp8.check_no_nan(name, dst.data, loc.file)
             return loc.nbytes
         return self.read_into(name, dst)
 

@@ -52,7 +52,8 @@ def tiles(request):
 def test_every_number_through_the_gemm(tiles):
     """A one-hot x reads single weights back through the GEMM (the GEMV, small and large tiles), so every
     byte's widening is checked inside the kernels too: y[i, n] = w[n, i] * scale[n] exactly. The NaN bytes
-    are checked apart: 0 * NaN spreads over their whole row."""
+    are checked apart (0 * NaN spreads over their whole row), on the AVX2 tiles only: the `vdpbf16ps` tiles
+    take finite bytes (the loader refuses NaN weights: tests/model/test_fp8_checkpoint.py)."""
     data = EVERY_BYTE.data.view(torch.uint8).clone()
     nan = (data & 0x7F) == 0x7F
     data[nan] = 0
@@ -61,6 +62,8 @@ def test_every_number_through_the_gemm(tiles):
     for rows in (x[:1], x[:3], x):  # the GEMV, a small tile, all 32 rows
         got = cpu.linear_fp32(rows, w)
         assert torch.equal(got, w.dequantize(torch.float32)[:, : rows.shape[0]].T)
+    if tiles == "bf16dp":
+        return
     rows_with_nan = nan.any(dim=1)
     assert cpu.linear_fp32(x[:2], EVERY_BYTE)[:, rows_with_nan].isnan().all()
     assert not cpu.linear_fp32(x[:2], EVERY_BYTE)[:, ~rows_with_nan].isnan().any()

@@ -206,6 +206,13 @@ def without(d: dict, key: str) -> dict:
     return {k: v for k, v in d.items() if k != key}
 
 
+def _with_nan(w: torch.Tensor) -> torch.Tensor:
+    """w with one NaN byte (0x7F: e4m3fn's NaN) where its last row starts."""
+    out = w.view(torch.uint8).clone()
+    out[-1, 0] = 0x7F
+    return out.view(torch.float8_e4m3fn)
+
+
 ERRORS = (
     ("missing_scale", None, lambda t: without(t, EXPERT + "_scale"),
      rf"{re.escape(EXPERT)} is F8_E4M3 but its scale {re.escape(EXPERT)}_scale is missing"),
@@ -221,6 +228,8 @@ ERRORS = (
      r"weight_block_size=\[128, 128\] \(block-wise FP8 scales\) is not supported"),
     ("no_quantization_config", lambda c: without(c, "quantization_config"), None,
      r"has dtype F8_E4M3; allowed: .*quantization_config has quant_method 'fp8'"),
+    ("nan_weight", None, lambda t: {**t, EXPERT: _with_nan(t[EXPERT])},
+     rf"tensor {re.escape(EXPERT)} holds 1 NaN value\(s\) as F8_E4M3; allowed: finite values"),
     ("stray_scale", None, lambda t: {**t, "model.layers.0.block_sparse_moe.gate.weight_scale": torch.tensor(1.0)},
      r"unexpected tensor model.layers.0.block_sparse_moe.gate.weight_scale"),
 )
