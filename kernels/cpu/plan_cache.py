@@ -16,8 +16,8 @@ log = logging.getLogger(__name__)
 
 # Bump when the cached JSON's meaning changes, or when a kernel change moves the switch points (2: `dot` on
 # AVX512-BF16 CPUs; 3: `dot_int8`, `_apart`; 4: the vdpbf16ps tiles' prefetch into L2, faster from 3 rows,
-# and fp8 experts measured in fp8 on their native kernels)
-FORMAT = 4
+# and fp8 experts measured in fp8 on their native kernels; 5: the int8 and fp8 tiles' cheaper widening)
+FORMAT = 5
 
 
 def cache_file(cache_dir: str | Path, machine: str, model_key: str) -> Path:
