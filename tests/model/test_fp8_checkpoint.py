@@ -243,6 +243,19 @@ def test_loader_error_matrix(checkpoints, tmp_path, name, config, tensors, messa
     assert "\n" not in str(err.value)
 
 
+def test_nan_weight_refused_when_quantized_to_fp8_at_load(tiny_model_dir, tmp_path):
+    """A 16-bit checkpoint's NaN expert weight would quantize to a NaN byte, which the native tiles do not
+    take: the loader names it (in 16 bits, with quantization none, it loads as it is)."""
+    tensors = load_file(str(tiny_model_dir / "model.safetensors"))
+    tensors[EXPERT] = tensors[EXPERT].clone()
+    tensors[EXPERT][0, 0] = float("nan")
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    path = write_checkpoint(tiny_model_dir, tmp_path / "nan", tensors, cfg)
+    with pytest.raises(CheckpointError, match=rf"tensor {re.escape(EXPERT)} holds 1 NaN value\(s\) as F8_E4M3"):
+        load_model(path, "float32", "cpu", quantization="fp8")
+    load_model(path, "float32", "cpu")
+
+
 @pytest.mark.parametrize("kind", ("per_tensor", "per_channel"))
 def test_fp8_checkpoint_on_expert_parallel_ranks(checkpoints, kind):
     """A Ray worker's share of an FP8 checkpoint: its experts stay FP8 (the checkpoint's bytes and scales,
