@@ -35,6 +35,7 @@
 #include <cstdint>
 #include <atomic>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #define BF16DP_FN __attribute__((target("avx512f,avx512bw,avx512bf16")))
@@ -43,6 +44,15 @@ namespace moe_cpu {
 
 inline bool cpu_has_avx512_bf16() {
   static const bool ok = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+  return ok;
+}
+
+// The int8 tiles' 64-weight widening (`Int8Pairs`) also takes AVX512-VBMI's byte permutes (Zen 4, Ice Lake
+// and later; not Cooper Lake, whose AVX512-BF16 tiles keep the 32-weight widening).
+#define VBMI_FN __attribute__((target("avx512f,avx512bw,avx512bf16,avx512vbmi")))
+
+inline bool cpu_has_avx512_vbmi() {
+  static const bool ok = __builtin_cpu_supports("avx512vbmi");
   return ok;
 }
 
@@ -135,6 +145,50 @@ struct DotWeights<int8_t> {
   }
 };
 
+// int8, 64 weights at a time, with AVX512-VBMI: the bf16 bits of |w| (0..127) looked up byte by byte, the
+// high bytes and the low bytes each from a 128-entry table (one `vpermi2b` each over 64 weights), the sign
+// ORed into the high bytes, and the two byte vectors interleaved into 2 x 32 bf16 in k order (two
+// `vpermt2b`): 6 instructions per 64 weights where `DotWeights<int8_t>` takes 10. The same bf16 values, so
+// the same sums bit for bit. Needs w != -128 (|-128| is not 7 bits), which kernels/quant.py guarantees: its
+// int8 is symmetric, -127..127. Zen 4 EPYC, 2 threads, one [2048, 2048] GEMM from L3 (`bench/cpu_kernels_ab.py
+// --hot 2048x2048`, against 94fecd9's 32-weight widening): 1.56x at 1 row of x (65 GB/s), 1.31x at 2, 1.17x
+// at 4, 1.05x at 16; from memory the GEMV already reads at the host's bandwidth below ~65 GB/s.
+struct Int8Tables {
+  alignas(64) uint8_t hi[128] = {}, lo[128] = {};  // bf16 bits of v = 0..127: high, low byte
+  alignas(64) uint8_t first[64] = {}, second[64] = {};  // byte interleaves: lo[i], hi[i] for i < 32; i >= 32
+  constexpr Int8Tables() {
+    for (int v = 1; v < 128; ++v) {
+      int e = 0;  // floor(log2 v): v = 2^e + the mantissa's e bits, exact in bf16's 7
+      while ((v >> (e + 1)) != 0) ++e;
+      const int bits = (127 + e) << 7 | ((v << (7 - e)) & 0x7F);
+      hi[v] = static_cast<uint8_t>(bits >> 8);
+      lo[v] = static_cast<uint8_t>(bits & 0xFF);
+    }
+    for (int i = 0; i < 32; ++i) {
+      first[2 * i] = static_cast<uint8_t>(i);
+      first[2 * i + 1] = static_cast<uint8_t>(64 + i);
+      second[2 * i] = static_cast<uint8_t>(32 + i);
+      second[2 * i + 1] = static_cast<uint8_t>(96 + i);
+    }
+  }
+};
+inline constexpr Int8Tables kInt8Tables{};
+
+struct Int8Pairs {
+  // w[k..k+31] -> a, w[k+32..k+63] -> b (bf16).
+  VBMI_FN static inline void load(const int8_t* p, __m512i& a, __m512i& b) {
+    const Int8Tables& t = kInt8Tables;
+    const __m512i w = _mm512_loadu_si512(p);
+    const __m512i mag = _mm512_abs_epi8(w);
+    const __m512i hi = _mm512_ternarylogic_epi32(  // hi | (w & 0x80): the sign bit
+        _mm512_permutex2var_epi8(_mm512_load_si512(t.hi), mag, _mm512_load_si512(t.hi + 64)), w,
+        _mm512_set1_epi8(static_cast<char>(0x80)), 0xF8);
+    const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(t.lo), mag, _mm512_load_si512(t.lo + 64));
+    a = _mm512_permutex2var_epi8(lo, _mm512_load_si512(t.first), hi);
+    b = _mm512_permutex2var_epi8(lo, _mm512_load_si512(t.second), hi);
+  }
+};
+
 // How far ahead of its loads each weight stream of the tiles prefetches, in bytes, into L2 (`_MM_HINT_T1`:
 // the L1 holds x and the tile's current lines). Each stream is a run of consecutive weight rows, so the
 // address ahead is the same stream's next bytes, past a row's end into the next tile's row.
@@ -185,17 +239,13 @@ struct DotWeights<c10::Float8_e4m3fn> {
 // One tile: MB rows of x (bf16, row stride Kp) times NB rows of W (`wsj` elements apart); output column j
 // of row i goes to y[i * ldy + j * ycs]. `pf`: how far ahead of the loads each weight row prefetches, in
 // elements (0: not at all, for weights already in L1), one cache line per step (every step for bf16's 64
-// bytes, every other one for int8's 32).
+// bytes, every other one for int8's 32). `dot_steps` adds k0..K into the accumulators, 32 at a time, then
+// the K % 32 tail; `dot_tile_pairs` takes int8's first 64-multiple with `Int8Pairs`, then the same steps.
 template <int MB, int NB, typename W>
-BF16DP_FN inline void dot_tile(const uint16_t* x, int64_t Kp, const W* w, int64_t wsj, float* y, int64_t ldy,
-                               int64_t ycs, int64_t K, int64_t pf) {
-  __m512 acc[MB][NB];
-#pragma GCC unroll 4
-  for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+BF16DP_FN inline void dot_steps(__m512 (&acc)[MB][NB], const uint16_t* x, int64_t Kp, const W* w, int64_t wsj,
+                                int64_t k0, int64_t K, int64_t pf) {
   const int64_t whole = K / 32 * 32;
-  for (int64_t k = 0; k < whole; k += 32) {
+  for (int64_t k = k0; k < whole; k += 32) {
     __m512i xv[MB];
 #pragma GCC unroll 4
     for (int i = 0; i < MB; ++i) xv[i] = _mm512_loadu_si512(x + i * Kp + k);
@@ -216,30 +266,89 @@ BF16DP_FN inline void dot_tile(const uint16_t* x, int64_t Kp, const W* w, int64_
       for (int i = 0; i < MB; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)xv[i], (__m512bh)wv);
     }
   }
+}
+
+template <int MB, int NB>
+BF16DP_FN inline void dot_store(__m512 (&acc)[MB][NB], float* y, int64_t ldy, int64_t ycs) {
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j) y[i * ldy + j * ycs] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
+template <int MB, int NB, typename W>
+BF16DP_FN inline void dot_tile(const uint16_t* x, int64_t Kp, const W* w, int64_t wsj, float* y, int64_t ldy,
+                               int64_t ycs, int64_t K, int64_t pf) {
+  __m512 acc[MB][NB];
+#pragma GCC unroll 4
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+  dot_steps<MB, NB>(acc, x, Kp, w, wsj, 0, K, pf);
+  dot_store<MB, NB>(acc, y, ldy, ycs);
+}
+
+template <int MB, int NB>
+VBMI_FN void dot_tile_pairs(const uint16_t* x, int64_t Kp, const int8_t* w, int64_t wsj, float* y, int64_t ldy,
+                            int64_t ycs, int64_t K, int64_t pf) {
+  __m512 acc[MB][NB];
+#pragma GCC unroll 4
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+  const int64_t pairs = K / 64 * 64;
+  for (int64_t k = 0; k < pairs; k += 64) {
+    __m512i x0[MB], x1[MB];
+#pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i) {
+      x0[i] = _mm512_loadu_si512(x + i * Kp + k);
+      x1[i] = _mm512_loadu_si512(x + i * Kp + k + 32);
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) {
+      if (pf > 0) _mm_prefetch(reinterpret_cast<const char*>(w + j * wsj + pf + k), _MM_HINT_T1);
+      __m512i a, b;
+      Int8Pairs::load(w + j * wsj + k, a, b);
+#pragma GCC unroll 4
+      for (int i = 0; i < MB; ++i) {  // k..k+31, then k+32..k+63: the 32-step order, the same sums
+        acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)x0[i], (__m512bh)a);
+        acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)x1[i], (__m512bh)b);
+      }
+    }
+  }
+  dot_steps<MB, NB>(acc, x, Kp, w, wsj, pairs, K, pf);
+  dot_store<MB, NB>(acc, y, ldy, ycs);
+}
+
+// One tile of MB x rows: `dot_tile`, or `dot_tile_pairs` (int8 weights, AVX512-VBMI).
+template <int MB, int NB, bool Pairs, typename W>
+BF16DP_FN inline void tile(const uint16_t* x, int64_t Kp, const W* w, int64_t wsj, float* y, int64_t ldy,
+                           int64_t ycs, int64_t K, int64_t pf) {
+  if constexpr (Pairs)
+    dot_tile_pairs<MB, NB>(x, Kp, w, wsj, y, ldy, ycs, K, pf);
+  else
+    dot_tile<MB, NB>(x, Kp, w, wsj, y, ldy, ycs, K, pf);
+}
+
 // NB weight rows against every x row, in tiles of 4 x rows (then 3, 2 or 1).
-template <int NB, typename W>
+template <int NB, bool Pairs, typename W>
 BF16DP_FN inline void dot_rows(const uint16_t* x, int64_t Kp, const W* w, int64_t wsj, float* y, int64_t ldy,
                                int64_t ycs, int64_t M, int64_t K, int64_t pf) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) dot_tile<4, NB>(x + m * Kp, Kp, w, wsj, y + m * ldy, ldy, ycs, K, pf);
+  for (; m + 4 <= M; m += 4) tile<4, NB, Pairs>(x + m * Kp, Kp, w, wsj, y + m * ldy, ldy, ycs, K, pf);
   switch (M - m) {
-    case 3: dot_tile<3, NB>(x + m * Kp, Kp, w, wsj, y + m * ldy, ldy, ycs, K, pf); break;
-    case 2: dot_tile<2, NB>(x + m * Kp, Kp, w, wsj, y + m * ldy, ldy, ycs, K, pf); break;
-    case 1: dot_tile<1, NB>(x + m * Kp, Kp, w, wsj, y + m * ldy, ldy, ycs, K, pf); break;
+    case 3: tile<3, NB, Pairs>(x + m * Kp, Kp, w, wsj, y + m * ldy, ldy, ycs, K, pf); break;
+    case 2: tile<2, NB, Pairs>(x + m * Kp, Kp, w, wsj, y + m * ldy, ldy, ycs, K, pf); break;
+    case 1: tile<1, NB, Pairs>(x + m * Kp, Kp, w, wsj, y + m * ldy, ldy, ycs, K, pf); break;
     default: break;
   }
 }
 
 // NB rows of W (`wsj` elements apart) as bf16 rows of Kp elements at out + j * Kp, zero padded, read along k
-// together as the tiles read them (NB streams, `pf` as in `dot_tile`).
+// together as the tiles read them (NB streams, `pf` as in `dot_tile`), from k0 on.
 template <int NB, typename W>
-BF16DP_FN inline void widen_rows(const W* w, int64_t wsj, uint16_t* out, int64_t Kp, int64_t K, int64_t pf) {
+BF16DP_FN inline void widen_rows(const W* w, int64_t wsj, uint16_t* out, int64_t Kp, int64_t K, int64_t pf,
+                                 int64_t k0 = 0) {
   const int64_t whole = K / 32 * 32;
-  for (int64_t k = 0; k < whole; k += 32) {
+  for (int64_t k = k0; k < whole; k += 32) {
 #pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) {
       if (sizeof(W) == 2 || (k & 63) == 0)
@@ -252,6 +361,31 @@ BF16DP_FN inline void widen_rows(const W* w, int64_t wsj, uint16_t* out, int64_t
       _mm512_storeu_si512(out + j * Kp + whole, DotWeights<W>::load_tail(w + j * wsj + whole, K - whole));
 }
 
+// The same for int8 rows with `Int8Pairs` (AVX512-VBMI), 64 at a time, then `widen_rows` for the rest.
+template <int NB>
+VBMI_FN void widen_rows_pairs(const int8_t* w, int64_t wsj, uint16_t* out, int64_t Kp, int64_t K, int64_t pf) {
+  const int64_t pairs = K / 64 * 64;
+  for (int64_t k = 0; k < pairs; k += 64) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * wsj + pf + k), _MM_HINT_T1);
+      __m512i a, b;
+      Int8Pairs::load(w + j * wsj + k, a, b);
+      _mm512_storeu_si512(out + j * Kp + k, a);
+      _mm512_storeu_si512(out + j * Kp + k + 32, b);
+    }
+  }
+  widen_rows<NB>(w, wsj, out, Kp, K, pf, pairs);
+}
+
+template <int NB, bool Pairs, typename W>
+BF16DP_FN inline void widen(const W* w, int64_t wsj, uint16_t* out, int64_t Kp, int64_t K, int64_t pf) {
+  if constexpr (Pairs)
+    widen_rows_pairs<NB>(w, wsj, out, Kp, K, pf);
+  else
+    widen_rows<NB>(w, wsj, out, Kp, K, pf);
+}
+
 // y[m * ldy + n] for m < M, n0 <= n < n1 (W: bf16 or int8, `DotWeights`). A tile takes row i of each of 4
 // equal slices of [n0, n1), so the weights stream from 4 places at once (one core's prefetchers follow
 // several sequential streams in parallel; neighbouring rows are one stream), as the AVX2 tiles do
@@ -262,10 +396,9 @@ BF16DP_FN inline void widen_rows(const W* w, int64_t wsj, uint16_t* out, int64_t
 // widened once into a bf16 scratch of 4 * Kp elements (L1/L2) and the bf16 tiles run over it: the same bf16
 // values in the same order, so the same sums bit for bit (Zen 4 EPYC, two threads, mini's w13 at 32 rows:
 // 2.34 ms widened per tile, 1.75 ms widened once; the bf16 tiles 1.6 ms).
-template <typename W>
-BF16DP_FN inline void rows_bf16dp(const uint16_t* x, int64_t Kp, const W* w, int64_t ldw, float* y, int64_t ldy,
-                                  int64_t M, int64_t n0, int64_t n1, int64_t K) {
-  static_assert(DotWeights<W>::kTiles, "vdpbf16ps tiles take bf16 or int8 weights");
+template <bool Pairs, typename W>
+BF16DP_FN inline void rows_tiles(const uint16_t* x, int64_t Kp, const W* w, int64_t ldw, float* y, int64_t ldy,
+                                 int64_t M, int64_t n0, int64_t n1, int64_t K) {
   const int64_t per = (n1 - n0) / 4;
   const int64_t pf = kPrefetchBytes / static_cast<int64_t>(sizeof(W));
   if constexpr (DotWeights<W>::kWidened) {
@@ -273,19 +406,30 @@ BF16DP_FN inline void rows_bf16dp(const uint16_t* x, int64_t Kp, const W* w, int
       std::vector<uint16_t> wb(4 * Kp);
       const auto* b = reinterpret_cast<const c10::BFloat16*>(wb.data());
       for (int64_t i = 0; i < per; ++i) {
-        widen_rows<4>(w + (n0 + i) * ldw, per * ldw, wb.data(), Kp, K, pf);
-        dot_rows<4>(x, Kp, b, Kp, y + n0 + i, ldy, per, M, K, 0);
+        widen<4, Pairs>(w + (n0 + i) * ldw, per * ldw, wb.data(), Kp, K, pf);
+        dot_rows<4, false>(x, Kp, b, Kp, y + n0 + i, ldy, per, M, K, 0);
       }
       for (int64_t n = n0 + 4 * per; n < n1; ++n) {
-        widen_rows<1>(w + n * ldw, ldw, wb.data(), Kp, K, pf);
-        dot_rows<1>(x, Kp, b, Kp, y + n, ldy, 1, M, K, 0);
+        widen<1, Pairs>(w + n * ldw, ldw, wb.data(), Kp, K, pf);
+        dot_rows<1, false>(x, Kp, b, Kp, y + n, ldy, 1, M, K, 0);
       }
       return;
     }
   }
   for (int64_t i = 0; i < per; ++i)
-    dot_rows<4>(x, Kp, w + (n0 + i) * ldw, per * ldw, y + n0 + i, ldy, per, M, K, pf);
-  for (int64_t n = n0 + 4 * per; n < n1; ++n) dot_rows<1>(x, Kp, w + n * ldw, ldw, y + n, ldy, 1, M, K, pf);
+    dot_rows<4, Pairs>(x, Kp, w + (n0 + i) * ldw, per * ldw, y + n0 + i, ldy, per, M, K, pf);
+  for (int64_t n = n0 + 4 * per; n < n1; ++n)
+    dot_rows<1, Pairs>(x, Kp, w + n * ldw, ldw, y + n, ldy, 1, M, K, pf);
+}
+
+template <typename W>
+BF16DP_FN inline void rows_bf16dp(const uint16_t* x, int64_t Kp, const W* w, int64_t ldw, float* y, int64_t ldy,
+                                  int64_t M, int64_t n0, int64_t n1, int64_t K) {
+  static_assert(DotWeights<W>::kTiles, "vdpbf16ps tiles take bf16, int8 or fp8 weights");
+  if constexpr (std::is_same_v<W, int8_t>) {
+    if (cpu_has_avx512_vbmi()) return rows_tiles<true>(x, Kp, w, ldw, y, ldy, M, n0, n1, K);
+  }
+  rows_tiles<false>(x, Kp, w, ldw, y, ldy, M, n0, n1, K);
 }
 
 }  // namespace moe_cpu

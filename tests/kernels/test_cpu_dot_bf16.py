@@ -154,11 +154,13 @@ def test_the_int8_tiles_match_a_float64_reference(int8_tiles_from, M, N, K):
 
 
 def test_every_int8_value_is_widened_exactly_and_in_k_order(int8_tiles_from):
-    """Each weight row a permutation of -128..127 against small-integer x (bf16 values): every product and
-    partial sum is an integer below 2^24, exact in fp32 in any order, so the tiles must give the float64
-    result bit for bit; a value widened wrong, or a weight met by the wrong x element, shows."""
+    """Each weight row a permutation of -127..127 (kernels/quant.py's int8: symmetric, never -128, which the
+    AVX512-VBMI widening relies on) against small-integer x (bf16 values): every product and partial sum is
+    an integer below 2^24, exact in fp32 in any order, so the tiles must give the float64 result bit for
+    bit; a value widened wrong, or a weight met by the wrong x element, shows. K = 247 takes the 64-weight
+    steps, a 32-weight one and a tail."""
     g = torch.Generator().manual_seed(4)
-    data = torch.stack([torch.randperm(256, generator=g) - 128 for _ in range(9)]).to(torch.int8)  # [9, 256]
+    data = torch.stack([torch.randperm(255, generator=g) - 127 for _ in range(9)]).to(torch.int8)  # [9, 255]
     q = QuantizedWeight(data[:, 3:250], torch.ones(9))  # K = 247: whole steps and a tail of 23
     x = torch.randint(-8, 9, (5, 247), generator=g).bfloat16()
     int8_tiles_from(1)
