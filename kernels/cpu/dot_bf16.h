@@ -47,7 +47,7 @@ inline bool cpu_has_avx512_bf16() {
   return ok;
 }
 
-// The int8 tiles' 64-weight widening (`Int8Pairs`) also takes AVX512-VBMI's byte permutes (Zen 4, Ice Lake
+// The 8-bit tiles' 64-weight widening (`BytePairs`) also takes AVX512-VBMI's byte permutes (Zen 4, Ice Lake
 // and later; not Cooper Lake, whose AVX512-BF16 tiles keep the 32-weight widening).
 #define VBMI_FN __attribute__((target("avx512f,avx512bw,avx512bf16,avx512vbmi")))
 
@@ -145,22 +145,39 @@ struct DotWeights<int8_t> {
   }
 };
 
-// int8, 64 weights at a time, with AVX512-VBMI: the bf16 bits of |w| (0..127) looked up byte by byte, the
-// high bytes and the low bytes each from a 128-entry table (one `vpermi2b` each over 64 weights), the sign
-// ORed into the high bytes, and the two byte vectors interleaved into 2 x 32 bf16 in k order (two
-// `vpermt2b`): 6 instructions per 64 weights where `DotWeights<int8_t>` takes 10. The same bf16 values, so
-// the same sums bit for bit. Needs w != -128 (|-128| is not 7 bits), which kernels/quant.py guarantees: its
-// int8 is symmetric, -127..127. Zen 4 EPYC, 2 threads, one [2048, 2048] GEMM from L3 (`bench/cpu_kernels_ab.py
-// --hot 2048x2048`, against 94fecd9's 32-weight widening): 1.56x at 1 row of x (65 GB/s), 1.31x at 2, 1.17x
-// at 4, 1.05x at 16; from memory the GEMV already reads at the host's bandwidth below ~65 GB/s.
-struct Int8Tables {
-  alignas(64) uint8_t hi[128] = {}, lo[128] = {};  // bf16 bits of v = 0..127: high, low byte
+// int8 and fp8, 64 weights at a time, with AVX512-VBMI: the bf16 bits of each byte's magnitude (int8: |w|,
+// 0..127; fp8: the low 7 bits e.eee.mmm) looked up byte by byte, the high bytes and the low bytes each from
+// a 128-entry table (one `vpermi2b` each over 64 weights, which reads the index's low 7 bits), the sign ORed
+// into the high bytes, and the two byte vectors interleaved into 2 x 32 bf16 in k order (two `vpermt2b`):
+// 6 instructions per 64 weights (fp8: 5, no `abs`) where `DotWeights` takes 10 (fp8: 16). The same bf16
+// values, so the same sums bit for bit; fp8's NaN bytes are NaN here again (the table holds it). Needs
+// int8 w != -128 (|-128| is not 7 bits), which kernels/quant.py guarantees: its int8 is symmetric,
+// -127..127. Zen 4 EPYC, 2 threads, one [2048, 2048] GEMM from L3 (`bench/cpu_kernels_ab.py --hot
+// 2048x2048`, against 94fecd9's 32-weight widening): int8 1.56x at 1 row of x (65 GB/s), 1.31x at 2, 1.17x
+// at 4, 1.05x at 16; fp8 in docs/benchmarks.md. From memory the GEMV reads at the host's bandwidth below
+// ~65 GB/s.
+constexpr int bf16_bits_of_int(int v) {  // 0 <= v < 128: exact in bf16's 8 significant bits
+  if (v == 0) return 0;
+  int e = 0;  // floor(log2 v)
+  while ((v >> (e + 1)) != 0) ++e;
+  return (127 + e) << 7 | ((v << (7 - e)) & 0x7F);
+}
+
+constexpr int bf16_bits_of_e4m3(int m) {  // m: an e4m3fn byte's low 7 bits (its magnitude)
+  const int e = m >> 3, f = m & 7;
+  if (m == 0x7F) return 0x7FC0;  // NaN
+  if (e > 0) return (e + 120) << 7 | f << 4;
+  if (f == 0) return 0;
+  const int p = f >= 4 ? 2 : f >= 2 ? 1 : 0;  // subnormal f * 2^-9 = 2^(p - 9) * (f / 2^p)
+  return (127 + p - 9) << 7 | ((f << (7 - p)) & 0x7F);
+}
+
+struct ByteTables {
+  alignas(64) uint8_t hi[128] = {}, lo[128] = {};  // bf16 bits of each magnitude: high, low byte
   alignas(64) uint8_t first[64] = {}, second[64] = {};  // byte interleaves: lo[i], hi[i] for i < 32; i >= 32
-  constexpr Int8Tables() {
-    for (int v = 1; v < 128; ++v) {
-      int e = 0;  // floor(log2 v): v = 2^e + the mantissa's e bits, exact in bf16's 7
-      while ((v >> (e + 1)) != 0) ++e;
-      const int bits = (127 + e) << 7 | ((v << (7 - e)) & 0x7F);
+  constexpr explicit ByteTables(bool fp8) {
+    for (int v = 0; v < 128; ++v) {
+      const int bits = fp8 ? bf16_bits_of_e4m3(v) : bf16_bits_of_int(v);
       hi[v] = static_cast<uint8_t>(bits >> 8);
       lo[v] = static_cast<uint8_t>(bits & 0xFF);
     }
@@ -172,14 +189,18 @@ struct Int8Tables {
     }
   }
 };
-inline constexpr Int8Tables kInt8Tables{};
+inline constexpr ByteTables kInt8Tables{false};
+inline constexpr ByteTables kFp8Tables{true};
 
-struct Int8Pairs {
+template <typename W>
+struct BytePairs {
+  static_assert(std::is_same_v<W, int8_t> || std::is_same_v<W, c10::Float8_e4m3fn>, "8-bit weights only");
   // w[k..k+31] -> a, w[k+32..k+63] -> b (bf16).
-  VBMI_FN static inline void load(const int8_t* p, __m512i& a, __m512i& b) {
-    const Int8Tables& t = kInt8Tables;
+  VBMI_FN static inline void load(const W* p, __m512i& a, __m512i& b) {
+    constexpr bool kInt8 = std::is_same_v<W, int8_t>;
+    const ByteTables& t = kInt8 ? kInt8Tables : kFp8Tables;
     const __m512i w = _mm512_loadu_si512(p);
-    const __m512i mag = _mm512_abs_epi8(w);
+    const __m512i mag = kInt8 ? _mm512_abs_epi8(w) : w;  // fp8: the sign bit is outside the 7 index bits
     const __m512i hi = _mm512_ternarylogic_epi32(  // hi | (w & 0x80): the sign bit
         _mm512_permutex2var_epi8(_mm512_load_si512(t.hi), mag, _mm512_load_si512(t.hi + 64)), w,
         _mm512_set1_epi8(static_cast<char>(0x80)), 0xF8);
@@ -210,8 +231,9 @@ constexpr int64_t kPrefetchBytes = 16384;
 // op). 8 instructions per 32 weights (int8's: 5). Finite bytes only: the NaN bytes (0x7F, 0xFF) would come
 // out as +-480, and a NaN check here cost all of the gain over the earlier 11-instruction widening (which
 // kept NaN); the loader refuses NaN FP8 weights instead (checkpoint/fp8.py `check_no_nan`), and our
-// quantizer makes none from finite weights. The AVX2 path (vec.h `load8`) keeps NaN. Zen 4 EPYC, 2 threads,
-// an fp8 [2048, 2048] from L3: 33.5 -> 38.9 GB/s at 1 row of x, 24.7 -> 26.1 at 4 (same bench).
+// quantizer makes none from finite weights. The AVX2 path (vec.h `load8`) and `BytePairs` keep NaN. Zen 4
+// EPYC, 2 threads, an fp8 [2048, 2048] from L3: 33.5 -> 38.9 GB/s at 1 row of x, 24.7 -> 26.1 at 4 (same
+// bench). With AVX512-VBMI the tiles take `BytePairs` instead, but for the K % 64 remainder.
 template <>
 struct DotWeights<c10::Float8_e4m3fn> {
   static constexpr bool kTiles = true;
@@ -240,7 +262,7 @@ struct DotWeights<c10::Float8_e4m3fn> {
 // of row i goes to y[i * ldy + j * ycs]. `pf`: how far ahead of the loads each weight row prefetches, in
 // elements (0: not at all, for weights already in L1), one cache line per step (every step for bf16's 64
 // bytes, every other one for int8's 32). `dot_steps` adds k0..K into the accumulators, 32 at a time, then
-// the K % 32 tail; `dot_tile_pairs` takes int8's first 64-multiple with `Int8Pairs`, then the same steps.
+// the K % 32 tail; `dot_tile_pairs` takes 8-bit weights' first 64-multiple with `BytePairs`, then the same steps.
 template <int MB, int NB, typename W>
 BF16DP_FN inline void dot_steps(__m512 (&acc)[MB][NB], const uint16_t* x, int64_t Kp, const W* w, int64_t wsj,
                                 int64_t k0, int64_t K, int64_t pf) {
@@ -269,6 +291,14 @@ BF16DP_FN inline void dot_steps(__m512 (&acc)[MB][NB], const uint16_t* x, int64_
 }
 
 template <int MB, int NB>
+BF16DP_FN inline void dot_zero(__m512 (&acc)[MB][NB]) {
+#pragma GCC unroll 4
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+}
+
+template <int MB, int NB>
 BF16DP_FN inline void dot_store(__m512 (&acc)[MB][NB], float* y, int64_t ldy, int64_t ycs) {
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j) y[i * ldy + j * ycs] = _mm512_reduce_add_ps(acc[i][j]);
@@ -278,22 +308,16 @@ template <int MB, int NB, typename W>
 BF16DP_FN inline void dot_tile(const uint16_t* x, int64_t Kp, const W* w, int64_t wsj, float* y, int64_t ldy,
                                int64_t ycs, int64_t K, int64_t pf) {
   __m512 acc[MB][NB];
-#pragma GCC unroll 4
-  for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+  dot_zero<MB, NB>(acc);
   dot_steps<MB, NB>(acc, x, Kp, w, wsj, 0, K, pf);
   dot_store<MB, NB>(acc, y, ldy, ycs);
 }
 
-template <int MB, int NB>
-VBMI_FN void dot_tile_pairs(const uint16_t* x, int64_t Kp, const int8_t* w, int64_t wsj, float* y, int64_t ldy,
+template <int MB, int NB, typename W>
+VBMI_FN void dot_tile_pairs(const uint16_t* x, int64_t Kp, const W* w, int64_t wsj, float* y, int64_t ldy,
                             int64_t ycs, int64_t K, int64_t pf) {
   __m512 acc[MB][NB];
-#pragma GCC unroll 4
-  for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+  dot_zero<MB, NB>(acc);
   const int64_t pairs = K / 64 * 64;
   for (int64_t k = 0; k < pairs; k += 64) {
     __m512i x0[MB], x1[MB];
@@ -306,7 +330,7 @@ VBMI_FN void dot_tile_pairs(const uint16_t* x, int64_t Kp, const int8_t* w, int6
     for (int j = 0; j < NB; ++j) {
       if (pf > 0) _mm_prefetch(reinterpret_cast<const char*>(w + j * wsj + pf + k), _MM_HINT_T1);
       __m512i a, b;
-      Int8Pairs::load(w + j * wsj + k, a, b);
+      BytePairs<W>::load(w + j * wsj + k, a, b);
 #pragma GCC unroll 4
       for (int i = 0; i < MB; ++i) {  // k..k+31, then k+32..k+63: the 32-step order, the same sums
         acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)x0[i], (__m512bh)a);
@@ -318,7 +342,7 @@ VBMI_FN void dot_tile_pairs(const uint16_t* x, int64_t Kp, const int8_t* w, int6
   dot_store<MB, NB>(acc, y, ldy, ycs);
 }
 
-// One tile of MB x rows: `dot_tile`, or `dot_tile_pairs` (int8 weights, AVX512-VBMI).
+// One tile of MB x rows: `dot_tile`, or `dot_tile_pairs` (8-bit weights, AVX512-VBMI).
 template <int MB, int NB, bool Pairs, typename W>
 BF16DP_FN inline void tile(const uint16_t* x, int64_t Kp, const W* w, int64_t wsj, float* y, int64_t ldy,
                            int64_t ycs, int64_t K, int64_t pf) {
@@ -361,16 +385,16 @@ BF16DP_FN inline void widen_rows(const W* w, int64_t wsj, uint16_t* out, int64_t
       _mm512_storeu_si512(out + j * Kp + whole, DotWeights<W>::load_tail(w + j * wsj + whole, K - whole));
 }
 
-// The same for int8 rows with `Int8Pairs` (AVX512-VBMI), 64 at a time, then `widen_rows` for the rest.
-template <int NB>
-VBMI_FN void widen_rows_pairs(const int8_t* w, int64_t wsj, uint16_t* out, int64_t Kp, int64_t K, int64_t pf) {
+// The same for 8-bit rows with `BytePairs` (AVX512-VBMI), 64 at a time, then `widen_rows` for the rest.
+template <int NB, typename W>
+VBMI_FN void widen_rows_pairs(const W* w, int64_t wsj, uint16_t* out, int64_t Kp, int64_t K, int64_t pf) {
   const int64_t pairs = K / 64 * 64;
   for (int64_t k = 0; k < pairs; k += 64) {
 #pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) {
       _mm_prefetch(reinterpret_cast<const char*>(w + j * wsj + pf + k), _MM_HINT_T1);
       __m512i a, b;
-      Int8Pairs::load(w + j * wsj + k, a, b);
+      BytePairs<W>::load(w + j * wsj + k, a, b);
       _mm512_storeu_si512(out + j * Kp + k, a);
       _mm512_storeu_si512(out + j * Kp + k + 32, b);
     }
@@ -426,7 +450,7 @@ template <typename W>
 BF16DP_FN inline void rows_bf16dp(const uint16_t* x, int64_t Kp, const W* w, int64_t ldw, float* y, int64_t ldy,
                                   int64_t M, int64_t n0, int64_t n1, int64_t K) {
   static_assert(DotWeights<W>::kTiles, "vdpbf16ps tiles take bf16, int8 or fp8 weights");
-  if constexpr (std::is_same_v<W, int8_t>) {
+  if constexpr (sizeof(W) == 1) {
     if (cpu_has_avx512_vbmi()) return rows_tiles<true>(x, Kp, w, ldw, y, ldy, M, n0, n1, K);
   }
   rows_tiles<false>(x, Kp, w, ldw, y, ldy, M, n0, n1, K);

@@ -53,7 +53,8 @@ def test_every_number_through_the_gemm(tiles):
     """A one-hot x reads single weights back through the GEMM (the GEMV, small and large tiles), so every
     byte's widening is checked inside the kernels too: y[i, n] = w[n, i] * scale[n] exactly. The NaN bytes
     are checked apart (0 * NaN spreads over their whole row), on the AVX2 tiles only: the `vdpbf16ps` tiles
-    take finite bytes (the loader refuses NaN weights: tests/model/test_fp8_checkpoint.py)."""
+    of CPUs without AVX512-VBMI take finite bytes (the loader refuses NaN weights:
+    tests/model/test_fp8_checkpoint.py)."""
     data = EVERY_BYTE.data.view(torch.uint8).clone()
     nan = (data & 0x7F) == 0x7F
     data[nan] = 0
@@ -67,6 +68,21 @@ def test_every_number_through_the_gemm(tiles):
     rows_with_nan = nan.any(dim=1)
     assert cpu.linear_fp32(x[:2], EVERY_BYTE)[:, rows_with_nan].isnan().all()
     assert not cpu.linear_fp32(x[:2], EVERY_BYTE)[:, ~rows_with_nan].isnan().any()
+
+
+def test_every_number_through_the_64_weight_steps(tiles):
+    """The same with K = 256 (each weight row every byte once, rotated row by row; NaN bytes zeroed): the
+    64-weight steps of AVX512-VBMI CPUs (`BytePairs`) in the tiles (1 and 3 rows of x) and in the widening
+    once for many rows (256 rows), the 32-weight steps elsewhere."""
+    every = torch.arange(256, dtype=torch.uint8)
+    data = torch.stack([every.roll(17 * r) for r in range(6)])
+    data[(data & 0x7F) == 0x7F] = 0
+    w = QuantizedWeight(data.view(torch.float8_e4m3fn), torch.linspace(0.5, 2.0, 6))
+    x = torch.eye(256).bfloat16()
+    for rows in (x[:1], x[5:8], x):
+        got = cpu.linear_fp32(rows, w)
+        want = rows.float() @ w.dequantize(torch.float32).T
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("M", (1, 2, 3, 5, 16, 33))
